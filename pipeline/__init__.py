@@ -1,0 +1,1 @@
+"""Dynamic-convolution ablation and reproducibility pipeline (DyNet, SD-Conv, DynConv)."""

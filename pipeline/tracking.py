@@ -1,0 +1,182 @@
+"""MLflow tracking: one helper for every stage.
+
+- Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db``
+  with ``<repo>`` the repository root (also from a ``dvc exp`` temporary
+  copy, see :func:`pipeline.paths.repo_root`), so every experiment logs to
+  the same place.
+- One run per stage execution, nested under a parent run of the pipeline
+  execution. A pipeline execution is identified by ``pipeline_id`` = hash of
+  (git commit, params hash, DVC experiment name): every stage of one
+  ``dvc repro`` or ``dvc exp run`` shares it, and the MLflow UI lists
+  pipelines side by side with their stages nested.
+- Tags: git commit, dirty flag, DVC_EXP_NAME, stage, params hash, pipeline id.
+- Runs are written through ``MlflowClient`` with explicit run ids: nothing
+  depends on MLflow's thread-local active run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, fingerprint, flatten, to_dict
+from pipeline.paths import repo_root
+
+MAX_PARAM_LEN = 6000
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _quiet() -> None:
+    for name in ("alembic", "mlflow", "mlflow.store", "mlflow.tracking"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_state() -> dict[str, str]:
+    """Commit of HEAD and whether tracked files differ from it (params.yaml excluded:
+    ``dvc exp run -S`` rewrites it, and its content is captured by the params hash)."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)params.yaml", ":(exclude)dvc.lock")
+    dirty = "unknown" if status is None else str(bool(status)).lower()
+    return {"commit": commit, "dirty": dirty}
+
+
+def params_hash(cfg: Config) -> str:
+    return fingerprint(cfg)[:16]
+
+
+def pipeline_id(cfg: Config, git: dict[str, str], exp_name: str) -> str:
+    blob = json.dumps([git["commit"], params_hash(cfg), exp_name])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class StageRun:
+    """Handle on the stage's MLflow run: log metrics (optionally per step), artifacts, tags."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(f"{prefix}{k}", float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for i in range(0, len(batch), 900):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 900])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # next to the default store, not inside the working directory (a dvc exp temp copy)
+        location = (repo_root() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - created concurrently by a parallel experiment
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _parent_run(client, exp_id: str, pid: str, tags: dict[str, str], exp_name: str) -> str:
+    found = client.search_runs(
+        [exp_id], filter_string=f"tags.pipeline_id = '{pid}' and tags.kind = 'pipeline'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    label = exp_name or tags["git_commit"][:8]
+    run = client.create_run(
+        exp_id, run_name=f"pipeline {label} {tags['params_hash'][:8]}", tags={**tags, "kind": "pipeline"}
+    )
+    return run.info.run_id
+
+
+@contextmanager
+def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = None) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage execution, nested in its pipeline's parent run.
+
+    All params are logged flattened (``pretrain.optimizer.lr``); the run ends
+    FINISHED, or FAILED if the stage raised.
+    """
+    _quiet()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    exp_id = _experiment_id(client, cfg.tracking.experiment)
+    git = git_state()
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    tags = {
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+        "mlflow.source.git.commit": git["commit"],
+        "dvc_exp_name": exp_name,
+        "params_hash": params_hash(cfg),
+        "pipeline_id": pipeline_id(cfg, git, exp_name),
+    }
+    parent = _parent_run(client, exp_id, tags["pipeline_id"], tags, exp_name)
+    run = client.create_run(
+        exp_id,
+        run_name=stage,
+        tags={**tags, "stage": stage, "kind": "stage", "mlflow.parentRunId": parent},
+    )
+    from mlflow.entities import Param
+
+    params = flatten(to_dict(cfg))
+    params.update(extra_params or {})
+    batch = [Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)) for k, v in params.items()]
+    batch = [Param(p.key, p.value[:MAX_PARAM_LEN]) for p in batch]
+    for i in range(0, len(batch), 90):
+        client.log_batch(run.info.run_id, params=batch[i : i + 90])
+    handle = StageRun(client, run.info.run_id)
+    try:
+        yield handle
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+
+
+def write_run_info(path: Path, run: StageRun, stage: str) -> None:
+    """Record which MLflow run produced a stage's outputs (read by the report)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {"stage": stage, "run_id": run.run_id, "tracking_uri_kind": tracking_uri().split(":", 1)[0]}
+    path.write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,257 @@
+"""The one training engine, reused by every training stage.
+
+- Optimizer and learning-rate schedule from :class:`pipeline.config.TrainCfg`;
+  the schedule is a pure function of (epoch, step), so resuming needs no
+  scheduler state.
+- Every random draw of epoch ``e`` (shuffling, augmentation, anything using
+  torch's global generator such as Gumbel noise) is seeded from
+  ``(seed, e)``. An interrupted run resumed from its last checkpoint therefore
+  takes exactly the same steps as an uninterrupted one: same final metrics.
+- A checkpoint (model, optimizer, history) is written atomically after every
+  epoch; it is reused only if its fingerprint (config, data, model, starting
+  weights) matches the current run.
+- Validation every epoch, test once at the end; progress through tqdm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import TrainCfg
+from pipeline.data import TensorTask
+from pipeline.errors import CheckpointError
+
+# Extra loss terms a method adds to the task loss: (model, logits, targets) -> {name: scalar tensor}.
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    final: dict[str, float]
+    resumed_from: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op threads (0 = all cores) and return the count in use."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's global generator; call before building a model so its init is reproducible."""
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
+
+
+def learning_rate(cfg: TrainCfg, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """LR at ``step`` of ``epoch`` (0-based): linear warm-up, then cosine / step / constant."""
+    base = cfg.optimizer.lr
+    t = epoch + step / steps_per_epoch
+    warm = cfg.schedule.warmup_epochs
+    if t < warm:
+        return base * (t + 1.0 / steps_per_epoch) / warm
+    if cfg.schedule.name == "cosine":
+        progress = (t - warm) / max(1e-9, cfg.epochs - warm)
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule.name == "step":
+        return base * cfg.schedule.gamma ** sum(epoch >= m for m in cfg.schedule.milestones)
+    return base
+
+
+def make_optimizer(cfg: TrainCfg, params) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+class Normalizer:
+    """uint8 [N, C, H, W] -> normalised float32, with optional pad-and-crop / flip augmentation."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).clamp_min(1e-6).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float().div_(255.0) - self.mean) / self.std
+
+
+def augment(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random pad-and-crop (zero padding) and horizontal flip on a uint8 batch."""
+    if padding:
+        n, _, h, w = x.shape
+        padded = F.pad(x, (padding,) * 4)
+        offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=gen)
+        x = torch.stack([padded[i, :, r : r + h, c : c + w] for i, (r, c) in enumerate(offsets.tolist())])
+    if hflip:
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer, batch_size: int) -> dict[str, float]:
+    """Loss and accuracy of ``model`` in eval mode over (x, y)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = model(norm(x[i : i + batch_size]))
+        target = y[i : i + batch_size]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    n = max(1, len(y))
+    return {"loss": loss_sum / n, "acc": correct / n}
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with ``weights_only=True``; a truncated file is a clear error."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' not found: run the stage that writes it first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - zip errors, unpickling errors, EOF
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err}); rerun the stage that writes it") from None
+
+
+def _try_resume(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a broken resume file only means: start over
+        return None
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+def fit(
+    model: nn.Module,
+    data: TensorTask,
+    cfg: TrainCfg,
+    seed: int,
+    resume_path: Path,
+    fingerprint: str,
+    on_epoch: EpochHook | None = None,
+    extra_loss: ExtraLoss | None = None,
+    desc: str = "train",
+    params: list[nn.Parameter] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``data.splits['train']``, validate each epoch, test at the end.
+
+    ``on_epoch(epoch, metrics)`` is called for every epoch, also for epochs
+    restored from a checkpoint, so a resumed run logs a complete history.
+    ``params`` restricts the optimised parameters (linear probes).
+    """
+    threads = set_threads(cfg.threads)
+    torch.manual_seed(seed)
+    norm = Normalizer(data.mean, data.std)
+    x_train, y_train = data.splits["train"]
+    n = len(y_train)
+    steps = max(1, n // cfg.batch_size)  # drop the last partial batch: BN needs > 1 sample
+    optimizer = make_optimizer(cfg, params if params is not None else model.parameters())
+
+    history: list[dict[str, float]] = []
+    start = 0
+    state = _try_resume(resume_path, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = [dict(h) for h in state["history"]]
+        start = int(state["epoch"]) + 1
+        tqdm.write(f"{desc}: resuming after epoch {start} from {resume_path}")
+        if on_epoch:
+            for h in history:
+                on_epoch(int(h["epoch"]), h)
+
+    t_train = 0.0
+    for epoch in range(start, cfg.epochs):
+        gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        torch.manual_seed(epoch_seed(seed, epoch) + 1)
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        loss_sum = correct = seen = 0
+        extras_sum: dict[str, float] = {}
+        t0 = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
+        for step in bar:
+            lr = learning_rate(cfg, epoch, step, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            xb = augment(x_train[idx], cfg.augment.crop_padding, cfg.augment.hflip, gen)
+            yb = y_train[idx]
+            logits = model(norm(xb))
+            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            total = loss
+            if extra_loss is not None:
+                for name, value in extra_loss(model, logits, yb).items():
+                    total = total + value
+                    extras_sum[name] = extras_sum.get(name, 0.0) + value.item() * len(yb)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(yb)
+            correct += (logits.argmax(1) == yb).sum().item()
+            seen += len(yb)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        bar.close()
+        t_train += time.perf_counter() - t0
+        val = evaluate(model, *data.splits["val"], norm, cfg.eval_batch_size)
+        record = {
+            "epoch": float(epoch),
+            "lr": lr,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            **{f"train_{k}": v / seen for k, v in extras_sum.items()},
+        }
+        history.append(record)
+        tqdm.write(
+            f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
+            f"train acc {record['train_acc']:.4f} val acc {record['val_acc']:.4f} ({time.perf_counter() - t0:.1f}s)"
+        )
+        save_atomic(
+            {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history},
+            resume_path,
+        )
+        if on_epoch:
+            on_epoch(epoch, record)
+
+    test = evaluate(model, *data.splits["test"], norm, cfg.eval_batch_size)
+    last = history[-1]
+    final = {
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "val_acc": last["val_acc"],
+        "best_val_acc": max(h["val_acc"] for h in history),
+        "train_acc": last["train_acc"],
+        "epochs": float(cfg.epochs),
+    }
+    timing = {"train_seconds": t_train, "threads": float(threads)}
+    if t_train > 0:
+        timing["train_images_per_second"] = (cfg.epochs - start) * steps * cfg.batch_size / t_train
+    return FitResult(history, final, start, timing)

@@ -1,0 +1,156 @@
+"""End to end: copy the repository, commit it, shrink params, run `dvc repro`,
+then check every stage ran, the metrics, the MLflow runs and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.e2e
+STAGES = ["validate", "prepare", "pretrain", "report"]
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
+           "GIT_COMMITTER_EMAIL": "test@localhost"}
+
+
+def _sh(args, cwd, env, timeout=900):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A committed copy of the repository (tracked and non-ignored files) with a tiny profile."""
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["upstream"]["renders"] = {"train": 2, "val": 1, "test": 1}
+    params["data"]["downstream"]["max_train"] = 200
+    params["model"].update(depth=8, width=1.0)
+    params["pretrain"].update(epochs=4, threads=2)
+    params["report"]["samples_per_dataset"] = 8
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "e2e"]):
+        _sh(cmd, root, env)
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def repro(project):
+    root, env = project
+    t0 = time.perf_counter()
+    proc = _sh(["dvc", "repro"], root, env)
+    return root, env, proc.stdout, time.perf_counter() - t0
+
+
+def _runs(root: Path, experiment: str = "dynconv-ablation"):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+
+
+def test_every_stage_ran(repro):
+    root, _, out, seconds = repro
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert set(STAGES) <= set(lock["stages"])
+    print(f"tiny dvc repro: {seconds:.1f}s")
+
+
+def test_metrics_are_sane(repro):
+    root = repro[0]
+    m = json.loads((root / "results/pretrain/metrics.json").read_text())
+    assert 0.2 < m["test_acc"] <= 1.0  # chance is 0.1
+    assert m["epochs"] == 4 and m["params"] > 1000
+    card = json.loads((root / "data/prepared/card.json").read_text())
+    assert card["tasks"]["downstream"]["counts"]["train"] == 200
+    assert (root / "models/dense.pt").stat().st_size > 10_000
+    rows = (root / "results/pretrain/history.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("epoch,") and len(rows) == 5
+
+
+def test_mlflow_holds_the_runs(repro):
+    root = repro[0]
+    runs = _runs(root)
+    stages = runs[runs["tags.kind"] == "stage"]
+    assert sorted(stages["tags.stage"]) == ["prepare", "pretrain", "report"]
+    assert stages["tags.pipeline_id"].nunique() == 1
+    assert (stages["status"] == "FINISHED").all()
+    pre = stages[stages["tags.stage"] == "pretrain"].iloc[0]
+    metrics = json.loads((root / "results/pretrain/metrics.json").read_text())
+    assert pre["metrics.final.test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-6)
+    assert pre["params.model.depth"] == "8"
+    assert json.loads((root / "results/pretrain/run.json").read_text())["run_id"] == pre["run_id"]
+
+
+def test_report_has_its_figures_and_run_ids(repro):
+    root = repro[0]
+    md = (root / "reports/report.md").read_text()
+    html = (root / "reports/report.html").read_text()
+    for fig in ("samples.png", "pretrain_curves.png"):
+        assert (root / "reports/figures" / fig).stat().st_size > 5_000
+        assert f"figures/{fig}" in md
+    assert html.count("data:image/png;base64,") >= 2
+    run_id = json.loads((root / "results/pretrain/run.json").read_text())["run_id"]
+    assert run_id in md and run_id in html
+    assert "## Data" in md and "## Dense pretraining" in md
+
+
+def test_dvc_metrics_and_plots_read_the_outputs(repro):
+    root, env = repro[0], repro[1]
+    shown = json.loads(_sh(["dvc", "metrics", "show", "--json"], root, env).stdout)
+    assert "test_acc" in json.dumps(shown)
+    _sh(["dvc", "plots", "show", "-o", str(root / "plots_out")], root, env)
+    assert (root / "plots_out" / "index.html").is_file()
+
+
+def test_second_repro_does_nothing(repro):
+    root, env = repro[0], repro[1]
+    t0 = time.perf_counter()
+    out = _sh(["dvc", "repro"], root, env).stdout
+    assert "Running stage" not in out
+    assert time.perf_counter() - t0 < 15
+
+
+def test_invalid_param_stops_at_validate_and_keeps_outputs(repro):
+    root, env = repro[0], repro[1]
+    before = (root / "models/dense.pt").read_bytes()
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text.replace("  epochs: 4\n", "  epochs: four\n"))
+    try:
+        proc = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        (root / "params.yaml").write_text(text)
+    assert proc.returncode != 0
+    assert "validate: error: params.yaml: 'pretrain.epochs'" in proc.stderr + proc.stdout
+    assert (root / "models/dense.pt").read_bytes() == before
+
+
+def test_dvc_experiment_in_a_temp_copy_logs_to_the_repository_store(repro):
+    root, env = repro[0], repro[1]
+    _sh(["dvc", "exp", "run", "--temp", "-n", "e2e-exp", "-S", "pretrain.epochs=2"], root, env)
+    runs = _runs(root)
+    exp_runs = runs[runs["tags.dvc_exp_name"] == "e2e-exp"]
+    assert {"pretrain", "report"} <= set(exp_runs["tags.stage"].dropna())
+    assert not list((root / ".dvc" / "tmp").glob("exps/*/mlflow.db"))
+    shown = _sh(["dvc", "exp", "show", "--json"], root, env).stdout
+    assert "e2e-exp" in shown
