@@ -5,33 +5,33 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from pipeline.config import Config, load_config
+from pipeline.config import load_config
 from pipeline.errors import UserError
 
 
-def stage_args(description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    return parser.parse_args()
-
-
-def run_stage(name: str, main: Callable[[Config], None], description: str) -> None:
-    """Parse ``--params``, validate the whole config, then run ``main``.
+def run_stage(name: str, main: Callable[..., None], description: str, methods: Sequence[str] = ()) -> None:
+    """Parse ``--params`` (and a method name when ``methods`` is given), validate
+    the whole config, then run ``main(cfg)`` or ``main(cfg, method)``.
 
     Validation happens before ``main`` touches any output. A :class:`UserError`
     anywhere prints ``<stage>: error: <message>`` and exits 2; anything else is
     a bug and keeps its traceback.
     """
-    args = stage_args(description)
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    if methods:
+        parser.add_argument("method", choices=list(methods))
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    label = f"{name}@{args.method}" if methods else name
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.params)
-        main(cfg)
+        main(cfg, args.method) if methods else main(cfg)
     except UserError as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
+        print(f"{label}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
+        print(f"{label}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -189,6 +189,68 @@ class TrainCfg(Section):
         return self
 
 
+# ------------------------------------------------------------------------- convert
+class TemperatureCfg(Section):
+    """Softmax temperature of the coefficients, annealed linearly from start to end (DY-Conv: 30 -> 1)."""
+
+    start: PosFloat = 30.0
+    end: PosFloat = 1.0
+    epochs: Annotated[Int, Field(ge=0)] = 3
+
+
+class DistillCfg(Section):
+    """Knowledge distillation from the dense model (Hinton et al. 2015): weight * T^2 * KL."""
+
+    weight: Annotated[Float, Field(ge=0.0)] = 1.0
+    temperature: PosFloat = 4.0
+
+
+Layers = Literal["auto"] | Annotated[list[Str], Field(min_length=1)]
+
+
+class DynamicCfg(Section):
+    """Knobs shared by DyNet and SD-Conv (pipeline/ops/dynamic_conv.py)."""
+
+    layers: Layers = "auto"  # "auto": every 3x3 conv but the stem; or fnmatch patterns of conv names
+    num_kernels: Annotated[Int, Field(ge=1, le=64)] = 4
+    activation: Literal["linear", "sigmoid", "softmax"] = "softmax"
+    temperature: TemperatureCfg = TemperatureCfg()
+    reduction: Annotated[Int, Field(ge=1, le=64)] = 4
+    noise_std: Annotated[Float, Field(ge=0.0)] = 0.01
+    width: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
+    distill: DistillCfg = DistillCfg()
+    train: TrainCfg = TrainCfg()
+
+
+class SDConvCfg(DynamicCfg):
+    """SD-Conv: learnable-threshold masks on the K kernels (pipeline/ops/sd_conv.py)."""
+
+    granularity: Literal["layer", "kernel", "filter", "channel"] = "filter"
+    threshold_init: Annotated[Float, Field(ge=0.0)] = 0.0
+    init_sparsity: Annotated[Float, Field(ge=0.0, lt=1.0)] | None = None
+    estimator: Literal["ste", "long_tailed"] = "long_tailed"
+    reg_weight: Annotated[Float, Field(ge=0.0)] = 5e-6
+    min_keep: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.01
+
+
+class DynConvCfg(Section):
+    """DynConv: Gumbel-gated residual blocks with a budget loss (pipeline/ops/spatial_gate.py)."""
+
+    budget: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.5
+    gumbel_temperature: PosFloat = 1.0
+    noise_off_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.2
+    budget_weight: Annotated[Float, Field(ge=0.0)] = 10.0
+    anneal_fraction: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.33
+    open_bias: Float = 3.0
+    train: TrainCfg = TrainCfg()
+
+
+class ConvertCfg(Section):
+    dynet: DynamicCfg = DynamicCfg()
+    sdconv: SDConvCfg = SDConvCfg()
+    dynconv: DynConvCfg = DynConvCfg()
+
+
 # -------------------------------------------------------------------------- report
 class ReportCfg(Section):
     samples_per_dataset: Annotated[Int, Field(ge=1, le=64)] = 16
@@ -203,6 +265,7 @@ class Config(Section):
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     pretrain: TrainCfg = TrainCfg()
+    convert: ConvertCfg = ConvertCfg()
     report: ReportCfg = ReportCfg()
     tracking: TrackingCfg = TrackingCfg()
 
@@ -225,7 +288,8 @@ _Loader.add_implicit_resolver(
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors(include_url=False)[0]
-    path = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    # drop pydantic's union/validator tags ("literal['auto']", "function-before[...]") from the key path
+    path = ".".join(str(p) for p in first["loc"] if "[" not in str(p) and not str(p).startswith("function-"))
     msg = first["msg"].removeprefix("Value error, ")
     more = len(err.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""

@@ -8,13 +8,14 @@
   ``(seed, e)``. An interrupted run resumed from its last checkpoint therefore
   takes exactly the same steps as an uninterrupted one: same final metrics.
 - A checkpoint (model, optimizer, history) is written atomically after every
-  epoch; it is reused only if its fingerprint (config, data, model, starting
-  weights) matches the current run.
+  epoch and removed when training ends; it is reused only if its fingerprint
+  (config, data, starting weights, and the code itself) matches the current run.
 - Validation every epoch, test once at the end; progress through tqdm.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -31,9 +32,25 @@ from pipeline.config import TrainCfg
 from pipeline.data import TensorTask
 from pipeline.errors import CheckpointError
 
-# Extra loss terms a method adds to the task loss: (model, logits, targets) -> {name: scalar tensor}.
-ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# Extra loss terms a method adds to the task loss:
+# (model, inputs, logits, targets, progress in [0, 1]) -> {name: scalar tensor}.
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, float], dict[str, torch.Tensor]]
 EpochHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Hooks:
+    """What a method plugs into the engine (all optional).
+
+    ``epoch_start(epoch)`` runs before each training epoch (temperature
+    schedules, Gumbel noise switch, threshold resets); ``extra_loss`` adds
+    terms to the task loss; ``epoch_metrics(model)`` adds numbers to each
+    epoch's record after validation (e.g. executed fraction, kernel sparsity).
+    """
+
+    epoch_start: Callable[[int], None] | None = None
+    extra_loss: ExtraLoss | None = None
+    epoch_metrics: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass
@@ -137,6 +154,16 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err}); rerun the stage that writes it") from None
 
 
+def code_version() -> str:
+    """sha256 of the library and stage sources: a resume checkpoint from other code is not reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted([*root.glob("pipeline/**/*.py"), *root.glob("stages/*.py")]):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def _try_resume(path: Path, fingerprint: str) -> dict | None:
     if not path.is_file():
         return None
@@ -155,7 +182,7 @@ def fit(
     resume_path: Path,
     fingerprint: str,
     on_epoch: EpochHook | None = None,
-    extra_loss: ExtraLoss | None = None,
+    hooks: Hooks | None = None,
     desc: str = "train",
     params: list[nn.Parameter] | None = None,
 ) -> FitResult:
@@ -165,6 +192,7 @@ def fit(
     restored from a checkpoint, so a resumed run logs a complete history.
     ``params`` restricts the optimised parameters (linear probes).
     """
+    hooks = hooks or Hooks()
     threads = set_threads(cfg.threads)
     torch.manual_seed(seed)
     norm = Normalizer(data.mean, data.std)
@@ -175,6 +203,7 @@ def fit(
 
     history: list[dict[str, float]] = []
     start = 0
+    fingerprint = hashlib.sha256(f"{fingerprint}:{code_version()}".encode()).hexdigest()
     state = _try_resume(resume_path, fingerprint)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -190,6 +219,8 @@ def fit(
     for epoch in range(start, cfg.epochs):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         torch.manual_seed(epoch_seed(seed, epoch) + 1)
+        if hooks.epoch_start:
+            hooks.epoch_start(epoch)
         model.train()
         perm = torch.randperm(n, generator=gen)
         loss_sum = correct = seen = 0
@@ -203,11 +234,13 @@ def fit(
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb = augment(x_train[idx], cfg.augment.crop_padding, cfg.augment.hflip, gen)
             yb = y_train[idx]
-            logits = model(norm(xb))
+            inputs = norm(xb)
+            logits = model(inputs)
             loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
             total = loss
-            if extra_loss is not None:
-                for name, value in extra_loss(model, logits, yb).items():
+            if hooks.extra_loss is not None:
+                progress = (epoch + step / steps) / cfg.epochs
+                for name, value in hooks.extra_loss(model, inputs, logits, yb, progress).items():
                     total = total + value
                     extras_sum[name] = extras_sum.get(name, 0.0) + value.item() * len(yb)
             optimizer.zero_grad(set_to_none=True)
@@ -229,6 +262,8 @@ def fit(
             "val_acc": val["acc"],
             **{f"train_{k}": v / seen for k, v in extras_sum.items()},
         }
+        if hooks.epoch_metrics:
+            record.update(hooks.epoch_metrics(model))
         history.append(record)
         tqdm.write(
             f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
@@ -251,6 +286,7 @@ def fit(
         "train_acc": last["train_acc"],
         "epochs": float(cfg.epochs),
     }
+    resume_path.unlink(missing_ok=True)  # finished: a later run starts afresh
     timing = {"train_seconds": t_train, "threads": float(threads)}
     if t_train > 0:
         timing["train_images_per_second"] = (cfg.epochs - start) * steps * cfg.batch_size / t_train

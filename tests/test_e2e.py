@@ -18,7 +18,8 @@ import yaml
 from .conftest import REPO
 
 pytestmark = pytest.mark.e2e
-STAGES = ["validate", "prepare", "pretrain", "report"]
+METHODS = ["dynet", "sdconv", "dynconv"]
+STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], "report"]
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
            "GIT_COMMITTER_EMAIL": "test@localhost"}
 
@@ -45,6 +46,10 @@ def project(tmp_path_factory):
     params["data"]["downstream"]["max_train"] = 200
     params["model"].update(depth=8, width=1.0)
     params["pretrain"].update(epochs=4, threads=2)
+    for method in METHODS:
+        params["convert"][method]["train"]["epochs"] = 1
+        if method != "dynconv":
+            params["convert"][method]["temperature"]["epochs"] = 0
     params["report"]["samples_per_dataset"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -86,13 +91,18 @@ def test_metrics_are_sane(repro):
     assert (root / "models/dense.pt").stat().st_size > 10_000
     rows = (root / "results/pretrain/history.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,") and len(rows) == 5
+    for method in METHODS:
+        c = json.loads((root / f"results/convert/{method}/metrics.json").read_text())
+        assert 0.0 <= c["test_acc"] <= 1.0 and 0.0 < c["mac_ratio"] < 1.2
+        assert c["nonzero_params"] <= c["params"]
+        assert (root / f"models/{method}.pt").is_file()
 
 
 def test_mlflow_holds_the_runs(repro):
     root = repro[0]
     runs = _runs(root)
     stages = runs[runs["tags.kind"] == "stage"]
-    assert sorted(stages["tags.stage"]) == ["prepare", "pretrain", "report"]
+    assert sorted(stages["tags.stage"]) == sorted(["prepare", "pretrain", "report", *[f"convert@{m}" for m in METHODS]])
     assert stages["tags.pipeline_id"].nunique() == 1
     assert (stages["status"] == "FINISHED").all()
     pre = stages[stages["tags.stage"] == "pretrain"].iloc[0]
@@ -106,13 +116,15 @@ def test_report_has_its_figures_and_run_ids(repro):
     root = repro[0]
     md = (root / "reports/report.md").read_text()
     html = (root / "reports/report.html").read_text()
-    for fig in ("samples.png", "pretrain_curves.png"):
+    for fig in ("samples.png", "pretrain_curves.png", "acc_vs_macs.png", "acc_vs_params.png", "dynconv_masks.png"):
         assert (root / "reports/figures" / fig).stat().st_size > 5_000
         assert f"figures/{fig}" in md
-    assert html.count("data:image/png;base64,") >= 2
+    assert html.count("data:image/png;base64,") >= 5
     run_id = json.loads((root / "results/pretrain/run.json").read_text())["run_id"]
     assert run_id in md and run_id in html
-    assert "## Data" in md and "## Dense pretraining" in md
+    assert "## Data" in md and "## Dense pretraining" in md and "## Dynamic and sparse models" in md
+    for method in METHODS:
+        assert json.loads((root / f"results/convert/{method}/run.json").read_text())["run_id"] in md
 
 
 def test_dvc_metrics_and_plots_read_the_outputs(repro):

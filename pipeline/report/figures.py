@@ -53,3 +53,40 @@ def training_curves(history: pd.DataFrame, title: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def tradeoff(points: pd.DataFrame, x: str, xlabel: str, title: str, path: Path) -> Path:
+    """Test accuracy against a cost column, one labelled point per model."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for _, row in points.iterrows():
+        ax.scatter(row[x], row["test_acc"], s=40)
+        ax.annotate(row["model"], (row[x], row["test_acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set(xlabel=xlabel, ylabel="test accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def mask_heatmaps(images: np.ndarray, masks: list[list[np.ndarray]], block_names: list[str], path: Path) -> Path:
+    """One row per image: the image, then each gated block's executed positions (white = computed)."""
+    rows, cols = len(images), 1 + len(block_names)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.05, rows * 1.1), squeeze=False)
+    for r in range(rows):
+        img = images[r].transpose(1, 2, 0)
+        axes[r, 0].imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray")
+        for c, m in enumerate(masks[r], start=1):
+            axes[r, c].imshow(m, cmap="gray", vmin=0, vmax=1)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for c, name in enumerate(["input", *block_names]):
+        axes[0, c].set_title(name, fontsize=6)
+    fig.tight_layout(pad=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Operators: dynamic kernels (DyNet family), SD-Conv, DynConv spatial gating."""

@@ -1,0 +1,292 @@
+"""Dynamic convolution with per-sample kernels mixed from K static kernels.
+
+One class covers three published variants that differ only in how the K
+mixing coefficients are activated: DyNet (linear), CondConv (sigmoid) and
+DY-Conv (softmax with a temperature).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("linear", "sigmoid", "softmax")
+
+IntPair = int | tuple[int, int]
+
+
+def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _positive_int(value: int, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_float(value: float, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """Constructor arguments of ``DynamicConv2d`` that reproduce ``conv``'s shape and sampling."""
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same": only representable as symmetric explicit padding
+            totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+            if any(t % 2 for t in totals):
+                raise ValueError("conv.padding='same' needs an even dilation*(kernel_size-1) to be converted")
+            padding = tuple(t // 2 for t in totals)
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": tuple(conv.kernel_size),
+        "stride": tuple(conv.stride),
+        "padding": tuple(padding),
+        "dilation": tuple(conv.dilation),
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+    }
+
+
+class DynamicConv2d(nn.Module):
+    """Convolution whose kernel is a per-sample mixture of K static kernels.
+
+    Implements W(x) = sum_k a_k(x) W_k and b(x) = sum_k a_k(x) b_k, followed by
+    y = W(x) * x + b(x), as in DyNet (Zhang et al., "DyNet: Dynamic Convolution
+    for Accelerating Convolutional Neural Networks", arXiv 2004.10694, 2020),
+    CondConv (Yang et al., "CondConv: Conditionally Parameterized
+    Convolutions for Efficient Inference", NeurIPS 2019, Eq. 2) and DY-Conv
+    (Chen et al., "Dynamic Convolution: Attention over Convolution Kernels",
+    CVPR 2020, Eq. 1). The coefficients come from global average pooling and
+    a two-layer MLP, a(x) = act(MLP(GAP(x))), where ``act`` is the identity
+    (DyNet), a sigmoid (CondConv) or softmax(z / T) (DY-Conv, Eq. 5).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = False,
+        num_kernels: int = 4,
+        activation: str = "softmax",
+        temperature: float = 1.0,
+        reduction: int = 4,
+        min_hidden: int = 4,
+    ):
+        super().__init__()
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.out_channels = _positive_int(out_channels, "out_channels")
+        self.groups = _positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.dilation = _pair(dilation, "dilation", 1)
+        self.num_kernels = _positive_int(num_kernels, "num_kernels")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.temperature = _positive_float(temperature, "temperature")
+        self.reduction = _positive_int(reduction, "reduction")
+        self.min_hidden = _positive_int(min_hidden, "min_hidden")
+        self.hidden = max(self.min_hidden, in_channels // self.reduction)
+
+        k, kh, kw = self.num_kernels, *self.kernel_size
+        self.weight = nn.Parameter(torch.empty(k, out_channels, in_channels // groups, kh, kw))
+        self.bias = nn.Parameter(torch.empty(k, out_channels)) if bias else None
+        self.routing = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(in_channels, self.hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(self.hidden, k),
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise each static kernel (and bias) as ``nn.Conv2d`` would."""
+        for w in self.weight:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0, 0].numel()
+            nn.init.uniform_(self.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, as plain Python values, that rebuild this module's shape."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "padding": self.padding,
+            "dilation": self.dilation,
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "num_kernels": self.num_kernels,
+            "activation": self.activation,
+            "temperature": self.temperature,
+            "reduction": self.reduction,
+            "min_hidden": self.min_hidden,
+        }
+
+    def set_temperature(self, t: float) -> None:
+        self.temperature = _positive_float(t, "temperature")
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixing coefficients a(x), shape [B, K]."""
+        # Same math as self.routing(x), called layer by layer: at batch 1 the
+        # module-call overhead of the Sequential is a visible share of the conv.
+        # sum-then-scale rather than mean: mean's backward materialises a full
+        # input-sized gradient, sum's is a broadcast view.
+        fc1, fc2 = self.routing[2], self.routing[4]
+        pooled = x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+        z = F.linear(F.relu(F.linear(pooled, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(z)
+        if self.activation == "softmax":
+            return torch.softmax(z if self.temperature == 1.0 else z / self.temperature, dim=1)
+        return z
+
+    def kernels(self) -> torch.Tensor:
+        """The K static kernels the mixture uses, shape [K, out, in/groups, kh, kw]."""
+        return self.weight
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input must have shape [B, {self.in_channels}, H, W], got {list(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        b, c, h, w = x.shape
+        a = self.coefficients(x)
+        kernels = self.kernels()
+        # One matmul mixes all samples' kernels; folding the batch into the
+        # channel axis then turns B per-sample convs into one grouped conv.
+        weight = (a @ kernels.reshape(self.num_kernels, -1)).reshape(b * self.out_channels, *kernels.shape[2:])
+        bias = (a @ self.bias).reshape(-1) if self.bias is not None else None
+        y = F.conv2d(
+            x.reshape(1, b * c, h, w), weight, bias, self.stride, self.padding, self.dilation, b * self.groups
+        )
+        return y.view(b, self.out_channels, *y.shape[2:])
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Slow per-sample loop computing the same function as ``forward``; for testing."""
+        self._check_input(x)
+        a = self.coefficients(x)
+        kernels = self.kernels()
+        outputs = []
+        for i in range(x.shape[0]):
+            weight = sum(a[i, k] * kernels[k] for k in range(self.num_kernels))
+            bias = None
+            if self.bias is not None:
+                bias = sum(a[i, k] * self.bias[k] for k in range(self.num_kernels))
+            outputs.append(F.conv2d(x[i : i + 1], weight, bias, self.stride, self.padding, self.dilation, self.groups))
+        return torch.cat(outputs)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        num_kernels: int = 4,
+        activation: str = "softmax",
+        temperature: float = 1.0,
+        reduction: int = 4,
+        min_hidden: int = 4,
+        noise_std: float = 0.01,
+        generator: torch.Generator | None = None,
+    ) -> DynamicConv2d:
+        """A dynamic conv that computes the same function as ``conv`` when ``noise_std`` is 0.
+
+        The last routing layer's weight is zeroed so the coefficients are
+        constant, and the static kernels are scaled so that their mixture
+        equals the dense kernel; ``noise_std`` (relative to the dense
+        weight's std) then perturbs each kernel so they can diverge.
+        """
+        module = cls(
+            **conv_geometry(conv),
+            num_kernels=num_kernels,
+            activation=activation,
+            temperature=temperature,
+            reduction=reduction,
+            min_hidden=min_hidden,
+        )
+        module.load_dense(conv, noise_std, generator)
+        return module
+
+    @torch.no_grad()
+    def load_dense(self, conv: nn.Conv2d, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
+        """Carry ``conv``'s weight and bias into the K kernels (see ``from_conv``)."""
+        if float(noise_std) < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        dense = conv.weight.detach()
+        if tuple(dense.shape) != tuple(self.weight.shape[1:]):
+            raise ValueError(f"conv weight shape {list(dense.shape)} does not match {list(self.weight.shape[1:])}")
+        k = self.num_kernels
+        # Constant coefficients: linear a_k = 1/K, sigmoid(0) = 1/2, softmax(0) = 1/K.
+        coeff = {"linear": 1.0 / k, "sigmoid": 0.5, "softmax": 1.0 / k}[self.activation]
+        scale = 1.0 / (coeff * k)
+        last = self.routing[-1]
+        last.weight.zero_()
+        last.bias.fill_(1.0 / k if self.activation == "linear" else 0.0)
+
+        self.to(device=dense.device, dtype=dense.dtype)
+        self.weight.copy_(dense.unsqueeze(0).expand_as(self.weight) * scale)
+        if noise_std > 0:
+            std = dense.std(correction=0)
+            noise = torch.randn(self.weight.shape, generator=generator, device=dense.device, dtype=dense.dtype)
+            self.weight.add_(noise * (noise_std * std))
+        if self.bias is not None:
+            self.bias.copy_(conv.bias.detach().unsqueeze(0).expand_as(self.bias) * scale)
+
+    def macs(self, input_shape: tuple[int, int, int]) -> dict[str, int]:
+        """Multiply-accumulates per image of shape (C, H, W)."""
+        c, h, w = input_shape
+        if c != self.in_channels:
+            raise ValueError(f"input_shape channels must be {self.in_channels}, got {c}")
+        h_out, w_out = self.output_hw(h, w)
+        kernel_numel = self.weight[0].numel()
+        conv = h_out * w_out * kernel_numel
+        aggregation = self.num_kernels * kernel_numel
+        if self.bias is not None:
+            aggregation += self.num_kernels * self.out_channels
+        routing = self.in_channels * self.hidden + self.hidden * self.num_kernels
+        return {"conv": conv, "aggregation": aggregation, "routing": routing, "total": conv + aggregation + routing}
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
+            f"num_kernels={self.num_kernels}, activation={self.activation}, temperature={self.temperature:g}"
+        )

@@ -1,0 +1,398 @@
+"""DynConv spatial gating (Verelst & Tuytelaars, "Dynamic Convolutions:
+Exploiting Spatial Sparsity for Faster Inference", CVPR 2020).
+
+A small mask unit predicts, per output position of a residual block, whether
+the residual branch runs there; skipped positions pass the shortcut only. The
+masks are hard (binary) in the forward pass and trained with the Gumbel-Softmax
+trick and a straight-through gradient, and a budget loss steers the executed
+fraction of the block MACs towards a target.
+
+Blocks run *dense-masked*: every conv runs over the whole map and the outputs
+are multiplied by the masks, which gives exactly the numbers a sparse (gather /
+scatter) execution would give. The MAC counters report what the sparse
+execution would cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.models.cifar_mobilenetv2 import InvertedResidual
+from pipeline.models.cifar_resnet import BasicBlock
+
+# Tensors kept from the last forward for inspection and the budget loss; they
+# carry autograd graphs, which cannot be deep-copied or pickled.
+_TRANSIENT = ("last_logits", "last_mask", "last_dilated")
+
+
+def _drop_transient(state: dict) -> dict:
+    return {k: (None if k in _TRANSIENT else v) for k, v in state.items()}
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_temperature(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_noise(value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"noise must be True or False, got {value!r}")
+    return value
+
+
+def _gumbel_like(t: Tensor) -> Tensor:
+    # -log(E) with E ~ Exp(1) is Gumbel(0, 1); drawn from torch's global generator.
+    return -torch.empty_like(t).exponential_().log()
+
+
+class MaskUnit(nn.Module):
+    """Spatial mask unit of DynConv (Verelst & Tuytelaars, CVPR 2020, "trainable mask" and "binary Gumbel-Softmax").
+
+    Logits per output position: a 3x3 conv (C -> 1, the block's stride) plus a
+    linear layer on the globally pooled input, broadcast over positions.
+    Training: binary Gumbel-Softmax with a straight-through gradient,
+    ``hard = [sigmoid((logits + g1 - g2) / T) >= 0.5]``. Eval: ``hard = [logits >= 0]``.
+    """
+
+    def __init__(self, in_channels: int, stride: int = 1, temperature: float = 1.0, noise: bool = True):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.stride = _positive_int("stride", stride)
+        self.temperature = _check_temperature(temperature)
+        self.noise = _check_noise(noise)
+        self.conv = nn.Conv2d(in_channels, 1, 3, stride, 1, bias=True)
+        self.fc = nn.Linear(in_channels, 1)
+        self.last_logits: Tensor | None = None
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Mask logits ``[B, 1, H', W']`` at the block's output resolution."""
+        return self.conv(x) + self.fc(x.mean(dim=(2, 3)))[:, :, None, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.logits(x)
+        self.last_logits = logits
+        if not self.training:
+            return (logits >= 0).to(logits.dtype)
+        if self.noise:
+            logits = logits + _gumbel_like(logits) - _gumbel_like(logits)
+        z = logits / self.temperature
+        soft = torch.sigmoid(z)
+        # Thresholding z rather than soft avoids sigmoid rounding to 0.5 for tiny negative z.
+        hard = (z >= 0).to(soft.dtype)
+        # This order keeps the forward value exactly 0 or 1 (hard - s is exact for s in [0.5, 1]).
+        return hard - soft.detach() + soft
+
+    @torch.no_grad()
+    def init_open(self, bias: float = 3.0) -> None:
+        """Make the logits ``bias`` at every position for every input (positive: all positions run)."""
+        if not math.isfinite(bias):
+            raise ValueError(f"bias must be finite, got {bias!r}")
+        self.conv.weight.zero_()
+        self.fc.weight.zero_()
+        self.conv.bias.fill_(bias)
+        self.fc.bias.zero_()
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return (height - 1) // self.stride + 1, (width - 1) // self.stride + 1
+
+    def macs(self, in_shape: tuple[int, int, int]) -> int:
+        """Multiply-accumulates per image for an input of shape ``(C, H, W)``."""
+        channels, height, width = in_shape
+        if channels != self.in_channels:
+            raise ValueError(f"in_shape has {channels} channels, the mask unit expects {self.in_channels}")
+        out_h, out_w = self.output_size(height, width)
+        return channels * 9 * out_h * out_w + channels
+
+    def __getstate__(self) -> dict:
+        return _drop_transient(super().__getstate__())
+
+
+def dilate(mask: Tensor, kernel_size: int = 3) -> Tensor:
+    """Dilate a ``[B, 1, H, W]`` mask with a ``kernel_size`` x ``kernel_size`` window
+    (DynConv's mask dilation: the positions a following kxk conv reads)."""
+    if _positive_int("kernel_size", kernel_size) % 2 == 0:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    if kernel_size == 1:
+        return mask
+    return F.max_pool2d(mask, kernel_size, stride=1, padding=kernel_size // 2)
+
+
+class GatedBlock(nn.Module):
+    """Shared bookkeeping of DynConv-gated residual blocks (Verelst & Tuytelaars, CVPR 2020).
+
+    Subclasses define ``gate`` and the per-output-position MACs run at the
+    dilated mask (``dilated_cost``) and at the mask (``masked_cost``), and call
+    ``_masks`` in ``forward``. Executed MACs per image:
+    ``|dilate(m)| * dilated_cost + |m| * masked_cost`` (the cost term of the sparsity criterion).
+    """
+
+    gate: MaskUnit
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_mask: Tensor | None = None
+        self.last_dilated: Tensor | None = None
+        self._in_size: tuple[int, int] | None = None
+
+    @property
+    def dilated_cost(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def masked_cost(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def shortcut_cost(self) -> int:
+        """MACs per output position that run everywhere (a projection shortcut)."""
+        return 0
+
+    def _masks(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mask = self.gate(x)
+        dilated = dilate(mask)
+        self.last_mask, self.last_dilated = mask, dilated
+        self._in_size = (x.shape[-2], x.shape[-1])
+        return mask, dilated
+
+    def _require_forward(self) -> tuple[Tensor, Tensor]:
+        if self.last_mask is None or self.last_dilated is None:
+            raise RuntimeError(f"{type(self).__name__}: run a forward pass before asking for its cost")
+        return self.last_mask, self.last_dilated
+
+    @property
+    def num_positions(self) -> int:
+        mask, _ = self._require_forward()
+        return mask.shape[-2] * mask.shape[-1]
+
+    @property
+    def dense_cost_per_image(self) -> int:
+        """MACs of the gated convs when every position runs."""
+        return self.num_positions * (self.dilated_cost + self.masked_cost)
+
+    def executed_cost(self) -> Tensor:
+        """MACs per image ``[B]`` of the gated convs under the last masks (differentiable)."""
+        mask, dilated = self._require_forward()
+        return dilated.sum(dim=(1, 2, 3)) * self.dilated_cost + mask.sum(dim=(1, 2, 3)) * self.masked_cost
+
+    def executed_fraction(self) -> Tensor:
+        return self.executed_cost() / self.dense_cost_per_image
+
+    @torch.no_grad()
+    def macs_per_image(self) -> Tensor:
+        """MACs per image ``[B]`` (float64) of a sparse execution: gate + gated convs + projection shortcut."""
+        mask, dilated = self._require_forward()
+        # float64: float32 products lose integer precision for wide blocks.
+        executed = (
+            dilated.double().sum(dim=(1, 2, 3)) * self.dilated_cost
+            + mask.double().sum(dim=(1, 2, 3)) * self.masked_cost
+        )
+        gate = self.gate.macs((self.gate.in_channels, *self._in_size))
+        return executed + gate + self.num_positions * self.shortcut_cost
+
+    def __getstate__(self) -> dict:
+        return _drop_transient(super().__getstate__())
+
+
+class GatedBasicBlock(GatedBlock):
+    """ResNet basic block with DynConv spatial gating (Verelst & Tuytelaars, CVPR 2020).
+
+    ``m = gate(x)``, ``d = dilate(m)``; conv1 runs on ``d`` (conv2 reads its 3x3
+    neighbourhood), conv2 on ``m``: ``out = relu(shortcut(x) + m * bn2(conv2(d * relu(bn1(conv1(x))))))``.
+    Submodule names match ``BasicBlock`` so its state dict loads with only ``gate.*`` missing.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
+        super().__init__()
+        _positive_int("in_ch", in_ch)
+        _positive_int("out_ch", out_ch)
+        _positive_int("stride", stride)
+        dense = BasicBlock(in_ch, out_ch, stride)
+        self.conv1, self.bn1, self.conv2, self.bn2 = dense.conv1, dense.bn1, dense.conv2, dense.bn2
+        self.relu, self.shortcut = dense.relu, dense.shortcut
+        self.gate = MaskUnit(in_ch, stride)
+
+    @classmethod
+    def from_block(cls, block: BasicBlock, open_bias: float = 3.0) -> GatedBasicBlock:
+        """Gated copy of a dense block with the gate open (every position runs)."""
+        if not isinstance(block, BasicBlock):
+            raise ValueError(f"from_block expects a BasicBlock, got {type(block).__name__}")
+        gated = cls(block.conv1.in_channels, block.conv1.out_channels, block.conv1.stride[0])
+        for name in ("conv1", "bn1", "conv2", "bn2", "relu", "shortcut"):
+            setattr(gated, name, copy.deepcopy(getattr(block, name)))
+        gated.gate.init_open(open_bias)
+        weight = block.conv1.weight
+        gated.gate.to(device=weight.device, dtype=weight.dtype)
+        return gated.train(block.training)
+
+    @property
+    def cost_conv1(self) -> int:
+        return self.conv1.in_channels * self.conv1.out_channels * 9
+
+    @property
+    def cost_conv2(self) -> int:
+        return self.conv2.in_channels * self.conv2.out_channels * 9
+
+    @property
+    def dilated_cost(self) -> int:
+        return self.cost_conv1
+
+    @property
+    def masked_cost(self) -> int:
+        return self.cost_conv2
+
+    @property
+    def shortcut_cost(self) -> int:
+        if isinstance(self.shortcut, nn.Identity):
+            return 0
+        projection = self.shortcut[0]
+        return projection.in_channels * projection.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask, dilated = self._masks(x)
+        h = self.relu(self.bn1(self.conv1(x))) * dilated
+        r = self.bn2(self.conv2(h)) * mask
+        return self.relu(self.shortcut(x) + r)
+
+
+class GatedInvertedResidual(GatedBlock):
+    """MobileNetV2 inverted residual with DynConv spatial gating (Verelst & Tuytelaars, CVPR 2020).
+
+    Only for blocks with an identity shortcut (stride 1, equal widths).
+    ``m = gate(x)``, ``d = dilate(m)``; the 1x1 expansion runs on ``d`` (the
+    depthwise 3x3 reads its neighbourhood), the depthwise conv and the 1x1
+    projection on ``m``: ``out = x + m * bn3(conv3(m * act(bn2(conv2(d * act(bn1(conv1(x))))))))``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, expand: int = 6):
+        super().__init__()
+        _positive_int("in_ch", in_ch)
+        _positive_int("out_ch", out_ch)
+        _positive_int("expand", expand)
+        if stride != 1 or in_ch != out_ch:
+            raise ValueError(
+                f"spatial gating needs a residual connection (stride 1, in_ch == out_ch), "
+                f"got stride {stride}, {in_ch} -> {out_ch} channels"
+            )
+        dense = InvertedResidual(in_ch, out_ch, stride, expand)
+        self.stride, self.use_res = dense.stride, dense.use_res
+        self.conv1, self.bn1, self.conv2, self.bn2 = dense.conv1, dense.bn1, dense.conv2, dense.bn2
+        self.conv3, self.bn3, self.act = dense.conv3, dense.bn3, dense.act
+        self.gate = MaskUnit(in_ch, 1)
+
+    @classmethod
+    def from_block(cls, block: InvertedResidual, open_bias: float = 3.0) -> GatedInvertedResidual:
+        """Gated copy of a dense block with the gate open (every position runs)."""
+        if not isinstance(block, InvertedResidual):
+            raise ValueError(f"from_block expects an InvertedResidual, got {type(block).__name__}")
+        if not block.use_res:
+            raise ValueError("spatial gating needs an InvertedResidual with a residual connection (use_res)")
+        expand = block.conv1.out_channels // block.conv1.in_channels
+        gated = cls(block.conv1.in_channels, block.conv3.out_channels, 1, expand)
+        for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "act"):
+            setattr(gated, name, copy.deepcopy(getattr(block, name)))
+        gated.gate.init_open(open_bias)
+        weight = block.conv1.weight
+        gated.gate.to(device=weight.device, dtype=weight.dtype)
+        return gated.train(block.training)
+
+    @property
+    def cost_conv1(self) -> int:
+        return self.conv1.in_channels * self.conv1.out_channels
+
+    @property
+    def cost_conv2(self) -> int:
+        return self.conv2.out_channels * 9
+
+    @property
+    def cost_conv3(self) -> int:
+        return self.conv3.in_channels * self.conv3.out_channels
+
+    @property
+    def dilated_cost(self) -> int:
+        return self.cost_conv1
+
+    @property
+    def masked_cost(self) -> int:
+        return self.cost_conv2 + self.cost_conv3
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask, dilated = self._masks(x)
+        h1 = self.act(self.bn1(self.conv1(x))) * dilated
+        h2 = self.act(self.bn2(self.conv2(h1))) * mask
+        r = self.bn3(self.conv3(h2)) * mask
+        return x + r
+
+
+def gated_blocks(model: nn.Module) -> list[GatedBlock]:
+    """The gated blocks of ``model`` in module order."""
+    return [m for m in model.modules() if isinstance(m, GatedBlock)]
+
+
+def set_gumbel(model: nn.Module, temperature: float | None = None, noise: bool | None = None) -> int:
+    """Set the Gumbel temperature and/or noise flag of every ``MaskUnit`` in ``model``;
+    returns how many units were set."""
+    if temperature is not None:
+        temperature = _check_temperature(temperature)
+    if noise is not None:
+        noise = _check_noise(noise)
+    units = [m for m in model.modules() if isinstance(m, MaskUnit)]
+    for unit in units:
+        if temperature is not None:
+            unit.temperature = temperature
+        if noise is not None:
+            unit.noise = noise
+    return len(units)
+
+
+class BudgetLoss(nn.Module):
+    """DynConv sparsity criterion (Verelst & Tuytelaars, CVPR 2020): network and per-block budget terms.
+
+    ``budget_network = weight * (sum_b C_b / sum_b D_b - budget)^2`` with executed
+    MACs ``C_b`` (batch mean) and dense MACs ``D_b`` of block b, and
+    ``budget_block = weight * mean_b[relu(f_b - upper)^2 + relu(lower - f_b)^2]``
+    on each block's executed fraction ``f_b``. The block bounds start at
+    ``[budget, budget]`` and widen to ``[0, 1]`` over the first ``anneal_fraction``
+    of training with a cos^2 schedule.
+    """
+
+    def __init__(self, budget: float, weight: float = 10.0, anneal_fraction: float = 1 / 3):
+        super().__init__()
+        if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+            raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        if not (isinstance(anneal_fraction, (int, float)) and 0 < anneal_fraction <= 1):
+            raise ValueError(f"anneal_fraction must be in (0, 1], got {anneal_fraction!r}")
+        self.budget, self.weight, self.anneal_fraction = float(budget), float(weight), float(anneal_fraction)
+
+    def bounds(self, progress: float) -> tuple[float, float]:
+        """Per-block ``(lower, upper)`` executed-fraction bounds at ``progress`` in [0, 1]."""
+        if not (isinstance(progress, (int, float)) and 0 <= progress <= 1):
+            raise ValueError(f"progress must be in [0, 1], got {progress!r}")
+        a = math.cos(min(1.0, progress / self.anneal_fraction) * math.pi / 2) ** 2
+        return a * self.budget, 1 - a * (1 - self.budget)
+
+    def forward(self, blocks: Sequence[GatedBlock], progress: float) -> dict[str, Tensor]:
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("BudgetLoss needs at least one gated block")
+        lower, upper = self.bounds(progress)
+        executed = torch.stack([b.executed_cost().mean() for b in blocks])
+        dense = sum(b.dense_cost_per_image for b in blocks)
+        fractions = torch.stack([b.executed_fraction().mean() for b in blocks])
+        network = (executed.sum() / dense - self.budget) ** 2
+        block = (F.relu(fractions - upper) ** 2 + F.relu(lower - fractions) ** 2).mean()
+        return {"budget_network": self.weight * network, "budget_block": self.weight * block}
