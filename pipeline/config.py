@@ -242,6 +242,7 @@ class DynConvCfg(Section):
     budget_weight: Annotated[Float, Field(ge=0.0)] = 10.0
     anneal_fraction: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.33
     open_bias: Float = 3.0
+    distill: DistillCfg = DistillCfg()
     train: TrainCfg = TrainCfg()
 
 

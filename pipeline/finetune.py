@@ -30,7 +30,22 @@ def _file_sha(path: Path) -> str:
     return _sha256(path)
 
 
+def _pruned_state(model: nn.Module) -> tuple[dict, dict]:
+    """State dict with every SD-Conv kernel tensor replaced by its pruned export (a sparse
+    tensor holding only the kept weights); thresholds stay, so the masks reload exactly."""
+    from pipeline.ops.sd_conv import SDConv2d
+
+    state = model.state_dict()
+    pruned = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SDConv2d):
+            pruned[name] = m.export_pruned()["kernels"]
+            del state[f"{name}.weight"]
+    return state, pruned
+
+
 def save_method_model(path: Path, model: nn.Module, method: str, cfg: Config, dense_record: dict, **meta) -> None:
+    state, pruned = _pruned_state(model)
     save_atomic({
         "method": method,
         "model_cfg": to_dict(cfg.model),
@@ -38,7 +53,8 @@ def save_method_model(path: Path, model: nn.Module, method: str, cfg: Config, de
         "seed": cfg.seed,
         "in_channels": dense_record["in_channels"],
         "num_classes": dense_record["num_classes"],
-        "state_dict": model.state_dict(),
+        "state_dict": state,
+        "pruned_kernels": pruned,
         "meta": {**dense_record["meta"], **meta},
     }, path)
 
@@ -53,7 +69,10 @@ def load_method_model(path: Path) -> tuple[nn.Module, dict]:
         mcfg = type(getattr(ConvertCfg(), method)).model_validate(record["method_cfg"])
         model, _ = build_method_model(method, ModelCfg.model_validate(record["model_cfg"]), mcfg,
                                       record["in_channels"], record["num_classes"], record["seed"])
-        model.load_state_dict(record["state_dict"])
+        state = dict(record["state_dict"])
+        for name, kernels in record.get("pruned_kernels", {}).items():
+            state[f"{name}.weight"] = kernels.to_dense()
+        model.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{path}' does not hold a converted model this code can rebuild ({err})") from None
     return model, record
@@ -97,10 +116,10 @@ def convert_method(cfg: Config, method: str) -> None:
     model, names = build_method_model(method, cfg.model, mcfg, data.in_channels, data.num_classes, cfg.seed, dense)
     norm = Normalizer(data.mean, data.std)
     start = evaluate(model, *data.splits["val"], norm, mcfg.train.eval_batch_size)
+    teacher = dense if mcfg.distill.weight > 0 else None
     if method == "dynconv":
-        hooks = dynconv_hooks(model, mcfg, mcfg.train.epochs, normalized(data, "val"))
+        hooks = dynconv_hooks(model, mcfg, mcfg.train.epochs, normalized(data, "val"), teacher)
     else:
-        teacher = dense if mcfg.distill.weight > 0 else None
         hooks = dynamic_hooks(model, mcfg, teacher)
     resume_key = fingerprint({"seed": cfg.seed, "model": to_dict(cfg.model), "method": method,
                               "cfg": to_dict(mcfg), "dense": _file_sha(MODELS / "dense.pt")})
@@ -119,6 +138,7 @@ def convert_method(cfg: Config, method: str) -> None:
         }
         metrics["acc_drop"] = metrics["dense_test_acc"] - metrics["test_acc"]
         save_method_model(MODELS / f"{method}.pt", model, method, cfg, dense_record, metrics=metrics, converted=names)
+        metrics["model_file_bytes"] = (MODELS / f"{method}.pt").stat().st_size
         write_metrics(out / "metrics.json", metrics)
         write_metrics(out / "timing.json", result.timing)
         write_history(out / "history.csv", result.history)

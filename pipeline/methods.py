@@ -7,7 +7,8 @@
   Training, Liu et al. 2020); thresholds of a collapsed layer (keep ratio below
   ``min_keep``) reset to 0 at the start of each epoch.
 - DynConv: the budget loss (network term + annealed per-block bounds), Gumbel
-  noise switched off for the last ``noise_off_fraction`` of the epochs.
+  noise switched off for the last ``noise_off_fraction`` of the epochs, and the
+  same distillation from the dense model.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def kernel_sparsity(layers: list[nn.Module]) -> float:
     return 1.0 - kept / sum(m.weight.numel() for m in layers)
 
 
-def dynconv_hooks(model: nn.Module, cfg: DynConvCfg, epochs: int, val_inputs: torch.Tensor) -> Hooks:
+def dynconv_hooks(model: nn.Module, cfg: DynConvCfg, epochs: int, val_inputs: torch.Tensor,
+                  teacher: nn.Module | None) -> Hooks:
     from pipeline.ops.spatial_gate import BudgetLoss, gated_blocks, set_gumbel
 
     criterion = BudgetLoss(cfg.budget, cfg.budget_weight, cfg.anneal_fraction)
@@ -83,7 +85,12 @@ def dynconv_hooks(model: nn.Module, cfg: DynConvCfg, epochs: int, val_inputs: to
         set_gumbel(model, temperature=cfg.gumbel_temperature, noise=epoch < noisy_epochs)
 
     def extra_loss(model, inputs, logits, targets, progress):
-        return criterion(blocks, progress)
+        out = criterion(blocks, progress)
+        if teacher is not None and cfg.distill.weight > 0:
+            with torch.no_grad():
+                t_logits = teacher(inputs)
+            out["distill"] = cfg.distill.weight * distill_loss(logits, t_logits, cfg.distill.temperature)
+        return out
 
     def epoch_metrics(model):
         return {"executed_fraction": block_fractions(model, val_inputs)[1]}

@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +92,19 @@ def learning_rate(cfg: TrainCfg, epoch: int, step: int, steps_per_epoch: int) ->
     return base
 
 
-def make_optimizer(cfg: TrainCfg, params) -> torch.optim.Optimizer:
+NO_DECAY = ("threshold",)  # SD-Conv thresholds: weight decay would pull them to 0 and undo the sparsity
+
+
+def make_optimizer(cfg: TrainCfg, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
     o = cfg.optimizer
+    decay = [p for n, p in named_params if not n.endswith(NO_DECAY)]
+    plain = [p for n, p in named_params if n.endswith(NO_DECAY)]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr)
 
 
 class Normalizer:
@@ -149,7 +158,10 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' not found: run the stage that writes it first")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # sparse tensors (pruned SD-Conv kernels) are validated on load; that is wanted, not news
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip errors, unpickling errors, EOF
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err}); rerun the stage that writes it") from None
 
@@ -199,7 +211,8 @@ def fit(
     x_train, y_train = data.splits["train"]
     n = len(y_train)
     steps = max(1, n // cfg.batch_size)  # drop the last partial batch: BN needs > 1 sample
-    optimizer = make_optimizer(cfg, params if params is not None else model.parameters())
+    named = [(n, p) for n, p in model.named_parameters() if params is None or any(p is q for q in params)]
+    optimizer = make_optimizer(cfg, named)
 
     history: list[dict[str, float]] = []
     start = 0

@@ -57,7 +57,8 @@ def test_init_thresholds_prunes_the_requested_fraction(granularity):
 
 def test_saved_method_model_rebuilds_identically(dense, tmp_path, tiny_cfg):
     cfg = tiny_cfg.model_copy(update={"model": RESNET})
-    model, _ = build_method_model("sdconv", RESNET, cfg.convert.sdconv, 1, 10, seed=0, dense=dense)
+    model, _ = build_method_model("sdconv", RESNET, cfg.convert.sdconv.model_copy(update={"init_sparsity": 0.5}),
+                                  1, 10, seed=0, dense=dense)
     record = {"in_channels": 1, "num_classes": 10, "meta": {"mean": [0.1], "std": [0.2]}}
     save_method_model(tmp_path / "m.pt", model, "sdconv", cfg, record)
     loaded, rec = load_method_model(tmp_path / "m.pt")
@@ -65,3 +66,7 @@ def test_saved_method_model_rebuilds_identically(dense, tmp_path, tiny_cfg):
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded.eval()(x))
     assert rec["method"] == "sdconv"
+    # the file holds only the kept kernel weights of every SD-Conv layer
+    kept = {n: int(m.mask().sum()) for n, m in model.named_modules() if isinstance(m, SDConv2d)}
+    assert {n: t._nnz() for n, t in rec["pruned_kernels"].items()} == kept
+    assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in kept for k in rec["state_dict"])

@@ -53,9 +53,12 @@ def _check_noise(value: bool) -> bool:
     return value
 
 
-def _gumbel_like(t: Tensor) -> Tensor:
-    # -log(E) with E ~ Exp(1) is Gumbel(0, 1); drawn from torch's global generator.
-    return -torch.empty_like(t).exponential_().log()
+def _gumbel_difference_like(t: Tensor) -> Tensor:
+    # g1 - g2 for independent Gumbel(0, 1) is Logistic(0, 1) = logit(U): one uniform draw
+    # instead of two exponentials (RNG is a visible share of a training step on CPU).
+    # Drawn from torch's global generator, so the caller's seeding controls it.
+    u = torch.rand_like(t).clamp_(1e-6, 1.0 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
 
 
 class MaskUnit(nn.Module):
@@ -87,7 +90,7 @@ class MaskUnit(nn.Module):
         if not self.training:
             return (logits >= 0).to(logits.dtype)
         if self.noise:
-            logits = logits + _gumbel_like(logits) - _gumbel_like(logits)
+            logits = logits + _gumbel_difference_like(logits)
         z = logits / self.temperature
         soft = torch.sigmoid(z)
         # Thresholding z rather than soft avoids sigmoid rounding to 0.5 for tiny negative z.

@@ -35,6 +35,7 @@ def overview(ctx: Context) -> Section:
             "stage": stage,
             "MLflow run id": row["run_id"],
             "status": row["status"],
+            "duration (s)": (row["end_time"] - row["start_time"]).total_seconds() if pd.notna(row["end_time"]) else float("nan"),
             "git commit": str(row.get("tags.git_commit", ""))[:10],
             "dirty": row.get("tags.git_dirty", ""),
             "params hash": row.get("tags.params_hash", ""),
@@ -46,7 +47,9 @@ def overview(ctx: Context) -> Section:
         "Every number below is read from the MLflow run named in its table; open them with "
         "`mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db`."
     )
-    return Section("Runs", [Text(text), Table(pd.DataFrame(rows), "One MLflow run per stage execution.")])
+    return Section("Runs", [Text(text), Table(pd.DataFrame(rows), "One MLflow run per stage execution; duration "
+                                              "from the run's start and end (process start-up not included).",
+                                              formats={"duration (s)": "{:.1f}"})])
 
 
 def data_section(ctx: Context) -> Section | None:
