@@ -144,6 +144,8 @@ def convert_method(cfg: Config, method: str) -> None:
         write_history(out / "history.csv", result.history)
         (out / "layers.json").write_text(json.dumps(layers, indent=2) + "\n")
         run.log_metrics(metrics, prefix="final.")
+        for kind, values in layers.items():
+            run.log_metrics(values, prefix=f"layer.{kind}.")
         run.log_metrics(result.timing, prefix="timing.")
         run.set_tags({"method": method, "resumed_from_epoch": result.resumed_from,
                       "backbone_width": backbone_cfg(cfg.model, method, mcfg).width})

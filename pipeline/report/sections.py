@@ -27,8 +27,12 @@ class Context:
     figures: Path
 
 
+STAGE_ORDER = ["prepare", "pretrain", "convert@dynet", "convert@sdconv", "convert@dynconv"]
+
+
 def overview(ctx: Context) -> Section:
     runs = ctx.evidence.runs
+    runs = runs.loc[sorted(runs.index, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))]
     rows = []
     for stage, row in runs.iterrows():
         rows.append({
@@ -39,13 +43,15 @@ def overview(ctx: Context) -> Section:
             "git commit": str(row.get("tags.git_commit", ""))[:10],
             "dirty": row.get("tags.git_dirty", ""),
             "params hash": row.get("tags.params_hash", ""),
+            "pipeline id": row.get("tags.pipeline_id", ""),
         })
-    first = runs.iloc[0]
+    exps = sorted({str(v) for v in runs.get("tags.dvc_exp_name", pd.Series(dtype=str)).dropna() if v})
     text = (
-        f"Experiment `{ctx.cfg.tracking.experiment}`, pipeline id `{first.get('tags.pipeline_id', '')}`"
-        f"{', DVC experiment `' + str(first['tags.dvc_exp_name']) + '`' if first.get('tags.dvc_exp_name') else ''}. "
-        "Every number below is read from the MLflow run named in its table; open them with "
-        "`mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db`."
+        f"Experiment `{ctx.cfg.tracking.experiment}`"
+        f"{', DVC experiment ' + ', '.join(f'`{e}`' for e in exps) if exps else ''}. "
+        "Each stage row is the run that produced the stage's current outputs; stages that DVC did not re-run "
+        "keep the run (and pipeline id) of the execution that made them. Every number below is read from the "
+        "MLflow run named in its table; open them with `mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db`."
     )
     return Section("Runs", [Text(text), Table(pd.DataFrame(rows), "One MLflow run per stage execution; duration "
                                               "from the run's start and end (process start-up not included).",
