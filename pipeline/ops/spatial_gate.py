@@ -163,6 +163,15 @@ class GatedBlock(nn.Module):
         """MACs per output position that run everywhere (a projection shortcut)."""
         return 0
 
+    def _adopt(self, block: nn.Module, names: Sequence[str], open_bias: float) -> GatedBlock:
+        """Copy ``block``'s submodules ``names`` into this gated block and open the gate."""
+        for name in names:
+            setattr(self, name, copy.deepcopy(getattr(block, name)))
+        self.gate.init_open(open_bias)
+        weight = block.conv1.weight
+        self.gate.to(device=weight.device, dtype=weight.dtype)
+        return self.train(block.training)
+
     def _masks(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mask = self.gate(x)
         dilated = dilate(mask)
@@ -233,12 +242,7 @@ class GatedBasicBlock(GatedBlock):
         if not isinstance(block, BasicBlock):
             raise ValueError(f"from_block expects a BasicBlock, got {type(block).__name__}")
         gated = cls(block.conv1.in_channels, block.conv1.out_channels, block.conv1.stride[0])
-        for name in ("conv1", "bn1", "conv2", "bn2", "relu", "shortcut"):
-            setattr(gated, name, copy.deepcopy(getattr(block, name)))
-        gated.gate.init_open(open_bias)
-        weight = block.conv1.weight
-        gated.gate.to(device=weight.device, dtype=weight.dtype)
-        return gated.train(block.training)
+        return gated._adopt(block, ("conv1", "bn1", "conv2", "bn2", "relu", "shortcut"), open_bias)
 
     @property
     def cost_conv1(self) -> int:
@@ -304,12 +308,7 @@ class GatedInvertedResidual(GatedBlock):
             raise ValueError("spatial gating needs an InvertedResidual with a residual connection (use_res)")
         expand = block.conv1.out_channels // block.conv1.in_channels
         gated = cls(block.conv1.in_channels, block.conv3.out_channels, 1, expand)
-        for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "act"):
-            setattr(gated, name, copy.deepcopy(getattr(block, name)))
-        gated.gate.init_open(open_bias)
-        weight = block.conv1.weight
-        gated.gate.to(device=weight.device, dtype=weight.dtype)
-        return gated.train(block.training)
+        return gated._adopt(block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "act"), open_bias)
 
     @property
     def cost_conv1(self) -> int:
