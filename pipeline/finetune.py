@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.complexity import count_macs, count_params
 from pipeline.config import Config, fingerprint, to_dict
 from pipeline.convert import backbone_cfg, build_method_model
-from pipeline.data import TensorTask, load_task
+from pipeline.data import TensorTask, load_task, sha256_file
 from pipeline.errors import CheckpointError
 from pipeline.methods import block_fractions, dynamic_hooks, dynamic_layers, dynconv_hooks, kernel_sparsity
 from pipeline.metrics import write_history, write_metrics
@@ -22,12 +22,6 @@ from pipeline.models import load_model
 from pipeline.paths import CHECKPOINTS, MODELS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
 from pipeline.train import Normalizer, evaluate, fit, load_checkpoint, save_atomic, seed_everything
-
-
-def _file_sha(path: Path) -> str:
-    from pipeline.data import _sha256
-
-    return _sha256(path)
 
 
 def _pruned_state(model: nn.Module) -> tuple[dict, dict]:
@@ -122,7 +116,7 @@ def convert_method(cfg: Config, method: str) -> None:
     else:
         hooks = dynamic_hooks(model, mcfg, teacher)
     resume_key = fingerprint({"seed": cfg.seed, "model": to_dict(cfg.model), "method": method,
-                              "cfg": to_dict(mcfg), "dense": _file_sha(MODELS / "dense.pt")})
+                              "cfg": to_dict(mcfg), "dense": sha256_file(MODELS / "dense.pt")})
     with stage_run(f"convert@{method}", cfg) as run:
         result = fit(model, data, mcfg.train, cfg.seed, CHECKPOINTS / f"convert_{method}.pt", resume_key,
                      on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=method)

@@ -37,7 +37,7 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def _quiet() -> None:
+def quiet_logs() -> None:
     for name in ("alembic", "mlflow", "mlflow.store", "mlflow.tracking"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -136,7 +136,7 @@ def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = Non
     All params are logged flattened (``pretrain.optimizer.lr``); the run ends
     FINISHED, or FAILED if the stage raised.
     """
-    _quiet()
+    quiet_logs()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri())

@@ -90,7 +90,7 @@ def build_task(cfg: Config, name: str) -> Task:
     return task
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -131,7 +131,7 @@ def write_prepared(tasks: dict[str, Task], cfg: Config, out: Path = PREPARED) ->
             for suffix, arr in (("x", x), ("y", y)):
                 path = folder / f"{split}_{suffix}.npy"
                 np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
-                files[f"{split}_{suffix}.npy"] = _sha256(path)
+                files[f"{split}_{suffix}.npy"] = sha256_file(path)
         card["tasks"][name] = task_card(task, getattr(cfg.data, name), files)
     (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
@@ -179,7 +179,7 @@ def load_task(name: str, root: Path = PREPARED, verify: bool = True) -> TensorTa
             path = root / name / fname
             if not path.is_file():
                 raise DataError(f"'{path}' is missing: rerun the prepare stage")
-            if verify and _sha256(path) != tc["sha256"].get(fname):
+            if verify and sha256_file(path) != tc["sha256"].get(fname):
                 raise DataError(f"'{path}' does not match its sha256 in card.json (modified or truncated)")
             try:
                 arrays.append(np.load(path, allow_pickle=False))

@@ -12,7 +12,7 @@ import pandas as pd
 
 from pipeline.errors import DataError
 from pipeline.paths import RESULTS
-from pipeline.tracking import _quiet, tracking_uri
+from pipeline.tracking import quiet_logs, tracking_uri
 
 
 @dataclass
@@ -39,7 +39,7 @@ def read_run_ids(results: Path = RESULTS) -> dict[str, str]:
 
 
 def collect(experiment: str, results: Path = RESULTS) -> Evidence:
-    _quiet()
+    quiet_logs()
     import mlflow
     from mlflow.tracking import MlflowClient
 
