@@ -114,10 +114,6 @@ def to_gated(model: nn.Module, cfg: DynConvCfg) -> list[str]:
     return names
 
 
-def method_cfg(convert_cfg, method: str):
-    return getattr(convert_cfg, method)
-
-
 def backbone_cfg(model_cfg: ModelCfg, method: str, mcfg) -> ModelCfg:
     """The backbone a method builds on: the dense one, narrowed by ``width`` for DyNet/SD-Conv."""
     width = getattr(mcfg, "width", 1.0)

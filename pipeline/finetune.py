@@ -76,9 +76,8 @@ def normalized(data: TensorTask, split: str) -> torch.Tensor:
     return Normalizer(data.mean, data.std)(data.splits[split][0])
 
 
-def measure(model: nn.Module, method: str, data: TensorTask, mcfg) -> tuple[dict, dict]:
-    """Complexity and structure metrics on the TEST set (masks as they fire at eval)."""
-    test_x = normalized(data, "test")
+def measure(model: nn.Module, method: str, test_x: torch.Tensor, mcfg) -> tuple[dict, dict]:
+    """Complexity and structure metrics on the (normalised) TEST images, masks as they fire at eval."""
     metrics = {"macs_per_image": count_macs(model, test_x), **count_params(model)}
     layers: dict = {}
     if method in ("dynet", "sdconv"):
@@ -120,8 +119,9 @@ def convert_method(cfg: Config, method: str) -> None:
     with stage_run(f"convert@{method}", cfg) as run:
         result = fit(model, data, mcfg.train, cfg.seed, CHECKPOINTS / f"convert_{method}.pt", resume_key,
                      on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=method)
-        measured, layers = measure(model, method, data, mcfg)
-        dense_macs = count_macs(dense, normalized(data, "test"))
+        test_x = normalized(data, "test")
+        measured, layers = measure(model, method, test_x, mcfg)
+        dense_macs = count_macs(dense, test_x)
         metrics = {
             **result.final, **measured,
             "start_val_acc": start["acc"],
