@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,33 @@ def test_fast_path_matches_reference(cfg):
     if m.num_kernels > 1 or m.activation != "softmax":
         a = m.coefficients(x)
         assert not torch.allclose(a[0], a[1]), "coefficients must differ across samples for the test to mean anything"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("batch", [1, 4])
+def test_inference_path_matches_reference(cfg, batch):
+    m = make(cfg).eval()
+    x = inputs(batch, cfg[0], 11, 9)
+    ref = m.forward_reference(x).detach()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            torch.testing.assert_close(m(x), ref, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), ref, atol=ATOL, rtol=RTOL)
+
+
+def test_inference_cache_follows_weight_updates():
+    m = make(CONFIGS[1]).eval()
+    x = inputs(2, 6, 8, 8)
+    with torch.inference_mode():
+        before = m(x)
+    with torch.no_grad():
+        m.routing[2].weight.mul_(-1.5)  # in place: the cached transposed copy must be rebuilt
+    with torch.inference_mode():
+        after = m(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, m.forward_reference(x).detach(), atol=ATOL, rtol=RTOL)
+    clone = copy.deepcopy(m)
+    torch.testing.assert_close(clone(x), m(x), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[5]], ids=lambda c: "-".join(map(str, c)))

@@ -76,6 +76,23 @@ def test_masked_fast_path_matches_reference(granularity):
     torch.testing.assert_close(m(x), m.forward_reference(x), atol=ATOL, rtol=RTOL)
 
 
+def test_inference_reuses_masked_kernels_until_thresholds_change():
+    m = make(seed=2).eval()
+    with torch.no_grad():
+        m.threshold.fill_(0.05)
+    x = inputs(1, 6, 9, 9)
+    with torch.inference_mode():
+        first = m.kernels()
+        assert m.kernels() is first  # computed once
+        torch.testing.assert_close(m(x), m.forward_reference(x), atol=ATOL, rtol=RTOL)
+    with torch.no_grad():
+        m.threshold.fill_(0.1)  # in place: the cache must notice
+    with torch.inference_mode():
+        second = m.kernels()
+        assert second is not first and (second != 0).sum() < (first != 0).sum()
+        torch.testing.assert_close(m(x), m.forward_reference(x), atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("estimator", ["ste", "long_tailed"])
 def test_gradient_reaches_thresholds_and_weights(estimator):
     m = make("channel", estimator)

@@ -8,6 +8,7 @@ DY-Conv (softmax with a temperature).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -127,6 +128,7 @@ class DynamicConv2d(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(self.hidden, k),
         )
+        self._inference_cache: dict[str, tuple[tuple, Any]] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -155,6 +157,26 @@ class DynamicConv2d(nn.Module):
             "min_hidden": self.min_hidden,
         }
 
+    def _cached(self, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
+        """``build()``, recomputed only when one of ``sources`` changed (in place or replaced); for inference."""
+        if any(t.is_inference() for t in sources):  # no version counter to key on
+            return build()
+        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in sources)
+        entry = self._inference_cache.get(name)
+        if entry is None or entry[0] != key:
+            entry = self._inference_cache[name] = (key, build())
+        return entry[1]
+
+    def __getstate__(self) -> dict:
+        # Derived tensors (possibly inference tensors, which cannot be copied) are rebuilt on demand.
+        return {**super().__getstate__(), "_inference_cache": {}}
+
+    @property
+    def _fc(self) -> tuple[nn.Linear, nn.Linear]:
+        # Indexing an nn.Sequential costs microseconds per call; read its _modules dict instead.
+        modules = self.routing._modules
+        return modules["2"], modules["4"]  # type: ignore[return-value]
+
     def set_temperature(self, t: float) -> None:
         self.temperature = _positive_float(t, "temperature")
 
@@ -164,7 +186,7 @@ class DynamicConv2d(nn.Module):
         # module-call overhead of the Sequential is a visible share of the conv.
         # sum-then-scale rather than mean: mean's backward materialises a full
         # input-sized gradient, sum's is a broadcast view.
-        fc1, fc2 = self.routing[2], self.routing[4]
+        fc1, fc2 = self._fc
         pooled = x.sum((2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
         z = F.linear(F.relu(F.linear(pooled, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
         if self.activation == "sigmoid":
@@ -189,6 +211,8 @@ class DynamicConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if not torch.is_grad_enabled():
+            return self._forward_inference(x)
         b, c, h, w = x.shape
         a = self.coefficients(x)
         kernels = self.kernels()
@@ -198,6 +222,41 @@ class DynamicConv2d(nn.Module):
         bias = (a @ self.bias).reshape(-1) if self.bias is not None else None
         y = F.conv2d(
             x.reshape(1, b * c, h, w), weight, bias, self.stride, self.padding, self.dilation, b * self.groups
+        )
+        return y.view(b, self.out_channels, *y.shape[2:])
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` without autograd: the same math in as few operator calls as possible.
+
+        At batch 1 the conv of a small map takes a fraction of a millisecond,
+        so every extra call shows: the routing MLP runs as two ``addmm`` on
+        cached transposed weights (``addmm`` on a transposed view is several
+        times slower), and batch 1 runs the plain, ungrouped conv.
+        """
+        b, c = x.shape[:2]
+        fc1, fc2 = self._fc
+        w1t, w2t = self._cached(
+            "routing_t", (fc1.weight, fc2.weight), lambda: (fc1.weight.t().contiguous(), fc2.weight.t().contiguous())
+        )
+        pooled = x.view(b, c, -1).mean(2) if x.is_contiguous() else x.mean((2, 3))
+        z = torch.addmm(fc2.bias, torch.addmm(fc1.bias, pooled, w1t).relu_(), w2t)
+        if self.activation == "softmax":
+            a = torch.softmax(z if self.temperature == 1.0 else z / self.temperature, dim=1)
+        else:
+            a = torch.sigmoid(z) if self.activation == "sigmoid" else z
+        kernels = self.kernels()
+        weight = torch.mm(a, kernels.view(self.num_kernels, -1))
+        bias = None if self.bias is None else torch.mm(a, self.bias).view(-1)
+        if b == 1:
+            return F.conv2d(x, weight.view(kernels.shape[1:]), bias, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(
+            x.reshape(1, b * c, *x.shape[2:]),
+            weight.view(b * self.out_channels, *kernels.shape[2:]),
+            bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            b * self.groups,
         )
         return y.view(b, self.out_channels, *y.shape[2:])
 

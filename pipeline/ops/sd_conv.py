@@ -115,7 +115,11 @@ class SDConv2d(DynamicConv2d):
             return self.weight.abs() - self.threshold > 0
 
     def kernels(self) -> torch.Tensor:
-        return self.weight * self.mask()
+        if torch.is_grad_enabled():
+            return self.weight * self.mask()
+        # Inference: the masked kernels change only when the weights or thresholds do.
+        w, t = self.weight, self.threshold
+        return self._cached("kernels", (w, t), lambda: w * (w.abs() > t))
 
     def regularization(self) -> torch.Tensor:
         """sum(exp(-t)) over all thresholds; the caller multiplies by the regulariser weight."""
