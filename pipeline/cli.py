@@ -11,9 +11,16 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 
 
-def run_stage(name: str, main: Callable[..., None], description: str, methods: Sequence[str] = ()) -> None:
+def run_stage(
+    name: str,
+    main: Callable[..., None],
+    description: str,
+    methods: Sequence[str] = (),
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> None:
     """Parse ``--params`` (and a method name when ``methods`` is given), validate
-    the whole config, then run ``main(cfg)`` or ``main(cfg, method)``.
+    the whole config, then run ``main(cfg)`` or ``main(cfg, method)``;
+    ``options`` adds stage-specific flags, passed on as keyword arguments.
 
     Validation happens before ``main`` touches any output. A :class:`UserError`
     anywhere prints ``<stage>: error: <message>`` and exits 2; anything else is
@@ -23,12 +30,15 @@ def run_stage(name: str, main: Callable[..., None], description: str, methods: S
     if methods:
         parser.add_argument("method", choices=list(methods))
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if options:
+        options(parser)
     args = parser.parse_args()
+    extra = {k: v for k, v in vars(args).items() if k not in ("method", "params")}
     label = f"{name}@{args.method}" if methods else name
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.params)
-        main(cfg, args.method) if methods else main(cfg)
+        main(cfg, args.method, **extra) if methods else main(cfg, **extra)
     except UserError as err:
         print(f"{label}: error: {err}", file=sys.stderr)
         sys.exit(2)

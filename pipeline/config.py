@@ -252,6 +252,105 @@ class ConvertCfg(Section):
     dynconv: DynConvCfg = DynConvCfg()
 
 
+# -------------------------------------------------------------------------- search
+class RangeCfg(Section):
+    """A search interval; ``log`` samples it on a log scale (needs low > 0). low == high fixes the value."""
+
+    low: Float
+    high: Float
+    log: Bool = False
+
+    @model_validator(mode="after")
+    def _order(self) -> "RangeCfg":
+        if self.low > self.high:
+            raise ValueError(f"low must be <= high, got low {self.low} > high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class SamplerCfg(Section):
+    """Optuna sampler, every argument explicit (Optuna 5 changed the defaults); seeded from ``seed``."""
+
+    name: Literal["tpe", "nsga2", "random"] = "tpe"
+    n_startup_trials: Annotated[Int, Field(ge=0)] = 5  # tpe: random trials before the model kicks in
+    multivariate: Bool = True  # tpe
+    constant_liar: Bool = True  # tpe: parallel workers do not pick the same point
+    population_size: Annotated[Int, Field(ge=2)] = 8  # nsga2
+
+
+class SearchCommon(Section):
+    n_trials: Annotated[Int, Field(ge=1, le=10000)] = 10
+    timeout: Annotated[Float, Field(gt=0.0)] | None = None  # seconds; no new trial starts after it
+    steps: Annotated[Int, Field(ge=1)] = 25  # optimizer steps per epoch of a trial's fine-tune
+    final_steps: Annotated[Int, Field(ge=1)] = 60  # steps per epoch of the chosen configuration's final fine-tune
+    select_within: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.005  # best.json: cheapest trial this close to the best val acc
+    sampler: SamplerCfg = SamplerCfg()
+    train: TrainCfg = TrainCfg(epochs=1, schedule=ScheduleCfg(name="constant", warmup_epochs=0))
+
+
+class SDConvSpaceCfg(Section):
+    """SD-Conv search space: thresholds start at a per-stage target sparsity, then learn under the regulariser."""
+
+    stage_sparsity: RangeCfg = RangeCfg(low=0.5, high=0.95)
+    reg_weight: RangeCfg = RangeCfg(low=1e-5, high=1e-2, log=True)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "SDConvSpaceCfg":
+        if not (0 <= self.stage_sparsity.low and self.stage_sparsity.high < 1):
+            raise ValueError("stage_sparsity: must lie in [0, 1)")
+        if self.reg_weight.low < 0:
+            raise ValueError("reg_weight: must be >= 0")
+        return self
+
+
+class DynConvSpaceCfg(Section):
+    """DynConv search space: network budget, per-stage offsets from it, Gumbel temperature."""
+
+    budget: RangeCfg = RangeCfg(low=0.2, high=0.8)
+    stage_offset: RangeCfg = RangeCfg(low=-0.15, high=0.15)
+    gumbel_temperature: RangeCfg = RangeCfg(low=0.5, high=2.0, log=True)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DynConvSpaceCfg":
+        if not (0 < self.budget.low and self.budget.high <= 1):
+            raise ValueError("budget: must lie in (0, 1]")
+        if self.gumbel_temperature.low <= 0:
+            raise ValueError("gumbel_temperature: must be > 0")
+        return self
+
+
+class SDConvSearchCfg(SearchCommon):
+    space: SDConvSpaceCfg = SDConvSpaceCfg()
+
+
+class DynConvSearchCfg(SearchCommon):
+    space: DynConvSpaceCfg = DynConvSpaceCfg()
+
+
+class SearchCfg(Section):
+    # None: a journal file per method under <repo>/optuna/; or an RDB URL (postgresql://..., mysql://...) for shared use.
+    storage: Str | None = None
+    sdconv: SDConvSearchCfg = SDConvSearchCfg()
+    dynconv: DynConvSearchCfg = DynConvSearchCfg()
+
+    @model_validator(mode="after")
+    def _storage(self) -> "SearchCfg":
+        if self.storage is not None and "://" not in self.storage:
+            raise ValueError(f"storage: expected an RDB URL such as postgresql://user@host/db, got {self.storage!r}")
+        return self
+
+
+# ------------------------------------------------------------------------ transfer
+class TransferCfg(Section):
+    """Fine-tuning on the downstream task (pipeline/transfer.py)."""
+
+    protocol: Literal["finetune", "linear_probe"] = "finetune"
+    use_searched: Bool = True  # sdconv/dynconv: start from the search's final model, else the converted one
+    freeze_masks: Bool = True  # sdconv: kept weights stay the kept ones (the paper's transfer claim)
+    train: TrainCfg = TrainCfg(epochs=4, optimizer=OptimizerCfg(lr=0.02), schedule=ScheduleCfg(warmup_epochs=0))
+
+
 # -------------------------------------------------------------------------- report
 class ReportCfg(Section):
     samples_per_dataset: Annotated[Int, Field(ge=1, le=64)] = 16
@@ -267,6 +366,8 @@ class Config(Section):
     model: ModelCfg = ModelCfg()
     pretrain: TrainCfg = TrainCfg()
     convert: ConvertCfg = ConvertCfg()
+    search: SearchCfg = SearchCfg()
+    transfer: TransferCfg = TransferCfg()
     report: ReportCfg = ReportCfg()
     tracking: TrackingCfg = TrackingCfg()
 

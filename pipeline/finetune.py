@@ -16,7 +16,14 @@ from pipeline.config import Config, fingerprint, to_dict
 from pipeline.convert import backbone_cfg, build_method_model
 from pipeline.data import TensorTask, load_task, sha256_file
 from pipeline.errors import CheckpointError
-from pipeline.methods import block_fractions, dynamic_hooks, dynamic_layers, dynconv_hooks, kernel_sparsity
+from pipeline.methods import (
+    block_fractions,
+    dynamic_hooks,
+    dynamic_layers,
+    dynconv_hooks,
+    kernel_sparsity,
+    temperature_at,
+)
 from pipeline.metrics import write_history, write_metrics
 from pipeline.models import load_model
 from pipeline.paths import CHECKPOINTS, MODELS, RESULTS
@@ -69,6 +76,11 @@ def load_method_model(path: Path) -> tuple[nn.Module, dict]:
         model.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{path}' does not hold a converted model this code can rebuild ({err})") from None
+    if method in ("dynet", "sdconv"):
+        # The coefficient temperature is not a tensor: restore the one the last trained epoch used.
+        t = temperature_at(mcfg, mcfg.train.epochs - 1)
+        for _, m in dynamic_layers(model):
+            m.set_temperature(t)
     return model, record
 
 

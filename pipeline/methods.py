@@ -74,10 +74,10 @@ def kernel_sparsity(layers: list[nn.Module]) -> float:
 
 
 def dynconv_hooks(model: nn.Module, cfg: DynConvCfg, epochs: int, val_inputs: torch.Tensor,
-                  teacher: nn.Module | None) -> Hooks:
+                  teacher: nn.Module | None, block_budgets: list[float] | None = None) -> Hooks:
     from pipeline.ops.spatial_gate import BudgetLoss, gated_blocks, set_gumbel
 
-    criterion = BudgetLoss(cfg.budget, cfg.budget_weight, cfg.anneal_fraction)
+    criterion = BudgetLoss(cfg.budget, cfg.budget_weight, cfg.anneal_fraction, block_budgets)
     blocks = gated_blocks(model)
     noisy_epochs = epochs - int(round(cfg.noise_off_fraction * epochs))
 

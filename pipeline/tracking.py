@@ -75,6 +75,12 @@ class StageRun:
     def __init__(self, client, run_id: str):
         self.client = client
         self.run_id = run_id
+        self.experiment_id: str | None = None
+        self.pipeline_run_id: str | None = None
+        self.tags: dict[str, str] = {}
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
         from mlflow.entities import Metric
@@ -166,6 +172,7 @@ def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = Non
     for i in range(0, len(batch), 90):
         client.log_batch(run.info.run_id, params=batch[i : i + 90])
     handle = StageRun(client, run.info.run_id)
+    handle.experiment_id, handle.pipeline_run_id, handle.tags = exp_id, parent, tags
     try:
         yield handle
     except BaseException:
@@ -173,6 +180,36 @@ def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = Non
         raise
     client.set_terminated(run.info.run_id, "FINISHED")
     client.set_terminated(parent, "FINISHED")
+
+
+def client_and_experiment(cfg: Config):
+    """An ``MlflowClient`` on the project's store and the id of ``cfg.tracking.experiment``."""
+    quiet_logs()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    return client, _experiment_id(client, cfg.tracking.experiment)
+
+
+def find_or_create_run(client, exp_id: str, key_tags: dict[str, str], run_name: str, tags: dict[str, str]) -> str:
+    """The id of the run carrying all of ``key_tags``, created (with ``tags`` as well) if there is none."""
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in key_tags.items())
+    found = client.search_runs([exp_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    return client.create_run(exp_id, run_name=run_name, tags={**tags, **key_tags}).info.run_id
+
+
+def start_child_run(client, exp_id: str, parent_id: str, run_name: str, tags: dict[str, str],
+                    params: dict[str, Any]) -> StageRun:
+    """A run nested under ``parent_id`` (e.g. one Optuna trial under its study), params logged."""
+    from mlflow.entities import Param
+
+    run = client.create_run(exp_id, run_name=run_name, tags={**tags, "mlflow.parentRunId": parent_id})
+    batch = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+    for i in range(0, len(batch), 90):
+        client.log_batch(run.info.run_id, params=batch[i : i + 90])
+    return StageRun(client, run.info.run_id)
 
 
 def write_run_info(path: Path, run: StageRun, stage: str) -> None:

@@ -197,12 +197,14 @@ def fit(
     hooks: Hooks | None = None,
     desc: str = "train",
     params: list[nn.Parameter] | None = None,
+    test: bool = True,
 ) -> FitResult:
     """Train ``model`` on ``data.splits['train']``, validate each epoch, test at the end.
 
     ``on_epoch(epoch, metrics)`` is called for every epoch, also for epochs
     restored from a checkpoint, so a resumed run logs a complete history.
     ``params`` restricts the optimised parameters (linear probes).
+    ``test=False`` never touches the test split (searches select on validation).
     """
     hooks = hooks or Hooks()
     threads = set_threads(cfg.threads)
@@ -232,9 +234,9 @@ def fit(
     for epoch in range(start, cfg.epochs):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         torch.manual_seed(epoch_seed(seed, epoch) + 1)
-        if hooks.epoch_start:
-            hooks.epoch_start(epoch)
         model.train()
+        if hooks.epoch_start:  # after train(): a hook may put parts of the model back in eval mode
+            hooks.epoch_start(epoch)
         perm = torch.randperm(n, generator=gen)
         loss_sum = correct = seen = 0
         extras_sum: dict[str, float] = {}
@@ -289,16 +291,16 @@ def fit(
         if on_epoch:
             on_epoch(epoch, record)
 
-    test = evaluate(model, *data.splits["test"], norm, cfg.eval_batch_size)
     last = history[-1]
     final = {
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
         "val_acc": last["val_acc"],
         "best_val_acc": max(h["val_acc"] for h in history),
         "train_acc": last["train_acc"],
         "epochs": float(cfg.epochs),
     }
+    if test:
+        measured = evaluate(model, *data.splits["test"], norm, cfg.eval_batch_size)
+        final = {"test_acc": measured["acc"], "test_loss": measured["loss"], **final}
     resume_path.unlink(missing_ok=True)  # finished: a later run starts afresh
     timing = {"train_seconds": t_train, "threads": float(threads)}
     if t_train > 0:

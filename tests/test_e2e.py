@@ -19,7 +19,11 @@ from .conftest import REPO
 
 pytestmark = pytest.mark.e2e
 METHODS = ["dynet", "sdconv", "dynconv"]
-STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], "report"]
+SEARCHED = ["sdconv", "dynconv"]
+TRANSFERRED = ["dense", *METHODS]
+STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], *[f"search@{m}" for m in SEARCHED],
+          *[f"transfer@{m}" for m in TRANSFERRED], "report"]
+N_TRIALS = 3
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
            "GIT_COMMITTER_EMAIL": "test@localhost"}
 
@@ -50,6 +54,10 @@ def project(tmp_path_factory):
         params["convert"][method]["train"]["epochs"] = 1
         if method != "dynconv":
             params["convert"][method]["temperature"]["epochs"] = 0
+    for method in SEARCHED:
+        params["search"][method].update(n_trials=N_TRIALS, steps=2, final_steps=2)
+        params["search"][method]["sampler"]["n_startup_trials"] = 2
+    params["transfer"]["train"]["epochs"] = 1
     params["report"]["samples_per_dataset"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -102,7 +110,7 @@ def test_mlflow_holds_the_runs(repro):
     root = repro[0]
     runs = _runs(root)
     stages = runs[runs["tags.kind"] == "stage"]
-    assert sorted(stages["tags.stage"]) == sorted(["prepare", "pretrain", "report", *[f"convert@{m}" for m in METHODS]])
+    assert sorted(stages["tags.stage"]) == sorted(set(STAGES) - {"validate"})
     assert stages["tags.pipeline_id"].nunique() == 1
     assert (stages["status"] == "FINISHED").all()
     pre = stages[stages["tags.stage"] == "pretrain"].iloc[0]
@@ -112,19 +120,50 @@ def test_mlflow_holds_the_runs(repro):
     assert json.loads((root / "results/pretrain/run.json").read_text())["run_id"] == pre["run_id"]
 
 
+def test_search_outputs_and_trial_runs(repro):
+    root = repro[0]
+    runs = _runs(root)
+    for method in SEARCHED:
+        out = root / "results/search" / method
+        best = json.loads((out / "best.json").read_text())
+        trials = (out / "trials.csv").read_text().strip().splitlines()
+        assert len(trials) == 1 + N_TRIALS and all(",COMPLETE," in t for t in trials[1:])
+        pareto = (out / "pareto.csv").read_text().strip().splitlines()
+        assert 2 <= len(pareto) <= 1 + N_TRIALS
+        assert str(best["trial"]) in [row.split(",")[0] for row in pareto[1:]]
+        assert (root / "models" / f"search_{method}.pt").is_file()
+        assert (root / "optuna" / method / "journal.log").stat().st_size > 0
+        assert 0.0 <= best["final"]["test_acc"] <= 1.0
+        # MLflow: one study run, one finished child run per trial with the objectives.
+        study = runs[(runs["tags.kind"] == "study") & (runs["tags.study_name"] == best["study_name"])]
+        assert len(study) == 1 and study.iloc[0]["run_id"] == best["study_run_id"]
+        children = runs[(runs["tags.kind"] == "trial") & (runs["tags.study_name"] == best["study_name"])]
+        assert len(children) == N_TRIALS and (children["status"] == "FINISHED").all()
+        assert (children["tags.mlflow.parentRunId"] == best["study_run_id"]).all()
+        assert children["metrics.val_acc"].notna().all() and children["metrics.macs_per_image"].notna().all()
+    for method in TRANSFERRED:
+        t = json.loads((root / "results/transfer" / method / "metrics.json").read_text())
+        assert 0.0 <= t["test_acc"] <= 1.0 and t["macs_per_image"] > 0
+        if method == "sdconv":
+            assert t["kept_weights_after"] == t["kept_weights_before"]  # masks frozen
+
+
 def test_report_has_its_figures_and_run_ids(repro):
     root = repro[0]
     md = (root / "reports/report.md").read_text()
     html = (root / "reports/report.html").read_text()
-    for fig in ("samples.png", "pretrain_curves.png", "acc_vs_macs.png", "acc_vs_params.png", "dynconv_masks.png"):
+    for fig in ("samples.png", "pretrain_curves.png", "acc_vs_macs.png", "acc_vs_params.png", "dynconv_masks.png",
+                "pareto_sdconv.png", "pareto_dynconv.png"):
         assert (root / "reports/figures" / fig).stat().st_size > 5_000
         assert f"figures/{fig}" in md
     assert html.count("data:image/png;base64,") >= 5
     run_id = json.loads((root / "results/pretrain/run.json").read_text())["run_id"]
     assert run_id in md and run_id in html
     assert "## Data" in md and "## Dense pretraining" in md and "## Dynamic and sparse models" in md
-    for method in METHODS:
-        assert json.loads((root / f"results/convert/{method}/run.json").read_text())["run_id"] in md
+    assert "## Threshold and budget search" in md and "## Downstream transfer" in md
+    stages = [f"convert/{m}" for m in METHODS] + [f"search/{m}" for m in SEARCHED] + [f"transfer/{m}" for m in TRANSFERRED]
+    for stage in stages:
+        assert json.loads((root / f"results/{stage}/run.json").read_text())["run_id"] in md
 
 
 def test_dvc_metrics_and_plots_read_the_outputs(repro):
@@ -141,6 +180,24 @@ def test_second_repro_does_nothing(repro):
     out = _sh(["dvc", "repro"], root, env).stdout
     assert "Running stage" not in out
     assert time.perf_counter() - t0 < 15
+
+
+def test_more_trials_continue_the_persisted_study(repro):
+    root, env = repro[0], repro[1]
+    before = (root / "results/search/dynconv/trials.csv").read_text().strip().splitlines()
+    text = (root / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["search"]["dynconv"]["n_trials"] = N_TRIALS + 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = _sh(["dvc", "repro", "search@dynconv"], root, env).stdout
+    finally:
+        (root / "params.yaml").write_text(text)
+    after = (root / "results/search/dynconv/trials.csv").read_text().strip().splitlines()
+    assert "resuming study" in out
+    assert len(after) == len(before) + 1
+    key = lambda row: row.split(",")[:4]  # number, state, objectives  # noqa: E731
+    assert [key(r) for r in after[1 : len(before)]] == [key(r) for r in before[1:]]  # the old trials were kept
 
 
 def test_invalid_param_stops_at_validate_and_keeps_outputs(repro):

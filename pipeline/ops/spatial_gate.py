@@ -364,13 +364,25 @@ class BudgetLoss(nn.Module):
 
     ``budget_network = weight * (sum_b C_b / sum_b D_b - budget)^2`` with executed
     MACs ``C_b`` (batch mean) and dense MACs ``D_b`` of block b, and
-    ``budget_block = weight * mean_b[relu(f_b - upper)^2 + relu(lower - f_b)^2]``
+    ``budget_block = weight * mean_b[relu(f_b - upper_b)^2 + relu(lower_b - f_b)^2]``
     on each block's executed fraction ``f_b``. The block bounds start at
-    ``[budget, budget]`` and widen to ``[0, 1]`` over the first ``anneal_fraction``
-    of training with a cos^2 schedule.
+    ``[budget_b, budget_b]`` and widen to ``[0, 1]`` over the first
+    ``anneal_fraction`` of training with a cos^2 schedule.
+
+    ``block_budgets`` (one per block, default: ``budget`` for all) lets a search
+    give stages their own targets; it then also adds ``budget_stage = weight *
+    mean_g (sum_{b in g} C_b / sum_{b in g} D_b - budget_g)^2`` over the groups
+    of blocks sharing a target, a network-style term per stage that keeps
+    acting after the block bounds have relaxed.
     """
 
-    def __init__(self, budget: float, weight: float = 10.0, anneal_fraction: float = 1 / 3):
+    def __init__(
+        self,
+        budget: float,
+        weight: float = 10.0,
+        anneal_fraction: float = 1 / 3,
+        block_budgets: Sequence[float] | None = None,
+    ):
         super().__init__()
         if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
             raise ValueError(f"budget must be in (0, 1], got {budget!r}")
@@ -378,23 +390,41 @@ class BudgetLoss(nn.Module):
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         if not (isinstance(anneal_fraction, (int, float)) and 0 < anneal_fraction <= 1):
             raise ValueError(f"anneal_fraction must be in (0, 1], got {anneal_fraction!r}")
+        if block_budgets is not None:
+            block_budgets = [float(b) for b in block_budgets]
+            if not block_budgets or not all(0 < b <= 1 for b in block_budgets):
+                raise ValueError(f"block_budgets must be a non-empty list of values in (0, 1], got {block_budgets!r}")
         self.budget, self.weight, self.anneal_fraction = float(budget), float(weight), float(anneal_fraction)
+        self.block_budgets = block_budgets
 
-    def bounds(self, progress: float) -> tuple[float, float]:
+    def bounds(self, progress: float, budget: float | None = None) -> tuple[float, float]:
         """Per-block ``(lower, upper)`` executed-fraction bounds at ``progress`` in [0, 1]."""
         if not (isinstance(progress, (int, float)) and 0 <= progress <= 1):
             raise ValueError(f"progress must be in [0, 1], got {progress!r}")
+        budget = self.budget if budget is None else budget
         a = math.cos(min(1.0, progress / self.anneal_fraction) * math.pi / 2) ** 2
-        return a * self.budget, 1 - a * (1 - self.budget)
+        return a * budget, 1 - a * (1 - budget)
 
     def forward(self, blocks: Sequence[GatedBlock], progress: float) -> dict[str, Tensor]:
         blocks = list(blocks)
         if not blocks:
             raise ValueError("BudgetLoss needs at least one gated block")
-        lower, upper = self.bounds(progress)
+        targets = self.block_budgets or [self.budget] * len(blocks)
+        if len(targets) != len(blocks):
+            raise ValueError(f"BudgetLoss has {len(targets)} block budgets for {len(blocks)} blocks")
+        bounds = torch.tensor([self.bounds(progress, b) for b in targets])
         executed = torch.stack([b.executed_cost().mean() for b in blocks])
-        dense = sum(b.dense_cost_per_image for b in blocks)
-        fractions = torch.stack([b.executed_fraction().mean() for b in blocks])
-        network = (executed.sum() / dense - self.budget) ** 2
-        block = (F.relu(fractions - upper) ** 2 + F.relu(lower - fractions) ** 2).mean()
-        return {"budget_network": self.weight * network, "budget_block": self.weight * block}
+        dense = torch.tensor([float(b.dense_cost_per_image) for b in blocks], dtype=executed.dtype)
+        fractions = executed / dense
+        network = (executed.sum() / dense.sum() - self.budget) ** 2
+        block = (F.relu(fractions - bounds[:, 1]) ** 2 + F.relu(bounds[:, 0] - fractions) ** 2).mean()
+        out = {"budget_network": self.weight * network, "budget_block": self.weight * block}
+        if self.block_budgets is not None:
+            groups = sorted(set(targets))
+            stage = torch.stack([
+                (executed[[i for i, t in enumerate(targets) if t == g]].sum()
+                 / dense[[i for i, t in enumerate(targets) if t == g]].sum() - g) ** 2
+                for g in groups
+            ])  # fmt: skip
+            out["budget_stage"] = self.weight * stage.mean()
+        return out

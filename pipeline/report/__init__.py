@@ -10,6 +10,7 @@ from pipeline.paths import REPORTS
 from pipeline.report.collect import collect
 from pipeline.report.document import to_html, to_markdown
 from pipeline.report.sections import SECTIONS, Context
+from pipeline.report import search_sections  # noqa: F401  (registers its sections)
 
 TITLE = "Dynamic convolution ablation report"
 

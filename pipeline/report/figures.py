@@ -90,3 +90,28 @@ def mask_heatmaps(images: np.ndarray, masks: list[list[np.ndarray]], block_names
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def pareto(trials: pd.DataFrame, costs: list[tuple[str, str]], pareto_numbers: set[int], chosen: int,
+           baselines: dict[str, dict[str, float]], title: str, path: Path) -> Path:
+    """Validation accuracy against each cost column: all trials, the Pareto-optimal ones, the chosen one, baselines."""
+    fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 3.8), squeeze=False)
+    on_front = trials["trial"].isin(pareto_numbers)
+    for ax, (col, label) in zip(axes[0], costs):
+        ax.scatter(trials.loc[~on_front, col], trials.loc[~on_front, "metrics.val_acc"], s=22, c="0.6", label="trial")
+        front = trials[on_front].sort_values(col)
+        ax.plot(front[col], front["metrics.val_acc"], "o-", c="tab:orange", ms=5, lw=1, label="Pareto-optimal")
+        pick = trials[trials["trial"] == chosen]
+        ax.scatter(pick[col], pick["metrics.val_acc"], marker="*", s=180, c="tab:red", zorder=5, label="chosen")
+        for (name, point), marker in zip(baselines.items(), ("s", "D")):
+            ax.scatter(point[col], point["metrics.val_acc"], marker=marker, s=50, c="tab:blue" if marker == "s" else "tab:green",
+                       zorder=4, label=name)
+        ax.set_xscale("log")
+        ax.set(xlabel=f"{label} (log scale)", ylabel="validation accuracy", title=title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

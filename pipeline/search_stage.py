@@ -1,0 +1,282 @@
+"""Stage `search@<method>`: run or resume the study, pick a configuration,
+fine-tune it to a final model and measure its test accuracy once.
+
+MLflow: one parent run per study (``kind=study``, tag ``study_name``), nested
+under the pipeline run that created it, and one child run per trial
+(params, objectives, duration, state). Extra workers started by hand
+(``python -m stages.search <method> --worker``) log their trials under the
+same study run.
+
+Outputs (``results/search/<method>/``): ``trials.csv`` (every trial),
+``pareto.csv`` (the Pareto-optimal ones), ``best.json`` (the chosen trial,
+the rule, the final model's numbers), ``metrics.json``, ``run.json``; the
+final model ``models/search_<method>.pt``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline.complexity import count_macs, count_params
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.finetune import load_method_model, measure, normalized, save_method_model
+from pipeline.metrics import write_metrics
+from pipeline.models import load_model
+from pipeline.paths import MODELS, RESULTS
+from pipeline.search import (
+    count_trials,
+    reclaim_stale,
+    describe_storage,
+    file_lock,
+    make_sampler,
+    make_storage,
+    pareto_trials,
+    run_worker,
+    select_trial,
+    store_dir,
+)
+from pipeline.tracking import (
+    StageRun,
+    client_and_experiment,
+    find_or_create_run,
+    stage_run,
+    start_child_run,
+    write_run_info,
+)
+from pipeline.train import Normalizer, evaluate
+from pipeline.trials import OBJECTIVES, SELECT_COST, SearchContext, finetune, load_context, objective, trial_seed
+
+STORE_OUT = Path("optuna")
+RULE = ("among the Pareto-optimal trials whose validation accuracy is within {within} of the best, "
+        "the one with the fewest {cost}; ties: higher accuracy, then lower trial number")  # fmt: skip
+
+
+def open_study(ctx: SearchContext, sampler_seed: int):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(ctx.cfg.search.storage, ctx.method)
+    directions = ["maximize"] + ["minimize"] * (len(OBJECTIVES[ctx.method]) - 1)
+    study = optuna.create_study(storage=storage, study_name=f"{ctx.method}-{ctx.study_key[:12]}",
+                                directions=directions, load_if_exists=True)  # fmt: skip
+    # Seeded from the trials already in the store: a resumed search does not replay the first suggestions.
+    study.sampler = make_sampler(ctx.scfg.sampler, sampler_seed + len(study.trials))
+    return study
+
+
+def lock_path(method: str) -> Path:
+    return store_dir(method) / "workers.lock"
+
+
+class TrialLogger:
+    """One MLflow child run per trial under the study's run."""
+
+    def __init__(self, client, exp_id: str, study_run_id: str, study_name: str, method: str):
+        self.client, self.exp_id, self.parent = client, exp_id, study_run_id
+        self.tags = {"kind": "trial", "study_name": study_name, "method": method}
+        self.method = method
+        self.runs: dict[int, object] = {}
+
+    def on_start(self, trial) -> None:
+        run = start_child_run(self.client, self.exp_id, self.parent, f"{self.method} trial {trial.number}",
+                              {**self.tags, "trial_number": str(trial.number)}, {})  # fmt: skip
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        self.runs[trial.number] = run
+
+    def on_end(self, trial, state: str, values, seconds: float) -> None:
+        from mlflow.entities import Param
+
+        run = self.runs.pop(trial.number)
+        params = [Param(k, repr(v)) for k, v in trial.params.items()]
+        if params:
+            self.client.log_batch(run.run_id, params=params)
+        metrics = {"duration_seconds": seconds}
+        if values is not None:
+            metrics.update(dict(zip(OBJECTIVES[self.method], values)))
+        run.log_metrics(metrics)
+        run.set_tags({"state": state})
+        run.end("FINISHED" if state == "COMPLETE" else "FAILED")
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in zip(OBJECTIVES[self.method], values or []))
+        print(f"search@{self.method}: trial {trial.number} {state.lower()} in {seconds:.1f}s {shown}", flush=True)
+
+
+def _kill_reclaimed_runs(client, study, numbers: list[int]) -> None:
+    for t in study.get_trials(deepcopy=False):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if t.number in numbers and run_id:
+            client.set_terminated(run_id, "KILLED")
+
+
+def _wait_for_other_workers(study, method: str, poll: float = 2.0) -> None:
+    """Return once no trial is RUNNING (other workers' trials finish or their workers are found dead)."""
+    while True:
+        with file_lock(lock_path(method)):
+            reclaim_stale(study)
+            if count_trials(study)["running"] == 0:
+                return
+        time.sleep(poll)
+
+
+def _study_run(client, exp_id: str, study, ctx: SearchContext, parent_tags: dict[str, str],
+               parent_id: str | None) -> str:
+    run_id = study.user_attrs.get("mlflow_run_id")
+    if run_id:
+        return run_id
+    tags = {**parent_tags, "method": ctx.method, "storage": describe_storage(ctx.cfg.search.storage, ctx.method)}
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    run_id = find_or_create_run(client, exp_id, {"kind": "study", "study_name": study.study_name},
+                                f"study {study.study_name}", tags)
+    study.set_user_attr("mlflow_run_id", run_id)
+    return run_id
+
+
+def trial_rows(study, method: str) -> list[dict]:
+    names = OBJECTIVES[method]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"number": t.number, "state": t.state.name}
+        for i, name in enumerate(names):
+            row[name] = t.values[i] if t.values else ""
+        row["duration_seconds"] = t.duration.total_seconds() if t.duration else ""
+        row.update({f"param.{k}": v for k, v in sorted(t.params.items())})
+        row["mlflow_run_id"] = t.user_attrs.get("mlflow_run_id", "")
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def baselines(ctx: SearchContext) -> dict[str, float]:
+    """Dense and converted models on the same validation images the trials are scored on."""
+    norm = Normalizer(ctx.data.mean, ctx.data.std)
+    out = {}
+    for label, path in (("dense", MODELS / "dense.pt"), ("converted", ctx.converted_path)):
+        model = (load_model(path) if label == "dense" else load_method_model(path))[0].eval()
+        out[f"{label}_val_acc"] = evaluate(model, *ctx.data.splits["val"], norm, 500)["acc"]
+        out[f"{label}_val_macs"] = count_macs(model, ctx.val_x)
+        out[f"{label}_nonzero_params"] = float(count_params(model)["nonzero_params"])
+    return out
+
+
+def search_method(cfg: Config, method: str, worker: bool = False) -> None:
+    ctx = load_context(cfg, method)
+    if worker:
+        return extra_worker(ctx)
+    scfg = ctx.scfg
+    out = RESULTS / "search" / method
+    with stage_run(f"search@{method}", cfg) as run:
+        study = open_study(ctx, cfg.seed)
+        study_run_id = _study_run(run.client, run.experiment_id, study, ctx, run.tags, run.pipeline_run_id)
+        run.set_tags({"method": method, "study_name": study.study_name, "study_run_id": study_run_id,
+                      "storage": describe_storage(cfg.search.storage, method)})
+        before = count_trials(study)
+        if before["complete"]:
+            print(f"search@{method}: resuming study {study.study_name} with {before['complete']} complete trial(s)")
+        logger = TrialLogger(run.client, run.experiment_id, study_run_id, study.study_name, method)
+        t0 = time.perf_counter()
+        report = run_worker(study, objective(ctx), scfg.n_trials, lock_path(method), scfg.timeout,
+                            logger.on_start, logger.on_end)  # fmt: skip
+        _kill_reclaimed_runs(run.client, study, report.reclaimed)
+        _wait_for_other_workers(study, method)
+        search_seconds = time.perf_counter() - t0
+        counts = count_trials(study)
+        if counts["complete"] == 0:
+            raise UserError(f"search.{method}: no trial completed (stopped by {report.stopped_by}); raise timeout")
+
+        pareto = pareto_trials(study)
+        cost = SELECT_COST[method]
+        chosen = select_trial(pareto, OBJECTIVES[method].index(cost), scfg.select_within)
+        write_csv(out / "trials.csv", trial_rows(study, method))
+        pareto_rows = [r for r in trial_rows(study, method) if r["number"] in {t.number for t in pareto}]
+        write_csv(out / "pareto.csv", pareto_rows)
+
+        model, result = finetune(ctx, chosen.params, trial_seed(cfg.seed, -2), scfg.final_steps,
+                                 desc=f"{method} final", test=True)
+        mcfg = ctx.mcfg
+        if method == "dynconv":
+            mcfg = mcfg.model_copy(update={"budget": chosen.params["budget"]})
+        test_x = normalized(ctx.data, "test")
+        measured, layers = measure(model, method, test_x, mcfg)
+        base = baselines(ctx)
+        dense_test_macs = count_macs(load_model(MODELS / "dense.pt")[0], test_x)
+        final = {
+            **result.final, **measured, **base,
+            "mac_ratio": measured["macs_per_image"] / dense_test_macs,
+            "final_val_macs": count_macs(model, ctx.val_x),
+            "chosen_trial": float(chosen.number),
+            "complete_trials": float(counts["complete"]),
+            "failed_trials": float(counts["fail"]),
+            "pareto_trials": float(len(pareto)),
+            "search_seconds": search_seconds,
+        }
+        _, dense_record = load_model(MODELS / "dense.pt")
+        save_method_model(MODELS / f"search_{method}.pt", model, method, cfg, dense_record,
+                          metrics=final, search_params=dict(chosen.params), study=study.study_name)
+        best = {
+            "study_name": study.study_name,
+            "storage": describe_storage(cfg.search.storage, method),
+            "rule": RULE.format(within=scfg.select_within, cost=cost),
+            "trial": chosen.number,
+            "params": dict(chosen.params),
+            "values": dict(zip(OBJECTIVES[method], chosen.values)),
+            "trial_run_id": chosen.user_attrs.get("mlflow_run_id", ""),
+            "study_run_id": study_run_id,
+            "final": final,
+            "layers": layers,
+        }
+        (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+        # The stage's declared store folder; in a `dvc exp` temporary copy the
+        # journal itself lives in the repository's folder, this file says where.
+        pointer = STORE_OUT / method / "study.json"
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(json.dumps({"study_name": study.study_name, "storage": best["storage"],
+                                       "complete_trials": counts["complete"]}, indent=2) + "\n")
+        write_metrics(out / "metrics.json", final)
+        run.log_metrics(final, prefix="final.")
+        study_metrics = {f"best.{k}": v for k, v in best["values"].items()}
+        study_metrics.update(complete_trials=counts["complete"], pareto_trials=len(pareto))
+        study_handle = StageRun(run.client, study_run_id)
+        study_handle.log_metrics(study_metrics)
+        study_handle.set_tags({"chosen_trial": chosen.number})
+        study_handle.end("FINISHED")
+        for f in ("trials.csv", "pareto.csv", "best.json", "metrics.json"):
+            run.log_artifact(out / f)
+        write_run_info(out / "run.json", run, f"search@{method}")
+    print(f"search@{method}: {counts['complete']} complete trials ({counts['fail']} failed) in {search_seconds:.0f}s, "
+          f"{len(pareto)} Pareto-optimal; chose trial {chosen.number} {dict(chosen.params)}; final model: "
+          f"test accuracy {final['test_acc']:.4f}, {final['macs_per_image'] / 1e6:.2f} M MACs/image "
+          f"({final['mac_ratio']:.3f} x dense), {final['nonzero_params']:.0f} nonzero params")
+
+
+def extra_worker(ctx: SearchContext) -> None:
+    """Add trials to the stage's study from another process (same params, same store)."""
+    client, exp_id = client_and_experiment(ctx.cfg)
+    # A worker-specific sampler seed: two workers must not replay the same suggestions.
+    study = open_study(ctx, ctx.cfg.seed + 7919 * os.getpid())
+    study_run_id = _study_run(client, exp_id, study, ctx, {}, None)
+    logger = TrialLogger(client, exp_id, study_run_id, study.study_name, ctx.method)
+    report = run_worker(study, objective(ctx), ctx.scfg.n_trials, lock_path(ctx.method), ctx.scfg.timeout,
+                        logger.on_start, logger.on_end)  # fmt: skip
+    _kill_reclaimed_runs(client, study, report.reclaimed)
+    print(f"search@{ctx.method} worker: ran trials {report.ran}, stopped by {report.stopped_by}")
+
+
+def main_options(parser) -> None:
+    parser.add_argument("--worker", action="store_true",
+                        help="only add trials to the study on the configured storage (run next to `dvc repro`)")
+

@@ -1,0 +1,40 @@
+"""A search worker on a cheap objective, run as its own process by tests/test_search.py.
+
+    python tests/search_worker.py JOURNAL STUDY N_TRIALS SLEEP SEED OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optuna  # noqa: E402
+from optuna.storages.journal import JournalFileBackend  # noqa: E402
+
+from pipeline.config import SamplerCfg  # noqa: E402
+from pipeline.search import make_sampler, run_worker  # noqa: E402
+
+
+def main() -> None:
+    journal, name, n_trials, pause, seed, out = sys.argv[1:7]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
+                                load_if_exists=True, sampler=make_sampler(SamplerCfg(n_startup_trials=3), int(seed)))
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        y = trial.suggest_float("y", 0.0, 1.0)
+        time.sleep(float(pause))
+        return x, (1 - x) ** 2 + y
+
+    report = run_worker(study, objective, int(n_trials), Path(journal).with_suffix(".lock"))
+    Path(out).write_text(json.dumps({"ran": report.ran, "reclaimed": report.reclaimed, "stopped_by": report.stopped_by}))
+
+
+if __name__ == "__main__":
+    main()
