@@ -466,3 +466,29 @@ def test_set_gumbel_sets_every_unit():
 def test_bad_arguments_raise_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_budget_loss_block_budgets_add_a_stage_term():
+    torch.manual_seed(0)
+    blocks = [GatedBasicBlock(4, 4).eval() for _ in range(3)]
+    x = torch.randn(2, 4, 8, 8)
+    for b in blocks:
+        b(x)
+    fractions = [b.executed_fraction().mean().item() for b in blocks]
+    crit = BudgetLoss(0.5, weight=2.0, block_budgets=[0.2, 0.2, 0.9])
+    out = crit(blocks, progress=1.0)
+    executed = [b.executed_cost().mean().item() for b in blocks]
+    dense = [float(b.dense_cost_per_image) for b in blocks]
+    stage_a = (sum(executed[:2]) / sum(dense[:2]) - 0.2) ** 2
+    stage_b = (fractions[2] - 0.9) ** 2
+    assert out["budget_stage"].item() == pytest.approx(2.0 * (stage_a + stage_b) / 2, rel=1e-5)
+    plain = BudgetLoss(0.5, weight=2.0)(blocks, progress=0.0)
+    assert "budget_stage" not in plain
+    # At progress 0 the block bounds pin each block to its own budget.
+    tight = crit(blocks, progress=0.0)["budget_block"].item()
+    expected = sum((f - b) ** 2 for f, b in zip(fractions, [0.2, 0.2, 0.9])) / 3
+    assert tight == pytest.approx(2.0 * expected, rel=1e-5)
+    with pytest.raises(ValueError, match="block budgets"):
+        BudgetLoss(0.5, block_budgets=[0.5, 0.5])(blocks, progress=0.0)
+    with pytest.raises(ValueError, match="block_budgets"):
+        BudgetLoss(0.5, block_budgets=[0.0])
