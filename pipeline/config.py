@@ -351,6 +351,17 @@ class TransferCfg(Section):
     train: TrainCfg = TrainCfg(epochs=4, optimizer=OptimizerCfg(lr=0.02), schedule=ScheduleCfg(warmup_epochs=0))
 
 
+# ------------------------------------------------------------------------- latency
+class LatencyCfg(Section):
+    """Latency measurement (pipeline/latency.py, pipeline/latency_stage.py)."""
+
+    batch_size: Annotated[Int, Field(ge=2, le=4096)] = 32  # timed besides batch 1
+    threads: Annotated[list[Annotated[Int, Field(ge=0, le=256)]], Field(min_length=1)] = [1, 0]  # 0 = all cores
+    iterations: Annotated[Int, Field(ge=30, le=100000)] = 30
+    warmup: Annotated[Int, Field(ge=0)] = 5
+    devices: Annotated[list[Literal["cpu", "cuda"]], Field(min_length=1)] = ["cpu", "cuda"]  # cuda: when present
+
+
 # -------------------------------------------------------------------------- report
 class ReportCfg(Section):
     samples_per_dataset: Annotated[Int, Field(ge=1, le=64)] = 16
@@ -368,6 +379,7 @@ class Config(Section):
     convert: ConvertCfg = ConvertCfg()
     search: SearchCfg = SearchCfg()
     transfer: TransferCfg = TransferCfg()
+    latency: LatencyCfg = LatencyCfg()
     report: ReportCfg = ReportCfg()
     tracking: TrackingCfg = TrackingCfg()
 

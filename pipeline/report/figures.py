@@ -115,3 +115,26 @@ def pareto(trials: pd.DataFrame, costs: list[tuple[str, str]], pareto_numbers: s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def latency_vs_macs(rows: pd.DataFrame, path: Path) -> Path:
+    """Per-image latency against MACs per image, one panel per batch size, log-log."""
+    batches = sorted(rows["batch"].unique())
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.0 * len(batches), 3.8), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        part = rows[rows["batch"] == batch]
+        for _, r in part.iterrows():
+            ax.errorbar(r["macs_per_image"], r["per_image_ms"], yerr=[[r["per_image_ms"] - r["q1_ms"] / batch],
+                        [r["q3_ms"] / batch - r["per_image_ms"]]], fmt="o", ms=5, capsize=3)
+            ax.annotate(r["variant"], (r["macs_per_image"], r["per_image_ms"]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel="MACs per image (log)", ylabel="ms per image (median, IQR bars; log)", title=f"batch {batch}")
+        ax.grid(alpha=0.3, which="both")
+        ax.margins(0.2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,110 @@
+"""Timing harness, BN folding and the speed-up bookkeeping of the latency stage."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pipeline.config import ConvertCfg, ModelCfg
+from pipeline.convert import build_method_model
+from pipeline.fold import fold_batchnorm
+from pipeline.latency import resolve_threads, summarize, time_interleaved, torch_threads
+from pipeline.latency_stage import add_speedups
+from pipeline.models import build_model
+
+
+def randomize_bn(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_summarize_quartiles():
+    t = summarize([0.001 * v for v in (5, 1, 3, 2, 4)])
+    assert (t.q1_ms, t.median_ms, t.q3_ms) == pytest.approx((2.0, 3.0, 4.0))
+    assert t.iqr_ms == pytest.approx(2.0) and t.iterations == 5
+    with pytest.raises(ValueError):
+        summarize([0.1, 0.2])
+
+
+def test_time_interleaved_takes_turns_and_measures():
+    order = []
+
+    def sleeper(name, seconds):
+        def call(i):
+            order.append((name, i))
+            time.sleep(seconds)
+        return call
+
+    out = time_interleaved({"a": sleeper("a", 0.002), "b": sleeper("b", 0.006)}, iterations=6, warmup=1,
+                           device=torch.device("cpu"))
+    assert order[:4] == [("a", 0), ("b", 0), ("a", 0), ("b", 0)]  # warm-up round, then timed rounds in turns
+    assert len(order) == 2 * 7
+    assert 2.0 < out["b"].median_ms / out["a"].median_ms < 4.0
+
+
+def test_threads_are_set_and_restored():
+    before = torch.get_num_threads()
+    with torch_threads(1) as used:
+        assert used == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    assert resolve_threads(0) >= 1 and resolve_threads(3) == 3
+
+
+UPDATES = {  # full width (no distillation needed), noisy kernels, half-pruned SD-Conv, gates that vary
+    "dynet": {"width": 1.0, "noise_std": 0.05},
+    "sdconv": {"width": 1.0, "noise_std": 0.05, "init_sparsity": 0.5},
+    "dynconv": {"open_bias": 0.0},
+}
+
+
+@pytest.mark.parametrize("arch", ["cifar_resnet", "cifar_mobilenetv2"])
+@pytest.mark.parametrize("method", [None, "dynet", "sdconv", "dynconv"])
+def test_folding_keeps_the_function(arch, method):
+    torch.manual_seed(0)
+    cfg = ModelCfg(arch=arch, depth=8, width=0.5)
+    dense = randomize_bn(build_model(cfg, 1, 10))
+    model = dense
+    if method is not None:
+        mcfg = getattr(ConvertCfg(), method).model_copy(update=UPDATES[method])
+        model, _ = build_method_model(method, cfg, mcfg, 1, 10, seed=0, dense=dense)
+        for m in model.modules():  # routing and gates that vary over positions and samples
+            if hasattr(m, "routing"):
+                torch.nn.init.normal_(m.routing[-1].weight, std=1.0)
+            if hasattr(m, "gate"):
+                torch.nn.init.normal_(m.gate.conv.weight, std=0.3)
+        randomize_bn(model)
+    folded, n = fold_batchnorm(model)
+    assert n > 0 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        ref, out = model.eval()(x), folded(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_linear_coefficients_are_not_folded():
+    cfg = ModelCfg(arch="cifar_resnet", depth=8)
+    mcfg = ConvertCfg().dynet.model_copy(update={"width": 1.0, "activation": "linear"})
+    model, names = build_method_model("dynet", cfg, mcfg, 1, 10, seed=0, dense=build_model(cfg, 1, 10))
+    _, n = fold_batchnorm(model)
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert n == bns - len(names)  # the BN after each linear-coefficient dynamic conv stays
+
+
+def test_speedups_use_the_faster_dense_layout():
+    def row(variant, ms):
+        return {"variant": variant, "device": "cpu", "threads": 2, "batch": 1, "median_ms": ms}
+
+    complexity = {"dense": {"macs_per_image": 100.0}, "sparse": {"macs_per_image": 25.0}}
+    rows = add_speedups([row("dense", 10.0), row("dense_channels_last", 8.0), row("sparse", 4.0)], complexity)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"dense", "sparse"} and by["dense"]["layout"] == "channels_last"
+    assert by["sparse"]["speedup_vs_dense"] == pytest.approx(2.0)
+    assert by["sparse"]["mac_speedup"] == pytest.approx(4.0)
+    assert by["sparse"]["realized_over_ideal"] == pytest.approx(0.5)
