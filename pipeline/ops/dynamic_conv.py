@@ -159,9 +159,11 @@ class DynamicConv2d(nn.Module):
 
     def _cached(self, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
         """``build()``, recomputed only when one of ``sources`` changed (in place or replaced); for inference."""
-        if any(t.is_inference() for t in sources):  # no version counter to key on
+        try:
+            # A moved or re-typed tensor has new storage, so the pointer covers device and dtype.
+            key = [(t._version, t.data_ptr()) for t in sources]
+        except RuntimeError:  # inference tensors have no version counter: nothing to key a cache on
             return build()
-        key = tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in sources)
         entry = self._inference_cache.get(name)
         if entry is None or entry[0] != key:
             entry = self._inference_cache[name] = (key, build())
