@@ -12,6 +12,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def _save(fig, path: Path, pad: float = 1.08) -> Path:
+    fig.tight_layout(pad=pad)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def sample_grid(images: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], n: int, path: Path) -> Path:
     """One row per task: the first ``n`` training images with their labels."""
     rows = len(images)
@@ -26,11 +34,7 @@ def sample_grid(images: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], n: 
             ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray", vmin=0, vmax=255)
             ax.set_title(classes[int(y[c])], fontsize=8)
         axes[r, 0].text(-0.15, 0.5, name, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def training_curves(history: pd.DataFrame, title: str, path: Path) -> Path:
@@ -48,11 +52,7 @@ def training_curves(history: pd.DataFrame, title: str, path: Path) -> Path:
     for ax in (ax_l, ax_a):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def tradeoff(points: pd.DataFrame, x: str, xlabel: str, title: str, path: Path) -> Path:
@@ -64,11 +64,7 @@ def tradeoff(points: pd.DataFrame, x: str, xlabel: str, title: str, path: Path) 
     ax.set(xlabel=xlabel, ylabel="test accuracy", title=title)
     ax.grid(alpha=0.3)
     ax.margins(0.15)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def mask_heatmaps(images: np.ndarray, masks: list[list[np.ndarray]], block_names: list[str], path: Path) -> Path:
@@ -85,11 +81,7 @@ def mask_heatmaps(images: np.ndarray, masks: list[list[np.ndarray]], block_names
             ax.set_yticks([])
     for c, name in enumerate(["input", *block_names]):
         axes[0, c].set_title(name, fontsize=6)
-    fig.tight_layout(pad=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, pad=0.3)
 
 
 def pareto(trials: pd.DataFrame, costs: list[tuple[str, str]], pareto_numbers: set[int], chosen: int,
@@ -110,11 +102,7 @@ def pareto(trials: pd.DataFrame, costs: list[tuple[str, str]], pareto_numbers: s
         ax.set(xlabel=f"{label} (log scale)", ylabel="validation accuracy", title=title)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def latency_vs_macs(rows: pd.DataFrame, path: Path) -> Path:
@@ -133,8 +121,4 @@ def latency_vs_macs(rows: pd.DataFrame, path: Path) -> Path:
         ax.set(xlabel="MACs per image (log)", ylabel="ms per image (median, IQR bars; log)", title=f"batch {batch}")
         ax.grid(alpha=0.3, which="both")
         ax.margins(0.2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
