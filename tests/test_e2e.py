@@ -22,7 +22,7 @@ METHODS = ["dynet", "sdconv", "dynconv"]
 SEARCHED = ["sdconv", "dynconv"]
 TRANSFERRED = ["dense", *METHODS]
 STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], *[f"search@{m}" for m in SEARCHED],
-          *[f"transfer@{m}" for m in TRANSFERRED], "report"]
+          *[f"transfer@{m}" for m in TRANSFERRED], "latency", "report"]
 N_TRIALS = 3
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
            "GIT_COMMITTER_EMAIL": "test@localhost"}
@@ -58,6 +58,7 @@ def project(tmp_path_factory):
         params["search"][method].update(n_trials=N_TRIALS, steps=2, final_steps=2)
         params["search"][method]["sampler"]["n_startup_trials"] = 2
     params["transfer"]["train"]["epochs"] = 1
+    params["latency"].update(batch_size=4, threads=[1], warmup=1)
     params["report"]["samples_per_dataset"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
@@ -148,20 +149,32 @@ def test_search_outputs_and_trial_runs(repro):
             assert t["kept_weights_after"] == t["kept_weights_before"]  # masks frozen
 
 
+def test_latency_times_every_variant(repro):
+    root = repro[0]
+    result = json.loads((root / "results/latency.json").read_text())
+    variants = {"dense", "dynet", "sdconv", "dynconv_masked", "dynconv_sparse", "dynconv_searched_sparse"}
+    assert {(r["variant"], r["batch"]) for r in result["rows"]} == {(v, b) for v in variants for b in (1, 4)}
+    assert all(r["iterations"] == 30 and 0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in result["rows"])
+    assert abs(result["accuracy"]["dynconv_sparse"]["acc_change"]) < 0.01  # same masks, same function
+    macs = result["complexity"]
+    assert macs["dynconv_sparse"]["macs_per_image"] == macs["dynconv_masked"]["macs_per_image"]
+
+
 def test_report_has_its_figures_and_run_ids(repro):
     root = repro[0]
     md = (root / "reports/report.md").read_text()
     html = (root / "reports/report.html").read_text()
     for fig in ("samples.png", "pretrain_curves.png", "acc_vs_macs.png", "acc_vs_params.png", "dynconv_masks.png",
-                "pareto_sdconv.png", "pareto_dynconv.png"):
+                "pareto_sdconv.png", "pareto_dynconv.png", "latency_vs_macs.png"):
         assert (root / "reports/figures" / fig).stat().st_size > 5_000
         assert f"figures/{fig}" in md
     assert html.count("data:image/png;base64,") >= 5
     run_id = json.loads((root / "results/pretrain/run.json").read_text())["run_id"]
     assert run_id in md and run_id in html
     assert "## Data" in md and "## Dense pretraining" in md and "## Dynamic and sparse models" in md
-    assert "## Threshold and budget search" in md and "## Downstream transfer" in md
+    assert "## Threshold and budget search" in md and "## Downstream transfer" in md and "## Latency" in md
     stages = [f"convert/{m}" for m in METHODS] + [f"search/{m}" for m in SEARCHED] + [f"transfer/{m}" for m in TRANSFERRED]
+    stages.append("latency")
     for stage in stages:
         assert json.loads((root / f"results/{stage}/run.json").read_text())["run_id"] in md
 
