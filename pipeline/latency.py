@@ -8,6 +8,7 @@ all of them alike. On CUDA every call is synchronised before the clock stops.
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,33 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 4 << 30) -> bool:
+    """Keep freed blocks of up to ``mmap_threshold`` bytes in the process (glibc only).
+
+    By default glibc serves large blocks with fresh ``mmap`` pages and hands
+    freed memory back to the OS, so a layer whose buffers are a few hundred KB
+    page-faults on every call and its time drifts with the allocator's state
+    (2-3x measured here). Every variant timed in the process benefits alike.
+    Returns whether the settings took effect.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+        return ok and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass

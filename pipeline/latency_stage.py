@@ -29,7 +29,7 @@ from pipeline.data import load_task
 from pipeline.errors import UserError
 from pipeline.finetune import load_method_model, normalized
 from pipeline.fold import fold_batchnorm
-from pipeline.latency import resolve_threads, time_interleaved, torch_threads
+from pipeline.latency import resolve_threads, time_interleaved, torch_threads, tune_malloc
 from pipeline.metrics import write_metrics
 from pipeline.models import load_model
 from pipeline.paths import MODELS, RESULTS
@@ -130,6 +130,7 @@ def add_speedups(rows: list[dict], complexity: dict[str, dict]) -> list[dict]:
 
 
 def latency(cfg: Config) -> None:
+    malloc_tuned = tune_malloc()
     data = load_task("upstream")
     test_x = normalized(data, "test")
     models, sources, recorded = build_variants()
@@ -145,7 +146,7 @@ def latency(cfg: Config) -> None:
         result = {
             "torch": torch.__version__, "cpu": cpu, "cores": resolve_threads(0),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "iterations": cfg.latency.iterations, "warmup": cfg.latency.warmup,
+            "iterations": cfg.latency.iterations, "warmup": cfg.latency.warmup, "malloc_tuned": malloc_tuned,
             "rows": rows, "accuracy": accuracy, "complexity": complexity,
         }  # fmt: skip
         OUT.mkdir(parents=True, exist_ok=True)

@@ -225,8 +225,10 @@ def search_method(cfg: Config, method: str, worker: bool = False) -> None:
             "search_seconds": search_seconds,
         }
         _, dense_record = load_model(MODELS / "dense.pt")
+        # Wall-clock numbers stay out of the model file: same params, same bytes.
+        stable = {k: v for k, v in final.items() if k != "search_seconds"}
         save_method_model(MODELS / f"search_{method}.pt", model, method, cfg, dense_record,
-                          metrics=final, search_params=dict(chosen.params), study=study.study_name)
+                          metrics=stable, search_params=dict(chosen.params), study=study.study_name)
         best = {
             "study_name": study.study_name,
             "storage": describe_storage(cfg.search.storage, method),
