@@ -112,7 +112,8 @@ def reclaim_stale(study) -> list[int]:
         if t.user_attrs.get(HOST_ATTR) != host or pid is None or _alive(int(pid)):
             continue
         study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={REQUEUED_ATTR: t.number}, skip_if_exists=False)
+        if t.params:  # killed after sampling: run that configuration again (else a fresh trial replaces it)
+            study.enqueue_trial(t.params, user_attrs={REQUEUED_ATTR: t.number}, skip_if_exists=False)
         reclaimed.append(t.number)
     return reclaimed
 
