@@ -232,10 +232,13 @@ def test_dvc_experiment_in_a_temp_copy_logs_to_the_repository_store(repro):
     _sh(["dvc", "exp", "run", "--temp", "-n", "e2e-exp", "-S", "report.samples_per_dataset=4"], root, env)
     runs = _runs(root)
     exp_runs = runs[runs["tags.dvc_exp_name"] == "e2e-exp"]
-    # The stage the param feeds runs; the searches rerun because their store is not in the
-    # DVC cache (they resume from the repository's store); the others are restored from the cache.
-    assert "report" in set(exp_runs["tags.stage"])
-    assert set(exp_runs["tags.stage"].dropna()) <= {"report", "search@sdconv", "search@dynconv"}
+    # The stage the param feeds runs; the searches rerun because their store is not in the DVC
+    # cache (they resume from the repository's store; the dynconv study holds an extra trial from
+    # the test above, which may change its choice and what follows). Data preparation, pretraining
+    # and conversion are restored from the cache.
+    ran = set(exp_runs["tags.stage"].dropna())
+    assert "report" in ran
+    assert not ran & {"prepare", "pretrain", *[f"convert@{m}" for m in METHODS]}
     assert not list((root / ".dvc" / "tmp").glob("exps/*/mlflow.db"))
     shown = _sh(["dvc", "exp", "show", "--json"], root, env).stdout
     assert "e2e-exp" in shown
