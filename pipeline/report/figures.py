@@ -12,6 +12,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def _log_axis(axis) -> None:
+    """Log scale with engineering labels (2M, 10M) on the major ticks only: minor labels overlap."""
+    from matplotlib.ticker import EngFormatter, NullFormatter
+
+    axis.set_major_formatter(EngFormatter(sep=""))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _save(fig, path: Path, pad: float = 1.08) -> Path:
     fig.tight_layout(pad=pad)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +107,7 @@ def pareto(trials: pd.DataFrame, costs: list[tuple[str, str]], pareto_numbers: s
             ax.scatter(point[col], point["metrics.val_acc"], marker=marker, s=50, c="tab:blue" if marker == "s" else "tab:green",
                        zorder=4, label=name)
         ax.set_xscale("log")
+        _log_axis(ax.xaxis)
         ax.set(xlabel=f"{label} (log scale)", ylabel="validation accuracy", title=title)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
@@ -107,6 +116,8 @@ def pareto(trials: pd.DataFrame, costs: list[tuple[str, str]], pareto_numbers: s
 
 def latency_vs_macs(rows: pd.DataFrame, path: Path) -> Path:
     """Per-image latency against MACs per image, one panel per batch size, log-log."""
+    from matplotlib.ticker import FormatStrFormatter
+
     batches = sorted(rows["batch"].unique())
     fig, axes = plt.subplots(1, len(batches), figsize=(5.0 * len(batches), 3.8), squeeze=False)
     for ax, batch in zip(axes[0], batches):
@@ -118,6 +129,8 @@ def latency_vs_macs(rows: pd.DataFrame, path: Path) -> Path:
                         xytext=(5, 4), fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _log_axis(ax.xaxis)
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))  # a narrow range spans few decades
         ax.set(xlabel="MACs per image (log)", ylabel="ms per image (median, IQR bars; log)", title=f"batch {batch}")
         ax.grid(alpha=0.3, which="both")
         ax.margins(0.2)
