@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from benchmarks import apply_timing_args, timing_args
 from pipeline.latency import tune_malloc
 from pipeline.ops.dynamic_conv import DynamicConv2d
 
@@ -98,16 +99,9 @@ def measure(mode: str, batch: int, size: int, reps: int, warmup: int) -> dict[st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement, >= 20 (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions before timing")
+    timing_args(parser, min_reps=20, default_reps=20)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    if args.reps < 20 or args.warmup < 0:
-        parser.error("--reps must be >= 20 and --warmup >= 0")
+    apply_timing_args(parser, args, min_reps=20)
     malloc = "glibc keeps freed blocks (mallopt)" if tune_malloc() else "default malloc"
 
     cpu = platform.processor() or platform.machine()

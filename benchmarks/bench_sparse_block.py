@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from benchmarks import apply_timing_args, timing_args
 from benchmarks.bench_dynamic_conv import median_ms
 from pipeline.models.cifar_mobilenetv2 import InvertedResidual
 from pipeline.models.cifar_resnet import BasicBlock
@@ -250,19 +251,12 @@ def format_row(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per row, >= 10 (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions before timing")
+    timing_args(parser, min_reps=10, default_reps=30)
     parser.add_argument("--batch", type=int, action="append", help="batch size(s) to run (default: 1 and 32)")
     parser.add_argument("--keep-malloc", action="store_true",
                         help="keep glibc's default allocator settings (default: rerun with MALLOC_ENV)")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    if args.reps < 10 or args.warmup < 0:
-        parser.error("--reps must be >= 10 and --warmup >= 0")
+    apply_timing_args(parser, args, min_reps=10)
     batches = tuple(args.batch) if args.batch else BATCHES
     if any(b < 1 for b in batches):
         parser.error("--batch must be >= 1")
