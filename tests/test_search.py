@@ -53,11 +53,13 @@ def test_killed_worker_resumes_to_n_trials(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline:
         time.sleep(0.2)
-        if journal.exists():
+        try:
             trials = load(journal, "s").trials
-            last = trials[-1] if trials else None
-            if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and last.state == TrialState.RUNNING and last.params:
-                break  # killed inside the objective, after sampling
+        except KeyError:  # the worker has not created the study yet
+            continue
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        if done >= 2 and trials[-1].state == TrialState.RUNNING and trials[-1].params:
+            break  # kill inside the objective, after sampling
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     before = load(journal, "s").trials
