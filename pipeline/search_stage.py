@@ -21,6 +21,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from pipeline.complexity import count_macs, count_params
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -161,12 +163,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def baselines(ctx: SearchContext) -> dict[str, float]:
+def baselines(ctx: SearchContext, dense: torch.nn.Module) -> dict[str, float]:
     """Dense and converted models on the same validation images the trials are scored on."""
     norm = Normalizer(ctx.data.mean, ctx.data.std)
     out = {}
-    for label, path in (("dense", MODELS / "dense.pt"), ("converted", ctx.converted_path)):
-        model = (load_model(path) if label == "dense" else load_method_model(path))[0].eval()
+    for label, model in (("dense", dense), ("converted", load_method_model(ctx.converted_path)[0])):
+        model.eval()
         out[f"{label}_val_acc"] = evaluate(model, *ctx.data.splits["val"], norm, 500)["acc"]
         out[f"{label}_val_macs"] = count_macs(model, ctx.val_x)
         out[f"{label}_nonzero_params"] = float(count_params(model)["nonzero_params"])
@@ -212,8 +214,9 @@ def search_method(cfg: Config, method: str, worker: bool = False) -> None:
             mcfg = mcfg.model_copy(update={"budget": chosen.params["budget"]})
         test_x = normalized(ctx.data, "test")
         measured, layers = measure(model, method, test_x, mcfg)
-        base = baselines(ctx)
-        dense_test_macs = count_macs(load_model(MODELS / "dense.pt")[0], test_x)
+        dense, dense_record = load_model(MODELS / "dense.pt")
+        base = baselines(ctx, dense)
+        dense_test_macs = count_macs(dense, test_x)
         final = {
             **result.final, **measured, **base,
             "mac_ratio": measured["macs_per_image"] / dense_test_macs,
@@ -224,7 +227,6 @@ def search_method(cfg: Config, method: str, worker: bool = False) -> None:
             "pareto_trials": float(len(pareto)),
             "search_seconds": search_seconds,
         }
-        _, dense_record = load_model(MODELS / "dense.pt")
         # Wall-clock numbers stay out of the model file: same params, same bytes.
         stable = {k: v for k, v in final.items() if k != "search_seconds"}
         save_method_model(MODELS / f"search_{method}.pt", model, method, cfg, dense_record,
