@@ -154,7 +154,7 @@ def _blocks(kind: str, channels: int, gen: torch.Generator) -> tuple[nn.Module, 
 
 
 def measure_row(kind: str, channels: int, size: int, batch: int, fraction: float, reps: int, warmup: int,
-                seed: int = 0) -> dict:
+                seed: int = 0, dense_above: float | None = None) -> dict:
     """Median ms of the dense block (NCHW and channels_last) and the sparse block for one configuration."""
     gen = torch.Generator().manual_seed(seed)
     dense, gated = _blocks(kind, channels, gen)
@@ -162,6 +162,8 @@ def measure_row(kind: str, channels: int, size: int, batch: int, fraction: float
     x = _steer_gate(gated, torch.randn(batch, channels, size, size, generator=gen), mask)
     sparse_cls = SparseInvertedResidual if kind == "ir" else SparseBasicBlock
     sparse = sparse_cls.from_gated(gated)
+    if dense_above is not None:
+        sparse.dense_above = dense_above
     fused = folded_dense(dense)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
@@ -220,13 +222,16 @@ def verdict(row: dict) -> dict:
 
 def measure(reps: int = 30, warmup: int = 3, batches: tuple[int, ...] = BATCHES,
             fractions: tuple[float, ...] = FRACTIONS, blocks: tuple = BLOCKS,
-            on_row: Callable[[dict], None] | None = None) -> list[dict]:
+            on_row: Callable[[dict], None] | None = None, kinds: tuple[str, ...] = ("ir", "basic"),
+            dense_above: float | None = None) -> list[dict]:
     """All rows as dicts (times in ms); ``on_row`` is called with each row as soon as it is measured."""
     rows = []
     for _, kind, channels, size in blocks:
+        if kind not in kinds:
+            continue
         for batch in batches:
             for fraction in fractions:
-                row = measure_row(kind, channels, size, batch, fraction, reps, warmup)
+                row = measure_row(kind, channels, size, batch, fraction, reps, warmup, dense_above=dense_above)
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -253,6 +258,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     timing_args(parser, min_reps=10, default_reps=30)
     parser.add_argument("--batch", type=int, action="append", help="batch size(s) to run (default: 1 and 32)")
+    parser.add_argument("--block", choices=("ir", "basic"), action="append",
+                        help="block kind(s) to run: ir (MobileNetV2) or basic (ResNet); default both")
+    parser.add_argument("--dense-above", type=float, default=None,
+                        help="override the sparse blocks' dense_above (active fraction above which they run densely)")
     parser.add_argument("--keep-malloc", action="store_true",
                         help="keep glibc's default allocator settings (default: rerun with MALLOC_ENV)")
     args = parser.parse_args(argv)
@@ -268,7 +277,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"sparse includes its mask unit (no-gate: mask given); masks: one coherent blob per image")
     print(HEADER)
     print("-" * len(HEADER))
-    rows = measure(args.reps, args.warmup, batches, on_row=lambda row: print(format_row(row), flush=True))
+    kinds = tuple(args.block) if args.block else ("ir", "basic")
+    rows = measure(args.reps, args.warmup, batches, on_row=lambda row: print(format_row(row), flush=True),
+                   kinds=kinds, dense_above=args.dense_above)
     judged = [r for r in rows if r["passed"] is not None]
     failed = [r for r in judged if not r["passed"]]
     print(f"targets: {len(judged) - len(failed)} of {len(judged)} met")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.ops import native
+
 ACTIVATIONS = ("linear", "sigmoid", "softmax")
 
 IntPair = int | tuple[int, int]
@@ -129,6 +131,8 @@ class DynamicConv2d(nn.Module):
             nn.Linear(self.hidden, k),
         )
         self._inference_cache: dict[str, tuple[tuple, Any]] = {}
+        # Inference of float32 CPU inputs through the compiled plan (same function; False: PyTorch ops only).
+        self.use_native = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -227,14 +231,46 @@ class DynamicConv2d(nn.Module):
         )
         return y.view(b, self.out_channels, *y.shape[2:])
 
+    def _native_sources(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors the compiled inference plan is built from (it is rebuilt when one is replaced or changed)."""
+        fc1, fc2 = self._fc
+        p1, p2, own = fc1._parameters, fc2._parameters, self._parameters
+        return p1["weight"], p1["bias"], p2["weight"], p2["bias"], own["weight"], own.get("bias")
+
+    def _native_plan(self) -> Any:
+        """The compiled plan of this module's current parameters (``pipeline/ops/native.py``), cached."""
+        sources = self._native_sources()
+        try:
+            key = (self.activation, self.temperature,
+                   *[None if t is None else (id(t), t._version, t.data_ptr()) for t in sources])
+        except RuntimeError:  # inference tensors have no version counter: nothing to key a cache on
+            key = None
+        entry = self._inference_cache.get("native")
+        if key is not None and entry is not None and entry[0] == key:
+            return entry[1]
+        fc1, fc2 = self._fc
+        with torch.no_grad():
+            plan = native.load().DynamicConvPlan(
+                fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.kernels(), self.bias,
+                ACTIVATIONS.index(self.activation), self.temperature, list(self.stride), list(self.padding),
+                list(self.dilation), self.groups)
+        # The key holds ids: keep the sources alive with it so an id cannot be reused by a new tensor.
+        self._inference_cache["native"] = (key, plan, sources)
+        return plan
+
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` without autograd: the same math in as few operator calls as possible.
 
-        At batch 1 the conv of a small map takes a fraction of a millisecond,
-        so every extra call shows: the routing MLP runs as two ``addmm`` on
-        cached transposed weights (``addmm`` on a transposed view is several
-        times slower), and batch 1 runs the plain, ungrouped conv.
+        float32 CPU inputs run the compiled plan (``pipeline/ops/native.py``):
+        pooling, routing MLP, activation and kernel mixing as plain loops and
+        one conv call. Otherwise, at batch 1 the conv of a small map takes a
+        fraction of a millisecond, so every extra call shows: the routing MLP
+        runs as two ``addmm`` on cached transposed weights (``addmm`` on a
+        transposed view is several times slower), and batch 1 runs the plain,
+        ungrouped conv.
         """
+        if self.use_native and native.usable(x):
+            return self._native_plan().forward(x)
         b, c = x.shape[:2]
         fc1, fc2 = self._fc
         w1t, w2t = self._cached(

@@ -121,6 +121,9 @@ class SDConv2d(DynamicConv2d):
         w, t = self.weight, self.threshold
         return self._cached("kernels", (w, t), lambda: w * (w.abs() > t))
 
+    def _native_sources(self) -> tuple[torch.Tensor | None, ...]:
+        return (*super()._native_sources(), self._parameters["threshold"])
+
     def regularization(self) -> torch.Tensor:
         """sum(exp(-t)) over all thresholds; the caller multiplies by the regulariser weight."""
         return torch.exp(-self.threshold).sum()

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.ops import native
 from pipeline.ops.spatial_gate import GatedBasicBlock, GatedInvertedResidual, MaskUnit
 
 STRATEGIES = ("auto", "patches", "tiles")
@@ -175,15 +176,21 @@ class _SparseBlock(nn.Module):
       always), tiles above.
     - ``tile``: tile side; ``None``: 4 on maps of at most 16 x 16, else 8.
     - ``dense_above``: active fraction of the mask above which the block runs its folded convs densely
-      and multiplies the mask in (the same function; too little left to skip to pay for the gathers).
-      Defaults measured on a 2-core CPU (benchmarks/bench_sparse_block.py); > 1 never runs densely.
+      and multiplies the mask in (the same function; too little left to skip to pay for the gathers);
+      > 1 never runs densely. ``None`` (default): the fraction measured on a 2-core CPU
+      (benchmarks/bench_sparse_block.py) for the path in use: ``dense_above_default`` for the PyTorch
+      path; for the compiled path ``native_dense_above`` at batch > 1 and never at batch 1, where its
+      direct convs beat the convolution backend even with every position active.
     - ``fast_gate``: decide the stride-1 mask unit's mask from one batched matrix product plus col2im
       (fold) instead of through its conv modules (the same function, float rounding aside; PyTorch's CPU
       conv with one output channel is slow).
+    - ``use_native``: with ``strategy="auto"``, run float32 CPU inputs through the compiled plan
+      (``pipeline/ops/native.py``: the same steps, each one loop or GEMM call, gathered 3x3 patches).
     """
 
     patch_bytes_default: int | None = None
     dense_above_default = 0.2
+    native_dense_above = 0.4
 
     gate: MaskUnit
 
@@ -192,8 +199,9 @@ class _SparseBlock(nn.Module):
         self.strategy = "auto"
         self.tile: int | None = None
         self.patch_bytes = self.patch_bytes_default
-        self.dense_above = self.dense_above_default
+        self.dense_above: float | None = None
         self.fast_gate = True
+        self.use_native = True
         self.dilated_cost = 0
         self.masked_cost = 0
         self.shortcut_cost = 0
@@ -288,7 +296,8 @@ class _SparseBlock(nn.Module):
         mask positions' 3x3 windows and the dilated mask."""
         m = self._gate_mask(x) if mask is None else mask
         idx_m = m.view(-1).nonzero().view(-1)
-        if idx_m.numel() == 0 or idx_m.numel() > self.dense_above * m.numel():
+        dense_above = self.dense_above_default if self.dense_above is None else self.dense_above
+        if idx_m.numel() == 0 or idx_m.numel() > dense_above * m.numel():
             # The dilation of an empty or full mask is the mask; else made from the mask when asked for.
             empty = idx_m.numel() == 0
             self._set_masks(x, m, m if empty or idx_m.numel() == m.numel() else None, "shortcut" if empty else "dense")
@@ -346,6 +355,8 @@ class _SparseBlock(nn.Module):
         """Eval-mode block output with the mask unit's own mask (``logits >= 0``)."""
         self._require_eval()
         self._check(x)
+        if self.use_native and self.strategy == "auto" and native.usable(x):
+            return self._run_native(x, None)
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return self._run(x, None)
@@ -362,8 +373,26 @@ class _SparseBlock(nn.Module):
                              f"got {getattr(mask, 'shape', type(mask).__name__)}")
         if mask.device != x.device:
             raise ValueError(f"{type(self).__name__}: mask is on {mask.device}, the input on {x.device}")
+        if self.use_native and self.strategy == "auto" and native.usable(x):
+            return self._run_native(x, mask)
         with torch.no_grad():
             return self._run(x, (mask != 0).to(x.dtype))
+
+    def _run_native(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        gate = self._modules["gate"]
+        conv, fc = gate._modules["conv"]._parameters, gate._modules["fc"]._parameters
+        sources = (conv["weight"], conv["bias"], fc["weight"], fc["bias"],
+                   *(t for t in self._buffers.values() if t is not None))
+        plan = self._derived("native", sources, self._native_plan)
+        dense_above = self.dense_above
+        if dense_above is None:
+            dense_above = 2.0 if x.shape[0] == 1 else self.native_dense_above
+        out, m, dilated, path = plan.forward(x, mask, float(dense_above))
+        self._set_masks(x, m, dilated, native.PATHS[path])
+        return out
+
+    def _native_plan(self, *sources: Tensor) -> object:
+        raise NotImplementedError
 
     def _require_eval(self) -> None:
         if self.training:
@@ -373,8 +402,9 @@ class _SparseBlock(nn.Module):
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1):
             raise ValueError(f"tile must be a positive integer or None, got {self.tile!r}")
-        if isinstance(self.dense_above, bool) or not isinstance(self.dense_above, (int, float)):
-            raise ValueError(f"dense_above must be a number, got {self.dense_above!r}")
+        if self.dense_above is not None and (isinstance(self.dense_above, bool)
+                                             or not isinstance(self.dense_above, (int, float))):
+            raise ValueError(f"dense_above must be a number or None, got {self.dense_above!r}")
 
     def _check(self, x: Tensor) -> None:
         raise NotImplementedError
@@ -405,6 +435,7 @@ class SparseInvertedResidual(_SparseBlock):
 
     patch_bytes_default = 1 << 20
     dense_above_default = 0.3
+    native_dense_above = 0.6
 
     def __init__(self, gate: MaskUnit, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor):
         super().__init__()
@@ -439,6 +470,10 @@ class SparseInvertedResidual(_SparseBlock):
 
     def _check(self, x: Tensor) -> None:
         _check_input(x, self.in_channels, type(self).__name__)
+
+    def _native_plan(self, *sources: Tensor) -> object:
+        p = self._buffers
+        return native.load().InvertedResidualPlan(*sources[:4], p["w1"], p["b1"], p["w2"], p["b2"], p["w3"], p["b3"])
 
     def _out_size(self, x: Tensor) -> tuple[int, int]:
         return x.shape[2], x.shape[3]
@@ -537,6 +572,11 @@ class SparseBasicBlock(_SparseBlock):
 
     def _check(self, x: Tensor) -> None:
         _check_input(x, self.in_channels, type(self).__name__)
+
+    def _native_plan(self, *sources: Tensor) -> object:
+        p = self._buffers
+        return native.load().BasicBlockPlan(*sources[:4], self.stride, p["w1"], p["b1"], p["w2"], p["b2"],
+                                            p["ws"], p["bs"])
 
     def _out_size(self, x: Tensor) -> tuple[int, int]:
         s = self.stride

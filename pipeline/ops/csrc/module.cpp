@@ -1,0 +1,23 @@
+// Python bindings of the compiled inference plans (see native.h).
+#include "native.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<native::DynamicConvPlan>(m, "DynamicConvPlan")
+      .def(pybind11::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>,
+                          int64_t, double, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
+                          int64_t>())
+      .def("forward", &native::DynamicConvPlan::forward)
+      .def("mixing", &native::DynamicConvPlan::mixing)
+      .def("aggregate", &native::DynamicConvPlan::aggregate);
+  m.def("conv3x3_direct", &native::conv3x3_direct, "3x3 conv (stride 1, padding 1) as direct row GEMMs");
+  pybind11::class_<native::BasicBlockPlan>(m, "BasicBlockPlan")
+      .def(pybind11::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&>())
+      .def("forward", &native::BasicBlockPlan::forward);
+  pybind11::class_<native::InvertedResidualPlan>(m, "InvertedResidualPlan")
+      .def(pybind11::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&>())
+      .def("forward", &native::InvertedResidualPlan::forward);
+}
