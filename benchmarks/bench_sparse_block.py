@@ -76,7 +76,9 @@ TARGETS = {
     ("ir", 32, 0.25): 1.5,
     ("basic", 1, 0.25): 1.5,
 }
-FULL_SLOWDOWN = 1.2  # at 100 % active the sparse block may be at most this much slower than dense
+# At 100 % active the MobileNetV2 sparse block may be at most this much slower than dense (the basic block's
+# 100 % rows are printed without a target, as the project states none for them).
+FULL_SLOWDOWN = 1.2
 # glibc hands freed blocks above a (dynamic) size back to the OS, so a block whose intermediates take a few
 # MB page-faults them in again on every call; timings then drift 2-3x within one process (measured here).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
@@ -213,7 +215,7 @@ def measure_row(kind: str, channels: int, size: int, batch: int, fraction: float
 def verdict(row: dict) -> dict:
     """``target`` (minimum speedup, or None) and ``passed`` (bool, or None without a target) for a row."""
     target = TARGETS.get((row["kind"], row["batch"], row["fraction"]))
-    if row["fraction"] == 1.0:
+    if row["fraction"] == 1.0 and row["kind"] == "ir":
         target = 1.0 / FULL_SLOWDOWN
     if target is None:
         return {"target": None, "passed": None}

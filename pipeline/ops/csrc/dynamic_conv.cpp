@@ -33,8 +33,8 @@ at::Tensor mix_rows(const at::Tensor& a, const at::Tensor& bank) {
   const float* src = bank.data_ptr<float>();
   float* dst = weight.data_ptr<float>();
   const int64_t k = a.size(1);
-  // Serial below ~256 KB of kernels: waking the second thread costs more than it saves.
-  at::parallel_for(0, n, std::max<int64_t>(n / 2 + 1, 1 << 16), [&](int64_t lo, int64_t hi) {
+  // Split across threads from 32 KB of kernels on: the sum is bound by memory bandwidth per core.
+  at::parallel_for(0, n, 8192, [&](int64_t lo, int64_t hi) {
     constexpr int64_t kBlock = 1024;
     for (int64_t start = lo; start < hi; start += kBlock) {
       const int64_t stop = std::min(hi, start + kBlock);

@@ -52,12 +52,12 @@ constexpr int64_t kPathShortcut = 0;
 constexpr int64_t kPathSparse = 1;
 constexpr int64_t kPathDense = 2;
 
-// DynConv mask unit in eval mode: the 3x3 conv taps as a [9, C] matrix, the pooled linear weight, the
-// sum of both biases.
+// DynConv mask unit in eval mode: the 3x3 conv taps as a [9, C] matrix, the pooled linear weight, the sum
+// of both biases.
 struct GatePlan {
   GatePlan(const at::Tensor& conv_weight, const at::Tensor& conv_bias, const at::Tensor& fc_weight,
            const at::Tensor& fc_bias, int64_t stride);
-  at::Tensor taps9, fc;
+  at::Tensor taps, fc;
   float bias = 0.f;
   int64_t stride = 1, channels = 0;
 };

@@ -61,7 +61,7 @@ GatePlan::GatePlan(const at::Tensor& conv_weight, const at::Tensor& conv_bias, c
                   conv_weight.size(3) == 3,
               "mask unit conv weight must be [1, C, 3, 3]");
   channels = conv_weight.size(1);
-  taps9 = conv_weight[0].reshape({channels, 9}).t().contiguous();  // [9, C]: row ky * 3 + kx
+  taps = conv_weight.detach()[0].reshape({channels, 9}).t().contiguous();  // [9, C]: row ky * 3 + kx
   fc = fc_weight.reshape({channels}).contiguous();
   bias = conv_bias.item<float>() + fc_bias.item<float>();
 }
@@ -86,21 +86,25 @@ Masks make_masks(const at::Tensor& rows, int64_t b, int64_t h, int64_t w, const 
     // Per-image threshold: logits >= 0 <=> conv part >= -(fc . mean(x) + biases).
     std::vector<float> thr(b);
     const float* fc = gate->fc.data_ptr<float>();
+    std::vector<float> sums(c);
     for (int64_t n = 0; n < b; ++n) {
-      std::vector<float> sum(c, 0.f);
-      const float* img = x + n * h * w * c;
+      float* __restrict__ sum = sums.data();
+      std::fill(sums.begin(), sums.end(), 0.f);
+      const float* __restrict__ img = x + n * h * w * c;
       for (int64_t p = 0; p < h * w; ++p)
         for (int64_t j = 0; j < c; ++j) sum[j] += img[p * c + j];
       float dot = 0.f;
       for (int64_t j = 0; j < c; ++j) dot += fc[j] * (sum[j] / static_cast<float>(h * w));
       thr[n] = -(dot + gate->bias);
     }
-    const float* taps = gate->taps9.data_ptr<float>();  // [9, C]
-    at::parallel_for(0, total, 256, [&](int64_t lo, int64_t hi) {
-      std::vector<float> acc(c);
+    // Per output: the 9 window rows times the 9 taps, accumulated in 8-lane vectors over the channels.
+    const float* taps = gate->taps.data_ptr<float>();  // [9, C]
+    const int64_t vec_c = c - c % 8;
+    at::parallel_for(0, total, 512, [&](int64_t lo, int64_t hi) {
       for (int64_t o = lo; o < hi; ++o) {
-        const int64_t n = o / (ho * wo), oy = (o / wo) % ho, ox = o % wo;
-        std::fill(acc.begin(), acc.end(), 0.f);
+        const int64_t n = o / (ho * wo), rem = o - n * ho * wo, oy = rem / wo, ox = rem - oy * wo;
+        direct::Vec8 acc = {};
+        float tail = 0.f;
         for (int64_t ky = 0; ky < 3; ++ky) {
           const int64_t iy = oy * stride + ky - 1;
           if (iy < 0 || iy >= h) continue;
@@ -109,11 +113,13 @@ Masks make_masks(const at::Tensor& rows, int64_t b, int64_t h, int64_t w, const 
             if (ix < 0 || ix >= w) continue;
             const float* src = x + ((n * h + iy) * w + ix) * c;
             const float* tap = taps + (ky * 3 + kx) * c;
-            for (int64_t j = 0; j < c; ++j) acc[j] += src[j] * tap[j];
+            for (int64_t j = 0; j < vec_c; j += 8)
+              acc += *reinterpret_cast<const direct::Lanes8*>(src + j) * *reinterpret_cast<const direct::Lanes8*>(tap + j);
+            for (int64_t j = vec_c; j < c; ++j) tail += src[j] * tap[j];
           }
         }
-        float sum = 0.f;
-        for (int64_t j = 0; j < c; ++j) sum += acc[j];
+        float sum = tail;
+        for (int l = 0; l < 8; ++l) sum += acc[l];
         m[o] = sum >= thr[n];
       }
     });
