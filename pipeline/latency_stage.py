@@ -13,6 +13,9 @@ Per device (CPU; CUDA when present), thread count and batch size (1 and
 ``latency.batch_size``) the variants are timed interleaved on the same test
 images (iteration i uses the i-th batch), after a warm-up. Each variant's
 test accuracy is measured too, so a speed-up never hides an accuracy change.
+On the CPU the DyNet / SD-Conv layers and the sparse blocks run the compiled
+inference kernels (``pipeline/ops/native.py``); which build ran is recorded
+(``native_kernels``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pipeline.fold import fold_batchnorm
 from pipeline.latency import resolve_threads, time_interleaved, torch_threads, tune_malloc
 from pipeline.metrics import write_metrics
 from pipeline.models import load_model
+from pipeline.ops import native
 from pipeline.paths import MODELS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
 from pipeline.train import Normalizer, evaluate
@@ -140,6 +144,7 @@ def latency(cfg: Config) -> None:
         complexity[name] = {"macs_per_image": count_macs(sources[name], test_x), **count_params(sources[name])}
         acc = evaluate(m, *data.splits["test"], norm, 500)["acc"]
         accuracy[name] = {"test_acc": acc, "stage_test_acc": recorded[name], "acc_change": acc - recorded[name]}
+    compiled = native.load()  # the CPU inference kernels the timed modules use (None: PyTorch paths)
     with stage_run("latency", cfg) as run:
         rows = add_speedups(measure_latency(cfg, models, test_x), complexity)
         cpu = platform.processor() or platform.machine()
@@ -147,6 +152,7 @@ def latency(cfg: Config) -> None:
             "torch": torch.__version__, "cpu": cpu, "cores": resolve_threads(0),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "iterations": cfg.latency.iterations, "warmup": cfg.latency.warmup, "malloc_tuned": malloc_tuned,
+            "native_kernels": compiled.__name__ if compiled is not None else None,
             "rows": rows, "accuracy": accuracy, "complexity": complexity,
         }  # fmt: skip
         OUT.mkdir(parents=True, exist_ok=True)
@@ -163,7 +169,7 @@ def latency(cfg: Config) -> None:
         write_metrics(OUT / "metrics.json", summary)
         run.log_metrics(flat, prefix="latency.")
         run.log_metrics(summary, prefix="final.")
-        run.set_tags({"cpu": cpu, "cuda": result["cuda"] or "none"})
+        run.set_tags({"cpu": cpu, "cuda": result["cuda"] or "none", "native_kernels": result["native_kernels"] or "none"})
         run.log_artifact(RESULTS / "latency.json")
         write_run_info(OUT / "run.json", run, "latency")
     print("latency: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))

@@ -44,13 +44,16 @@ def latency_section(ctx: Context) -> Section | None:
         "verdict": "reproduced" if ok else "not reproduced",
     }])  # fmt: skip
     gpu = f", GPU {result['cuda']}" if result["cuda"] else ", no GPU present (CUDA rows absent)"
+    build = result.get("native_kernels")
+    kernels = (f"On the CPU, DyNet / SD-Conv layers and the sparse DynConv blocks ran the compiled kernels ({build})."
+               if build else "The compiled CPU kernels were not available: every model ran its PyTorch path.")
     text = (
         f"Measured on {result['cpu']} ({result['cores']} cores{gpu}), torch {result['torch']}: every model with "
         f"BatchNorm folded, all variants timed in one process and interleaved call by call on the same test "
         f"images, {result['warmup']} warm-up rounds, {result['iterations']} timed calls each; median and "
         "inter-quartile range. The dense baseline is the faster of NCHW and channels-last in each setting "
         "(column layout). MAC-ratio speed-up = dense MACs / model MACs; realized speed-up = dense time / model "
-        f"time. MLflow run `{ev.run_ids['latency']}`."
+        f"time. {kernels} MLflow run `{ev.run_ids['latency']}`."
     )
     fmt = {"median (ms)": "{:.3f}", "IQR (ms)": "{:.3f}", "per image (ms)": "{:.3f}", "MMACs/image": "{:.2f}",
            "MAC-ratio speed-up": "{:.2f}", "realized speed-up": "{:.2f}", "realized / MAC ratio": "{:.2f}",
