@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +34,7 @@ import torch
 
 SOURCES = ("module.cpp", "dynamic_conv.cpp", "sparse_blocks.cpp")
 HEADERS = ("native.h", "row_gemm.h")
+STALE_LOCK_SECONDS = 15 * 60  # a build takes about 2 minutes; a lock this old belongs to a dead build
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 
@@ -116,6 +118,10 @@ def _compile(name: str, build_dir: Path) -> None:
             partial = source_dir / f".{file}.{os.getpid()}"
             shutil.copyfile(CSRC / file, partial)
             os.replace(partial, target)  # atomic: a concurrent build sees the old or the new file
+    # torch's build lock; a build killed midway leaves it behind and every later build would wait on it.
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
     print(f"Compiling the native CPU kernels ({name}, once per machine, about two minutes) ...",
           file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=[str(source_dir / s) for s in SOURCES], extra_cflags=list(CFLAGS),
