@@ -161,16 +161,19 @@ class DynamicConv2d(nn.Module):
             "min_hidden": self.min_hidden,
         }
 
-    def _cached(self, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], Any]) -> Any:
-        """``build()``, recomputed only when one of ``sources`` changed (in place or replaced); for inference."""
+    def _cached(self, name: str, sources: tuple[torch.Tensor | None, ...], build: Callable[[], Any],
+                settings: tuple = ()) -> Any:
+        """``build()``, recomputed only when one of ``sources`` changed (in place or replaced, ``None`` included)
+        or ``settings`` differ; for inference."""
         try:
-            # A moved or re-typed tensor has new storage, so the pointer covers device and dtype.
-            key = [(t._version, t.data_ptr()) for t in sources]
+            # A moved or re-typed tensor has new storage, so the pointer covers device and dtype; the id
+            # catches a replaced tensor (the entry keeps the sources alive, so an id is not reused).
+            key = [settings, *(None if t is None else (id(t), t._version, t.data_ptr()) for t in sources)]
         except RuntimeError:  # inference tensors have no version counter: nothing to key a cache on
             return build()
         entry = self._inference_cache.get(name)
         if entry is None or entry[0] != key:
-            entry = self._inference_cache[name] = (key, build())
+            entry = self._inference_cache[name] = (key, build(), sources)
         return entry[1]
 
     def __getstate__(self) -> dict:
@@ -239,24 +242,16 @@ class DynamicConv2d(nn.Module):
 
     def _native_plan(self) -> Any:
         """The compiled plan of this module's current parameters (``pipeline/ops/native.py``), cached."""
-        sources = self._native_sources()
-        try:
-            key = (self.activation, self.temperature,
-                   *[None if t is None else (id(t), t._version, t.data_ptr()) for t in sources])
-        except RuntimeError:  # inference tensors have no version counter: nothing to key a cache on
-            key = None
-        entry = self._inference_cache.get("native")
-        if key is not None and entry is not None and entry[0] == key:
-            return entry[1]
         fc1, fc2 = self._fc
-        with torch.no_grad():
-            plan = native.load().DynamicConvPlan(
-                fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.kernels(), self.bias,
-                ACTIVATIONS.index(self.activation), self.temperature, list(self.stride), list(self.padding),
-                list(self.dilation), self.groups)
-        # The key holds ids: keep the sources alive with it so an id cannot be reused by a new tensor.
-        self._inference_cache["native"] = (key, plan, sources)
-        return plan
+
+        def build() -> Any:
+            with torch.no_grad():
+                return native.load().DynamicConvPlan(
+                    fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.kernels(), self.bias,
+                    ACTIVATIONS.index(self.activation), self.temperature, list(self.stride), list(self.padding),
+                    list(self.dilation), self.groups)
+
+        return self._cached("native", self._native_sources(), build, (self.activation, self.temperature))
 
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` without autograd: the same math in as few operator calls as possible.

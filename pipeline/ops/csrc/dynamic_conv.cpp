@@ -24,6 +24,19 @@ constexpr int64_t kSoftmax = 2;
 // (benchmarks/bench_dynamic_conv.py, "direct" column).
 constexpr int64_t kDirectMaxPositions = 256;
 
+// out = W in + b for a [n_out, n_in] weight, optionally followed by ReLU.
+void linear(const at::Tensor& weight, const at::Tensor& bias, const float* in, float* out, bool relu) {
+  const int64_t n_out = weight.size(0), n_in = weight.size(1);
+  const float* w = weight.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  for (int64_t j = 0; j < n_out; ++j) {
+    const float* row = w + j * n_in;
+    float acc = b[j];
+    for (int64_t c = 0; c < n_in; ++c) acc += row[c] * in[c];
+    out[j] = relu ? std::max(acc, 0.f) : acc;
+  }
+}
+
 // One sample's kernels: the weighted sum of the K rows of `bank`, block by block so the sum stays in L1
 // (a GEMM call costs more at this size).
 at::Tensor mix_rows(const at::Tensor& a, const at::Tensor& bank) {
@@ -119,22 +132,8 @@ at::Tensor conv3x3_direct(const at::Tensor& input, const at::Tensor& weight, con
 
 void DynamicConvPlan::coefficients(const float* pooled, float* a) const {
   std::vector<float> hidden(hidden_);
-  const float* w1 = fc1_.data_ptr<float>();
-  const float* b1 = fc1_bias_.data_ptr<float>();
-  for (int64_t j = 0; j < hidden_; ++j) {
-    const float* row = w1 + j * in_channels_;
-    float acc = b1[j];
-    for (int64_t c = 0; c < in_channels_; ++c) acc += row[c] * pooled[c];
-    hidden[j] = std::max(acc, 0.f);
-  }
-  const float* w2 = fc2_.data_ptr<float>();
-  const float* b2 = fc2_bias_.data_ptr<float>();
-  for (int64_t k = 0; k < k_; ++k) {
-    const float* row = w2 + k * hidden_;
-    float acc = b2[k];
-    for (int64_t j = 0; j < hidden_; ++j) acc += row[j] * hidden[j];
-    a[k] = acc;
-  }
+  linear(fc1_, fc1_bias_, pooled, hidden.data(), true);
+  linear(fc2_, fc2_bias_, hidden.data(), a, false);
   if (activation_ == kSigmoid) {
     for (int64_t k = 0; k < k_; ++k) a[k] = 1.f / (1.f + std::exp(-a[k]));
   } else if (activation_ == kSoftmax) {
