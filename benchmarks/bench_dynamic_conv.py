@@ -105,8 +105,8 @@ def measure(mode: str, batch: int, size: int, reps: int, warmup: int) -> dict[st
     if mode == "infer" and compiled is not None:
         # The compiled direct 3x3 conv that DynamicConv2d runs at batch 1, with the static kernel: a static
         # baseline at least as fast as the one the dynamic conv is built on.
-        weight = static.weight.detach()
-        steps["static_direct"] = infer_step(lambda inp: compiled.conv3x3_direct(inp, weight, None), x)
+        matrix = native.conv3x3_matrix(static.weight.detach())
+        steps["static_direct"] = infer_step(lambda inp: compiled.conv3x3_direct(inp, matrix, None), x)
     return median_ms(steps, reps, warmup)
 
 

@@ -114,16 +114,39 @@ def test_sdconv_plan_follows_threshold_changes():
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "size", "batch"), [(16, 16, 8, 1), (5, 13, 7, 2), (32, 64, 12, 1),
-                                                              (3, 70, 5, 2)])
-def test_direct_conv_matches_conv2d(compiled, c_in, c_out, size, batch):
+                                                              (3, 70, 5, 3), (64, 48, 6, 5), (8, 40, 6, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_direct_conv_matches_conv2d(compiled, c_in, c_out, size, batch, channels_last):
+    # Batches below the thread count share each sample across threads by output columns (or by rows under 32
+    # columns), larger ones run one sample per thread.
     gen = torch.Generator().manual_seed(c_in * 100 + c_out)
     x = torch.randn(batch, c_in, size, size + 1, generator=gen)
     weight = torch.randn(c_out, c_in, 3, 3, generator=gen)
     bias = torch.randn(c_out, generator=gen)
+    matrix = native.conv3x3_matrix(weight)
     expected = F.conv2d(x, weight, bias, padding=1)
-    torch.testing.assert_close(compiled.conv3x3_direct(x, weight, bias), expected, atol=1e-4, rtol=RTOL)
-    torch.testing.assert_close(compiled.conv3x3_direct(x, weight, None), F.conv2d(x, weight, padding=1),
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(compiled.conv3x3_direct(x, matrix, bias), expected, atol=1e-4, rtol=RTOL)
+    torch.testing.assert_close(compiled.conv3x3_direct(x, matrix, None), F.conv2d(x, weight, padding=1),
                                atol=1e-4, rtol=RTOL)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_direct_conv_with_other_thread_counts(compiled, threads):
+    # One thread: every batch runs sample by sample; three: batch 2 shares each sample by output columns
+    # among three threads, batch 4 runs a sample per thread.
+    gen = torch.Generator().manual_seed(threads)
+    weight = torch.randn(64, 24, 3, 3, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (1, 2, 4):
+            x = torch.randn(batch, 24, 9, 7, generator=gen)
+            torch.testing.assert_close(compiled.conv3x3_direct(x, native.conv3x3_matrix(weight), None),
+                                       F.conv2d(x, weight, padding=1), atol=1e-4, rtol=RTOL)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", ["inverted_residual", "inverted_residual_wide", "basic_identity",

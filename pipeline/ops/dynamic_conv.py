@@ -182,8 +182,9 @@ class DynamicConv2d(nn.Module):
 
     @property
     def _fc(self) -> tuple[nn.Linear, nn.Linear]:
-        # Indexing an nn.Sequential costs microseconds per call; read its _modules dict instead.
-        modules = self.routing._modules
+        # Attribute access to a submodule and indexing an nn.Sequential cost a microsecond or more each per
+        # call; read the _modules dicts instead.
+        modules = self._modules["routing"]._modules
         return modules["2"], modules["4"]  # type: ignore[return-value]
 
     def set_temperature(self, t: float) -> None:
@@ -242,9 +243,9 @@ class DynamicConv2d(nn.Module):
 
     def _native_plan(self) -> Any:
         """The compiled plan of this module's current parameters (``pipeline/ops/native.py``), cached."""
-        fc1, fc2 = self._fc
 
         def build() -> Any:
+            fc1, fc2 = self._fc
             with torch.no_grad():
                 return native.load().DynamicConvPlan(
                     fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.kernels(), self.bias,

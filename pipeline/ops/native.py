@@ -128,6 +128,11 @@ def _compile(name: str, build_dir: Path) -> None:
                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
 
 
+def conv3x3_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A [C_out, C_in, 3, 3] kernel as the [(ky, kx, c_in), c_out] matrix ``conv3x3_direct`` takes."""
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
 def usable(x: torch.Tensor) -> bool:
     """Whether the compiled kernels handle ``x``: a float32 CPU tensor and an available build."""
     if x.dtype is not torch.float32 or not x.is_cpu:

@@ -10,6 +10,8 @@
 #include "native.h"
 #include "row_gemm.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -20,9 +22,18 @@ namespace {
 constexpr int64_t kLinear = 0;
 constexpr int64_t kSigmoid = 1;
 constexpr int64_t kSoftmax = 2;
-// Maps of up to 16 x 16 run the direct conv at batch 1; on larger ones the convolution backend was faster
-// (benchmarks/bench_dynamic_conv.py, "direct" column).
-constexpr int64_t kDirectMaxPositions = 256;
+
+// sum of x[0..n) in 8 lanes: a scalar float sum is one dependent add per element (the compiler may not
+// reorder it), 4 to 8 times slower on the pooled map.
+float sum(const float* x, int64_t n) {
+  direct::Vec8 acc = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc += *reinterpret_cast<const direct::Lanes8*>(x + i);
+  float total = 0.f;
+  for (int j = 0; j < 8; ++j) total += acc[j];
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
 
 // out = W in + b for a [n_out, n_in] weight, optionally followed by ReLU.
 void linear(const at::Tensor& weight, const at::Tensor& bias, const float* in, float* out, bool relu) {
@@ -37,30 +48,115 @@ void linear(const at::Tensor& weight, const at::Tensor& bias, const float* in, f
   }
 }
 
-// One sample's kernels: the weighted sum of the K rows of `bank`, block by block so the sum stays in L1
-// (a GEMM call costs more at this size).
-at::Tensor mix_rows(const at::Tensor& a, const at::Tensor& bank) {
-  const int64_t n = bank.size(1);
-  auto weight = at::empty({1, n}, bank.options());
-  const float* coef = a.data_ptr<float>();
-  const float* src = bank.data_ptr<float>();
-  float* dst = weight.data_ptr<float>();
-  const int64_t k = a.size(1);
-  // Split across threads from 32 KB of kernels on: the sum is bound by memory bandwidth per core.
-  at::parallel_for(0, n, 8192, [&](int64_t lo, int64_t hi) {
-    constexpr int64_t kBlock = 1024;
-    for (int64_t start = lo; start < hi; start += kBlock) {
-      const int64_t stop = std::min(hi, start + kBlock);
-      const float c0 = coef[0];
-      for (int64_t i = start; i < stop; ++i) dst[i] = c0 * src[i];
-      for (int64_t j = 1; j < k; ++j) {
-        const float cj = coef[j];
-        const float* row = src + j * n;
-        for (int64_t i = start; i < stop; ++i) dst[i] += cj * row[i];
+// dst = sum_j coef[j] * bank[j] for a [k, n] bank, restricted to the columns [lo, hi) of each row of width
+// ld (n = rows * ld): one vector of dst at a time, summed in a register. A running sum in dst (load, add,
+// store per bank row) measured 3x slower, its stores falsely aliasing the loads of the next bank row (rows
+// of 3x3 kernels are often a multiple of 4 KB apart). Serial: split across two threads, a 64 -> 64 3x3 mix
+// measured 11 us on one and 45 us on two.
+void mix_columns(const float* coef, int64_t k, const float* bank, int64_t n, int64_t ld, int64_t lo, int64_t hi,
+                 float* dst) {
+  constexpr int L = direct::kWideLanes;
+  using V = direct::Simd<L>::V;
+  using U = direct::Simd<L>::U;
+  for (int64_t row = 0; row < n; row += ld) {
+    int64_t i = row + lo;
+    for (; i + L <= row + hi; i += L) {
+      V acc = coef[0] * *reinterpret_cast<const U*>(bank + i);
+      for (int64_t j = 1; j < k; ++j) acc += coef[j] * *reinterpret_cast<const U*>(bank + j * n + i);
+      *reinterpret_cast<U*>(dst + i) = acc;
+    }
+    for (; i < row + hi; ++i) {
+      float acc = coef[0] * bank[i];
+      for (int64_t j = 1; j < k; ++j) acc += coef[j] * bank[j * n + i];
+      dst[i] = acc;
+    }
+  }
+}
+
+void grow(std::vector<float>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+}
+
+// Positions [lo, hi) of a [C, H*W] (NCHW) sample as rows of a [H * W, C] buffer.
+void transpose_positions(const float* src, int64_t c, int64_t hw, int64_t lo, int64_t hi, float* dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t p0 = lo; p0 < hi; p0 += kTile)
+    for (int64_t c0 = 0; c0 < c; c0 += kTile)
+      for (int64_t j = c0; j < std::min(c, c0 + kTile); ++j)
+        for (int64_t p = p0; p < std::min(hi, p0 + kTile); ++p) dst[p * c + j] = src[j * hw + p];
+}
+
+// 3x3 conv (stride 1, padding 1) of every sample of x with its own [(ky, kx, c_in), c_out] kernel matrix
+// and bias, as direct row GEMMs (row_gemm.h). kernel_of(n, lo, hi, matrix, bias) returns the (matrix,
+// bias) pointers of sample n valid at least for the output columns [lo, hi): its own, or the buffers it was
+// given after filling those columns (a dynamic kernel; `dynamic` says whether it needs buffers). Output
+// [B, C_out, H, W] in channels_last memory format.
+//
+// With at least as many samples as threads, one sample per thread at a time: its rows (transposed from
+// NCHW into a per-thread buffer) and its kernel stay in that core's L2, where a transpose of the whole batch
+// and one grouped conv stream both through memory. With fewer, all threads share each sample: each
+// transposes a share of the positions, then fills and applies its share of the output columns of the
+// kernel, which so never moves between cores (splitting rows instead, each thread needs the whole kernel).
+template <typename KernelOf>
+at::Tensor conv3x3_samples(const at::Tensor& x, int64_t co, bool dynamic, KernelOf kernel_of) {
+  const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
+  const bool rows_given = x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(rows_given || x.is_contiguous(), "input must be contiguous (NCHW or channels_last)");
+  auto out = at::empty({b, h, w, co}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  std::vector<float> zero(c, 0.f);
+  const float* zp = zero.data();
+  // Per-thread kernel buffers kept between calls: allocating and zeroing them measured a tenth of the
+  // dynamic conv's overhead at batch 1.
+  thread_local std::vector<float> matrix, bias;
+  auto conv = [&](int64_t n, const float* img, int64_t lo, int64_t hi) {
+    if (dynamic) grow(matrix, 9 * c * co), grow(bias, co);
+    const auto [kernel, kernel_bias] = kernel_of(n, lo, hi, matrix.data(), bias.data());
+    direct::row_gemm_columns(hw, 9, c, kernel, co, kernel_bias, lo, hi,
+                             [&](int64_t o, const float** ptrs) {
+                               direct::window_rows(o, h, w, h, w, 1, zp,
+                                                   [&](int64_t, int64_t y, int64_t xx) { return img + (y * w + xx) * c; },
+                                                   ptrs);
+                             },
+                             direct::StoreRows{dst + n * hw * co, co, -direct::kInf, direct::kInf});
+  };
+  const int threads = at::get_num_threads();
+  auto per_sample = [&](int64_t lo, int64_t hi) {
+    thread_local std::vector<float> rows;
+    for (int64_t n = lo; n < hi; ++n) {
+      const float* img = src + n * hw * c;
+      if (!rows_given) {
+        grow(rows, hw * c);
+        transpose_positions(img, c, hw, 0, hw, rows.data());
+        img = rows.data();
+      }
+      conv(n, img, 0, co);
+    }
+  };
+  if (b >= threads || at::in_parallel_region()) {
+    at::parallel_for(0, b, 1, per_sample);
+  } else if (co < 32) {  // too few columns to share: the row blocks of each sample split across threads
+    per_sample(0, b);
+  } else {
+    std::vector<float> rows(rows_given ? 0 : hw * c);
+    for (int64_t n = 0; n < b; ++n) {
+      const float* img = rows_given ? src + n * hw * c : rows.data();
+#pragma omp parallel num_threads(threads)
+      {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (!rows_given) {
+          transpose_positions(src + n * hw * c, c, hw, hw * t / nt, hw * (t + 1) / nt, rows.data());
+#pragma omp barrier
+        }
+        // Shares in whole 16-column chunks (the last takes the remainder).
+        const int64_t chunks = co / 16;
+        const int64_t lo = chunks * t / nt * 16, hi = t + 1 == nt ? co : chunks * (t + 1) / nt * 16;
+        if (lo < hi) conv(n, img, lo, hi);
       }
     }
-  });
-  return weight;
+  }
+  return out.permute({0, 3, 1, 2});
 }
 
 }  // namespace
@@ -101,33 +197,19 @@ DynamicConvPlan::DynamicConvPlan(at::Tensor fc1_weight, at::Tensor fc1_bias, at:
   if (direct_) bank_direct_ = kernels.permute({0, 3, 4, 2, 1}).reshape({k_, -1}).contiguous();
 }
 
-at::Tensor conv3x3_rows(const at::Tensor& input, const at::Tensor& matrix, const at::Tensor& bias) {
-  const auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), co = matrix.size(1);
-  TORCH_CHECK(matrix.size(0) == 9 * c, "kernel matrix must be [9 * C_in, C_out]");
-  auto out = at::empty({b * h * w, co}, x.options());
-  const float* xr = x.data_ptr<float>();
-  std::vector<float> zero(c, 0.f);
-  const float* zp = zero.data();
-  direct::row_gemm(b * h * w, 9, c, matrix, bias,
-                   [&](int64_t o, const float** ptrs) {
-                     direct::window_rows(o, h, w, h, w, 1, zp,
-                                         [&](int64_t n, int64_t y, int64_t xx) { return xr + ((n * h + y) * w + xx) * c; },
-                                         ptrs);
-                   },
-                   direct::StoreRows{out.data_ptr<float>(), co, -direct::kInf, direct::kInf});
-  return out.view({b, h, w, co}).permute({0, 3, 1, 2});
-}
-
-at::Tensor conv3x3_direct(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor conv3x3_direct(const at::Tensor& input, const at::Tensor& matrix, const c10::optional<at::Tensor>& bias) {
   check_float_cpu(input, "input");
-  check_float_cpu(weight, "weight");
-  TORCH_CHECK(input.dim() == 4 && weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
-                  weight.size(1) == input.size(1),
-              "conv3x3_direct: expected input [B, C, H, W] and weight [C_out, C, 3, 3]");
-  const auto matrix = weight.permute({2, 3, 1, 0}).reshape({-1, weight.size(0)}).contiguous();
-  const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::zeros({weight.size(0)}, weight.options());
-  return conv3x3_rows(input, matrix, b);
+  check_float_cpu(matrix, "matrix");
+  TORCH_CHECK(input.dim() == 4 && matrix.dim() == 2 && matrix.size(0) == 9 * input.size(1) && matrix.is_contiguous(),
+              "conv3x3_direct: expected input [B, C, H, W] and a contiguous kernel matrix [9 * C, C_out]");
+  const int64_t co = matrix.size(1);
+  const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::zeros({co}, matrix.options());
+  const auto x = input.is_contiguous() || input.is_contiguous(at::MemoryFormat::ChannelsLast) ? input
+                                                                                                : input.contiguous();
+  const float* m = matrix.data_ptr<float>();
+  const float* bb = b.data_ptr<float>();
+  return conv3x3_samples(x, co, false,
+                         [&](int64_t, int64_t, int64_t, float*, float*) { return std::make_pair(m, bb); });
 }
 
 void DynamicConvPlan::coefficients(const float* pooled, float* a) const {
@@ -145,44 +227,44 @@ void DynamicConvPlan::coefficients(const float* pooled, float* a) const {
   }
 }
 
+// Global average pool of one sample: [C, H*W] (NCHW) or [H*W, C] (channels_last) floats.
+void pool_sample(const float* img, int64_t c, int64_t hw, bool channels_last, float* pooled) {
+  const float scale = 1.0f / static_cast<float>(hw);
+  if (!channels_last) {
+    for (int64_t j = 0; j < c; ++j) pooled[j] = sum(img + j * hw, hw) * scale;
+  } else {
+    std::fill_n(pooled, c, 0.f);
+    for (int64_t p = 0; p < hw; ++p)
+      for (int64_t j = 0; j < c; ++j) pooled[j] += img[p * c + j];
+    for (int64_t j = 0; j < c; ++j) pooled[j] *= scale;
+  }
+}
+
 at::Tensor DynamicConvPlan::mixing(const at::Tensor& x) const {
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "input must be contiguous (NCHW or channels_last)");
   const int64_t b = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   auto a = at::empty({b, k_}, x.options());
-  std::vector<float> pooled(b * c, 0.f);
-  const float scale = 1.0f / static_cast<float>(hw);
   const float* src = x.data_ptr<float>();
-  if (x.is_contiguous()) {
-    for (int64_t i = 0; i < b * c; ++i) {
-      const float* row = src + i * hw;
-      float acc = 0.f;
-      for (int64_t j = 0; j < hw; ++j) acc += row[j];
-      pooled[i] = acc * scale;
-    }
-  } else {  // channels_last: sum the rows of [H*W, C] per image
-    TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast), "input must be contiguous (NCHW or channels_last)");
-    for (int64_t n = 0; n < b; ++n) {
-      float* acc = pooled.data() + n * c;
-      const float* img = src + n * hw * c;
-      for (int64_t p = 0; p < hw; ++p)
-        for (int64_t j = 0; j < c; ++j) acc[j] += img[p * c + j];
-      for (int64_t j = 0; j < c; ++j) acc[j] *= scale;
-    }
-  }
   float* pa = a.data_ptr<float>();
-  for (int64_t n = 0; n < b; ++n) coefficients(pooled.data() + n * c, pa + n * k_);
+  const bool channels_last = !x.is_contiguous();
+  at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> pooled(c);
+    for (int64_t n = lo; n < hi; ++n) {
+      pool_sample(src + n * c * hw, c, hw, channels_last, pooled.data());
+      coefficients(pooled.data(), pa + n * k_);
+    }
+  });
   return a;
 }
 
 at::Tensor DynamicConvPlan::aggregate(const at::Tensor& a) const {
   check_float_cpu(a, "coefficients");
   TORCH_CHECK(a.dim() == 2 && a.size(1) == k_ && a.is_contiguous(), "coefficients must be a contiguous [B, K] matrix");
+  if (a.size(0) > 1) return at::mm(a, bank_);
   const int64_t n = bank_.size(1);
-  at::Tensor weight;
-  if (a.size(0) == 1) {
-    weight = mix_rows(a, bank_);
-  } else {
-    weight = at::mm(a, bank_);
-  }
+  auto weight = at::empty({1, n}, bank_.options());
+  mix_columns(a.data_ptr<float>(), k_, bank_.data_ptr<float>(), n, n, 0, n, weight.data_ptr<float>());
   return weight;
 }
 
@@ -191,12 +273,22 @@ at::Tensor DynamicConvPlan::forward(const at::Tensor& input) const {
   TORCH_CHECK(input.dim() == 4 && input.size(1) == in_channels_, "input must be [B, ", in_channels_, ", H, W]");
   const auto x = input.is_contiguous() || input.is_contiguous(at::MemoryFormat::ChannelsLast) ? input
                                                                                                 : input.contiguous();
-  const int64_t b = x.size(0);
+  const int64_t b = x.size(0), co = shape_[0];
   const auto a = mixing(x);
-  if (b == 1 && direct_ && x.size(2) * x.size(3) <= kDirectMaxPositions) {
-    const auto matrix = mix_rows(a, bank_direct_).view({-1, shape_[0]});
-    const auto bias = bias_.defined() ? at::mm(a, bias_).view({-1}) : at::zeros({shape_[0]}, x.options());
-    return conv3x3_rows(x, matrix, bias);
+  if (direct_) {
+    // Each sample's kernel mixed straight into the direct conv's matrix layout, on the thread that uses it.
+    const float* pa = a.data_ptr<float>();
+    const float* bank = bank_direct_.data_ptr<float>();
+    const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
+    return conv3x3_samples(x, co, true, [&](int64_t n, int64_t lo, int64_t hi, float* matrix, float* sample_bias) {
+      mix_columns(pa + n * k_, k_, bank, bank_direct_.size(1), co, lo, hi, matrix);
+      if (bias != nullptr) {
+        mix_columns(pa + n * k_, k_, bias, co, co, lo, hi, sample_bias);
+      } else {
+        std::fill_n(sample_bias, co, 0.f);
+      }
+      return std::make_pair(static_cast<const float*>(matrix), static_cast<const float*>(sample_bias));
+    });
   }
   const auto weight = aggregate(a);
   c10::optional<at::Tensor> bias;

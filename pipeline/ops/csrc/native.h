@@ -36,15 +36,15 @@ class DynamicConvPlan {
   float inv_temperature_;
   std::vector<int64_t> stride_, padding_, dilation_, shape_;
   int64_t groups_, k_ = 0, in_channels_ = 0, hidden_ = 0;
-  bool direct_ = false;  // 3x3 / stride 1 / padding 1 / ungrouped: batch 1 runs conv3x3_rows
+  bool direct_ = false;  // 3x3 / stride 1 / padding 1 / ungrouped: runs the direct conv per sample
   at::Tensor fc1_, fc1_bias_, fc2_, fc2_bias_, bank_, bias_, bank_direct_;
 };
 
-// 3x3 conv, stride 1, padding 1, as direct row GEMMs on the channels-last input (row_gemm.h) with the kernel
-// given as its [(ky, kx, c_in), c_out] matrix; output [B, C_out, H, W] in channels_last memory format.
-at::Tensor conv3x3_rows(const at::Tensor& x, const at::Tensor& matrix, const at::Tensor& bias);
-// The same for a [C_out, C_in, 3, 3] kernel: the static conv the dynamic one is benchmarked against.
-at::Tensor conv3x3_direct(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// 3x3 conv, stride 1, padding 1, as direct row GEMMs on channels-last rows (row_gemm.h), the one
+// DynamicConvPlan runs per sample, with one static kernel given as its [(ky, kx, c_in), c_out] matrix
+// (pipeline.ops.native.conv3x3_matrix): the static conv the dynamic one is benchmarked against. Output
+// [B, C_out, H, W] in channels_last memory format.
+at::Tensor conv3x3_direct(const at::Tensor& x, const at::Tensor& matrix, const c10::optional<at::Tensor>& bias);
 
 // How a gated block's forward ran (SparseBasicBlock.last_path): no active position, gather / scatter,
 // or the folded convs over the whole map with the mask multiplied in.
