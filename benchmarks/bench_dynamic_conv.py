@@ -12,9 +12,11 @@ several times when one call is under 5 ms.
 
 Static baselines: ``nn.Conv2d`` and, for inference when the compiled kernels
 are available (``pipeline/ops/native.py``), the same direct 3x3 conv that the
-dynamic conv runs at batch 1, with the static kernel ("direct"). ``dyn/static``
-divides by the faster of the two, so a faster conv kernel cannot pass for a
-cheap dynamic conv.
+dynamic conv runs, with the static kernel ("direct"). ``dyn/static`` divides by
+the faster of the two, so a faster conv kernel cannot pass for a cheap dynamic
+conv. For training the direct baseline is the compiled training op with one
+static kernel and coefficient 1 (``direct_conv3x3``: the same forward and
+backward kernels without the mixing).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import nn
 from benchmarks import apply_timing_args, timing_args
 from pipeline.latency import tune_malloc
 from pipeline.ops import native
-from pipeline.ops.dynamic_conv import DynamicConv2d
+from pipeline.ops.dynamic_conv import DynamicConv2d, direct_conv3x3
 
 CHANNELS = 64
 # (mode, batch, map size)
@@ -102,9 +104,11 @@ def measure(mode: str, batch: int, size: int, reps: int, warmup: int) -> dict[st
         for name, (module, forward) in runs.items()
     }
     compiled = native.load()
+    if mode == "train" and compiled is not None and batch >= torch.get_num_threads():
+        steps["static_direct"] = train_step(lambda inp: direct_conv3x3(inp, static.weight), static, x, grad_out)
     if mode == "infer" and compiled is not None:
-        # The compiled direct 3x3 conv that DynamicConv2d runs at batch 1, with the static kernel: a static
-        # baseline at least as fast as the one the dynamic conv is built on.
+        # The compiled direct 3x3 conv that DynamicConv2d runs, with the static kernel: a static baseline at
+        # least as fast as the one the dynamic conv is built on.
         matrix = native.conv3x3_matrix(static.weight.detach())
         steps["static_direct"] = infer_step(lambda inp: compiled.conv3x3_direct(inp, matrix, None), x)
     return median_ms(steps, reps, warmup)

@@ -14,7 +14,13 @@ from pipeline.ops.spatial_gate import gated_blocks
 
 
 def flop_counter_macs(model, x) -> float:
-    """torch.utils.flop_counter counts FLOPs = 2 x MACs of matmuls and convs."""
+    """torch.utils.flop_counter counts FLOPs = 2 x MACs of matmuls and convs.
+
+    It sees ATen operators only, so the modules run their PyTorch paths (grouped conv, aggregation matmul)
+    rather than the compiled kernels."""
+    for m in model.modules():
+        if hasattr(m, "use_native"):
+            m.use_native = False
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(x)
     return counter.get_total_flops() / 2 / len(x)

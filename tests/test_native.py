@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.ops import native
-from pipeline.ops.dynamic_conv import DynamicConv2d
+from pipeline.ops.dynamic_conv import DynamicConv2d, direct_conv3x3
 from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import SparseBasicBlock, SparseInvertedResidual
 from tests.test_sparse_exec import dense_masked, gated_block, random_mask
@@ -47,9 +47,9 @@ def _dynamic(cls, c_in, c_out, kernel, stride, padding, groups, bias, k, activat
 
 DYNAMIC = [
     # in, out, kernel, stride, padding, groups, bias, K, activation, map size
-    (16, 24, 3, 1, 1, 1, False, 4, "softmax", 8),  # direct 3x3 path (at most 16 x 16)
+    (16, 24, 3, 1, 1, 1, False, 4, "softmax", 8),  # direct 3x3 path
     (13, 10, 3, 1, 1, 1, True, 3, "sigmoid", 16),  # direct, column remainder (10 = 8 + 2)
-    (16, 16, 3, 1, 1, 1, True, 4, "linear", 20),  # above 16 x 16: convolution backend
+    (16, 48, 3, 1, 1, 1, True, 4, "linear", 20),  # direct, 32 + 16 columns
     (8, 16, 3, 2, 1, 1, True, 4, "softmax", 9),  # strided
     (12, 12, 3, 1, 1, 12, False, 2, "softmax", 7),  # depthwise
     (6, 8, 1, 1, 0, 1, True, 1, "linear", 5),
@@ -130,6 +130,122 @@ def test_direct_conv_matches_conv2d(compiled, c_in, c_out, size, batch, channels
     torch.testing.assert_close(compiled.conv3x3_direct(x, matrix, bias), expected, atol=1e-4, rtol=RTOL)
     torch.testing.assert_close(compiled.conv3x3_direct(x, matrix, None), F.conv2d(x, weight, padding=1),
                                atol=1e-4, rtol=RTOL)
+
+
+TRAIN = [
+    # in, out, batch, height, width, bias, K, channels_last
+    (64, 64, 4, 16, 16, False, 4, False),
+    (5, 13, 3, 7, 6, True, 2, False),  # channels and columns that are not multiples of 8
+    (24, 40, 2, 5, 9, True, 3, True),
+    (16, 70, 5, 6, 6, True, 1, True),
+]
+
+
+def _train_pair(cls, cfg):
+    c_in, c_out, batch, h, w, bias, k, channels_last = cfg
+    fast = _dynamic(cls, c_in, c_out, 3, 1, 1, 1, bias, k, "softmax").train()
+    slow = copy.deepcopy(fast)
+    slow.use_native = False
+    x = torch.randn(batch, c_in, h, w) + torch.randn(batch, c_in, 1, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return fast, slow, x
+
+
+def _grads(module, x, gy):
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(gy)
+    return y.detach(), x.grad, {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cfg", TRAIN, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("cls", [DynamicConv2d, SDConv2d])
+def test_training_op_matches_grouped_conv_path(cfg, cls):
+    # The compiled training op (forward and every gradient) against the grouped-conv PyTorch path.
+    fast, slow, x = _train_pair(cls, cfg)
+    assert x.shape[0] >= torch.get_num_threads()
+    gy = torch.randn(x.shape[0], cfg[1], *x.shape[2:])
+    assert type(fast(x).grad_fn).__name__ == "_DirectDynamicConv3x3Backward"
+    fast.zero_grad()
+    y, gx, grads = _grads(fast, x, gy)
+    y_ref, gx_ref, grads_ref = _grads(slow, x, gy)
+    assert_close(y, y_ref)
+    assert_close(gx, gx_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        assert_close(grads[name], grads_ref[name])
+
+
+def test_training_op_matches_per_sample_reference():
+    fast, _, x = _train_pair(DynamicConv2d, TRAIN[1])
+    gy = torch.randn(x.shape[0], TRAIN[1][1], *x.shape[2:])
+    y, gx, grads = _grads(fast, x, gy)
+    x_ref = x.detach().clone().requires_grad_()
+    fast.zero_grad()
+    fast.forward_reference(x_ref).backward(gy)
+    assert_close(gx, x_ref.grad)
+    assert_close(grads["weight"], fast.weight.grad)
+    assert_close(grads["routing.2.weight"], fast.routing[2].weight.grad)
+
+
+def test_training_op_computes_only_the_gradients_asked_for():
+    fast, slow, x = _train_pair(DynamicConv2d, TRAIN[1])
+    for m in (fast, slow):
+        m.weight.requires_grad_(False)
+    gy = torch.randn(x.shape[0], TRAIN[1][1], *x.shape[2:])
+    y = fast(x)  # x without grad
+    y.backward(gy)
+    slow(x).backward(gy)
+    assert fast.weight.grad is None
+    assert_close(fast.bias.grad, slow.bias.grad)
+    assert_close(fast.routing[2].weight.grad, slow.routing[2].weight.grad)
+
+
+def test_training_op_not_used_where_it_does_not_apply():
+    # Batches below the thread count and other conv geometries train through the grouped conv.
+    m = _dynamic(DynamicConv2d, 8, 8, 3, 2, 1, 1, False, 2, "softmax").train()
+    y = m(torch.randn(4, 8, 6, 6))
+    assert type(y.grad_fn).__name__ != "_DirectDynamicConv3x3Backward"
+    m = _dynamic(DynamicConv2d, 8, 8, 3, 1, 1, 1, False, 2, "softmax").train()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = m(torch.randn(1, 8, 6, 6))
+    finally:
+        torch.set_num_threads(before)
+    assert type(y.grad_fn).__name__ != "_DirectDynamicConv3x3Backward"
+
+
+def test_static_direct_conv_trains_like_conv2d():
+    # The training benchmark's static baseline on the compiled kernels.
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(20, 12, 3, 3, generator=gen, requires_grad=True)
+    x = torch.randn(4, 12, 7, 9, generator=gen, requires_grad=True)
+    gy = torch.randn(4, 20, 7, 9, generator=gen)
+    direct_conv3x3(x, weight).backward(gy)
+    gx, gw = x.grad, weight.grad
+    x.grad = weight.grad = None
+    F.conv2d(x, weight, padding=1).backward(gy)
+    assert_close(gx, x.grad)
+    assert_close(gw, weight.grad)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_training_op_with_other_thread_counts(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast, slow, x = _train_pair(DynamicConv2d, (16, 24, 4, 6, 6, True, 4, False))
+        gy = torch.randn(4, 24, 6, 6)
+        assert type(fast(x).grad_fn).__name__ == "_DirectDynamicConv3x3Backward"
+        y, gx, grads = _grads(fast, x, gy)
+        y_ref, gx_ref, grads_ref = _grads(slow, x, gy)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(gx, gx_ref)
+    for name in grads:
+        assert_close(grads[name], grads_ref[name])
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -71,6 +71,42 @@ def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
     }
 
 
+class _DirectDynamicConv3x3(torch.autograd.Function):
+    """The dynamic 3x3 conv (stride 1, padding 1) with given coefficients as the compiled training op.
+
+    Forward: each sample convolved with its mixed kernel by the direct conv
+    (``csrc/dynamic_conv.cpp``); backward (``csrc/dynamic_conv_grad.cpp``):
+    grad x by the direct conv with the flipped, transposed mixed kernel, and
+    each sample's weight gradient folded into grad a and grad bank on the
+    thread that computed it, so the B per-sample kernels of the grouped-conv
+    formulation never go through memory. Needs a batch of at least the
+    thread count (one sample per thread at a time).
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, bank, bias):  # type: ignore[override]
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        a = a.contiguous()
+        ctx.save_for_backward(x, a, bank, bias)
+        return native.load().dynamic_conv3x3(x, a, bank, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):  # type: ignore[override]
+        x, a, bank, bias = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad]
+        return tuple(native.load().dynamic_conv3x3_backward(gy, x, a, bank, bias, needs))
+
+
+def direct_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Static 3x3 conv (stride 1, padding 1, no bias) through the compiled dynamic-conv op with one kernel and
+    coefficient 1: differentiable, float32 CPU only. The static baseline of the dynamic conv's training
+    benchmark that runs on the same kernels (``benchmarks/bench_dynamic_conv.py``)."""
+    bank = weight.permute(2, 3, 1, 0).reshape(1, -1)
+    return _DirectDynamicConv3x3.apply(x, x.new_ones(x.shape[0], 1), bank, None)
+
+
 class DynamicConv2d(nn.Module):
     """Convolution whose kernel is a per-sample mixture of K static kernels.
 
@@ -131,8 +167,11 @@ class DynamicConv2d(nn.Module):
             nn.Linear(self.hidden, k),
         )
         self._inference_cache: dict[str, tuple[tuple, Any]] = {}
-        # Inference of float32 CPU inputs through the compiled plan (same function; False: PyTorch ops only).
+        # Float32 CPU inputs through the compiled kernels (same function; False: PyTorch ops only): the
+        # inference plan, and for 3x3 / stride 1 / padding 1 ungrouped convs the training op.
         self.use_native = True
+        self._direct = (self.kernel_size, self.stride, self.padding, self.dilation, self.groups) == (
+            (3, 3), (1, 1), (1, 1), (1, 1), 1)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -226,6 +265,10 @@ class DynamicConv2d(nn.Module):
         b, c, h, w = x.shape
         a = self.coefficients(x)
         kernels = self.kernels()
+        if self._direct and self.use_native and b >= torch.get_num_threads() and native.usable(x):
+            # [K, (ky, kx, c_in, c_out)]: the compiled kernels' matrix layout; autograd maps its gradient back.
+            bank = kernels.permute(0, 3, 4, 2, 1).reshape(self.num_kernels, -1)
+            return _DirectDynamicConv3x3.apply(x, a, bank, self.bias)
         # One matmul mixes all samples' kernels; folding the batch into the
         # channel axis then turns B per-sample convs into one grouped conv.
         weight = (a @ kernels.reshape(self.num_kernels, -1)).reshape(b * self.out_channels, *kernels.shape[2:])
@@ -259,7 +302,7 @@ class DynamicConv2d(nn.Module):
 
         float32 CPU inputs run the compiled plan (``pipeline/ops/native.py``):
         pooling, routing MLP, activation and kernel mixing as plain loops and
-        one conv call. Otherwise, at batch 1 the conv of a small map takes a
+        the conv (the per-sample direct 3x3 conv where it applies). Otherwise, at batch 1 the conv of a small map takes a
         fraction of a millisecond, so every extra call shows: the routing MLP
         runs as two ``addmm`` on cached transposed weights (``addmm`` on a
         transposed view is several times slower), and batch 1 runs the plain,

@@ -1,10 +1,13 @@
-"""Compiled CPU inference kernels (``pipeline/ops/csrc``), built on first use.
+"""Compiled CPU kernels (``pipeline/ops/csrc``), built on first use.
 
 At batch 1 the operators of this package are small enough that every Python
 operator call (a few microseconds each) is a visible share of their time. The
 C++ plans compute the same functions as the modules' eval-mode forwards in one
 call each, for float32 CPU tensors; the Python code stays the reference (tests
-compare both) and the path for every other device and dtype.
+compare both) and the path for every other device and dtype. The dynamic 3x3
+conv also trains through them (``dynamic_conv3x3`` and its backward, wrapped
+as an autograd function in ``pipeline/ops/dynamic_conv.py``): per-sample
+kernels as a grouped conv cost about twice the static conv's training step.
 
 The extension is compiled with the machine's C++ compiler the first time it is
 needed (about two minutes on 2 cores) into
@@ -32,8 +35,8 @@ from types import ModuleType
 
 import torch
 
-SOURCES = ("module.cpp", "dynamic_conv.cpp", "sparse_blocks.cpp")
-HEADERS = ("native.h", "row_gemm.h")
+SOURCES = ("module.cpp", "dynamic_conv.cpp", "dynamic_conv_grad.cpp", "sparse_blocks.cpp")
+HEADERS = ("native.h", "row_gemm.h", "direct_conv.h")
 STALE_LOCK_SECONDS = 15 * 60  # a build takes about 2 minutes; a lock this old belongs to a dead build
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")

@@ -8,6 +8,7 @@
 // operator calls of a Python implementation cost as much as the convolution of a small map.
 
 #include "native.h"
+#include "direct_conv.h"
 #include "row_gemm.h"
 
 #include <omp.h>
@@ -48,117 +49,6 @@ void linear(const at::Tensor& weight, const at::Tensor& bias, const float* in, f
   }
 }
 
-// dst = sum_j coef[j] * bank[j] for a [k, n] bank, restricted to the columns [lo, hi) of each row of width
-// ld (n = rows * ld): one vector of dst at a time, summed in a register. A running sum in dst (load, add,
-// store per bank row) measured 3x slower, its stores falsely aliasing the loads of the next bank row (rows
-// of 3x3 kernels are often a multiple of 4 KB apart). Serial: split across two threads, a 64 -> 64 3x3 mix
-// measured 11 us on one and 45 us on two.
-void mix_columns(const float* coef, int64_t k, const float* bank, int64_t n, int64_t ld, int64_t lo, int64_t hi,
-                 float* dst) {
-  constexpr int L = direct::kWideLanes;
-  using V = direct::Simd<L>::V;
-  using U = direct::Simd<L>::U;
-  for (int64_t row = 0; row < n; row += ld) {
-    int64_t i = row + lo;
-    for (; i + L <= row + hi; i += L) {
-      V acc = coef[0] * *reinterpret_cast<const U*>(bank + i);
-      for (int64_t j = 1; j < k; ++j) acc += coef[j] * *reinterpret_cast<const U*>(bank + j * n + i);
-      *reinterpret_cast<U*>(dst + i) = acc;
-    }
-    for (; i < row + hi; ++i) {
-      float acc = coef[0] * bank[i];
-      for (int64_t j = 1; j < k; ++j) acc += coef[j] * bank[j * n + i];
-      dst[i] = acc;
-    }
-  }
-}
-
-void grow(std::vector<float>& buffer, int64_t size) {
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-}
-
-// Positions [lo, hi) of a [C, H*W] (NCHW) sample as rows of a [H * W, C] buffer.
-void transpose_positions(const float* src, int64_t c, int64_t hw, int64_t lo, int64_t hi, float* dst) {
-  constexpr int64_t kTile = 16;
-  for (int64_t p0 = lo; p0 < hi; p0 += kTile)
-    for (int64_t c0 = 0; c0 < c; c0 += kTile)
-      for (int64_t j = c0; j < std::min(c, c0 + kTile); ++j)
-        for (int64_t p = p0; p < std::min(hi, p0 + kTile); ++p) dst[p * c + j] = src[j * hw + p];
-}
-
-// 3x3 conv (stride 1, padding 1) of every sample of x with its own [(ky, kx, c_in), c_out] kernel matrix
-// and bias, as direct row GEMMs (row_gemm.h). kernel_of(n, lo, hi, matrix, bias) returns the (matrix,
-// bias) pointers of sample n valid at least for the output columns [lo, hi): its own, or the buffers it was
-// given after filling those columns (a dynamic kernel; `dynamic` says whether it needs buffers). Output
-// [B, C_out, H, W] in channels_last memory format.
-//
-// With at least as many samples as threads, one sample per thread at a time: its rows (transposed from
-// NCHW into a per-thread buffer) and its kernel stay in that core's L2, where a transpose of the whole batch
-// and one grouped conv stream both through memory. With fewer, all threads share each sample: each
-// transposes a share of the positions, then fills and applies its share of the output columns of the
-// kernel, which so never moves between cores (splitting rows instead, each thread needs the whole kernel).
-template <typename KernelOf>
-at::Tensor conv3x3_samples(const at::Tensor& x, int64_t co, bool dynamic, KernelOf kernel_of) {
-  const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
-  const bool rows_given = x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(rows_given || x.is_contiguous(), "input must be contiguous (NCHW or channels_last)");
-  auto out = at::empty({b, h, w, co}, x.options());
-  const float* src = x.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  std::vector<float> zero(c, 0.f);
-  const float* zp = zero.data();
-  // Per-thread kernel buffers kept between calls: allocating and zeroing them measured a tenth of the
-  // dynamic conv's overhead at batch 1.
-  thread_local std::vector<float> matrix, bias;
-  auto conv = [&](int64_t n, const float* img, int64_t lo, int64_t hi) {
-    if (dynamic) grow(matrix, 9 * c * co), grow(bias, co);
-    const auto [kernel, kernel_bias] = kernel_of(n, lo, hi, matrix.data(), bias.data());
-    direct::row_gemm_columns(hw, 9, c, kernel, co, kernel_bias, lo, hi,
-                             [&](int64_t o, const float** ptrs) {
-                               direct::window_rows(o, h, w, h, w, 1, zp,
-                                                   [&](int64_t, int64_t y, int64_t xx) { return img + (y * w + xx) * c; },
-                                                   ptrs);
-                             },
-                             direct::StoreRows{dst + n * hw * co, co, -direct::kInf, direct::kInf});
-  };
-  const int threads = at::get_num_threads();
-  auto per_sample = [&](int64_t lo, int64_t hi) {
-    thread_local std::vector<float> rows;
-    for (int64_t n = lo; n < hi; ++n) {
-      const float* img = src + n * hw * c;
-      if (!rows_given) {
-        grow(rows, hw * c);
-        transpose_positions(img, c, hw, 0, hw, rows.data());
-        img = rows.data();
-      }
-      conv(n, img, 0, co);
-    }
-  };
-  if (b >= threads || at::in_parallel_region()) {
-    at::parallel_for(0, b, 1, per_sample);
-  } else if (co < 32) {  // too few columns to share: the row blocks of each sample split across threads
-    per_sample(0, b);
-  } else {
-    std::vector<float> rows(rows_given ? 0 : hw * c);
-    for (int64_t n = 0; n < b; ++n) {
-      const float* img = rows_given ? src + n * hw * c : rows.data();
-#pragma omp parallel num_threads(threads)
-      {
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        if (!rows_given) {
-          transpose_positions(src + n * hw * c, c, hw, hw * t / nt, hw * (t + 1) / nt, rows.data());
-#pragma omp barrier
-        }
-        // Shares in whole 16-column chunks (the last takes the remainder).
-        const int64_t chunks = co / 16;
-        const int64_t lo = chunks * t / nt * 16, hi = t + 1 == nt ? co : chunks * (t + 1) / nt * 16;
-        if (lo < hi) conv(n, img, lo, hi);
-      }
-    }
-  }
-  return out.permute({0, 3, 1, 2});
-}
-
 }  // namespace
 
 DynamicConvPlan::DynamicConvPlan(at::Tensor fc1_weight, at::Tensor fc1_bias, at::Tensor fc2_weight,
@@ -197,6 +87,40 @@ DynamicConvPlan::DynamicConvPlan(at::Tensor fc1_weight, at::Tensor fc1_bias, at:
   if (direct_) bank_direct_ = kernels.permute({0, 3, 4, 2, 1}).reshape({k_, -1}).contiguous();
 }
 
+at::Tensor dynamic_conv3x3(const at::Tensor& input, const at::Tensor& a, const at::Tensor& bank,
+                           const c10::optional<at::Tensor>& bias_bank) {
+  check_float_cpu(input, "input");
+  check_float_cpu(a, "coefficients");
+  check_float_cpu(bank, "bank");
+  const int64_t b = input.size(0), c = input.size(1), k = bank.size(0);
+  TORCH_CHECK(input.dim() == 4 && a.dim() == 2 && a.size(0) == b && a.size(1) == k && a.is_contiguous(),
+              "dynamic_conv3x3: expected input [B, C, H, W] and contiguous coefficients [B, K]");
+  TORCH_CHECK(bank.dim() == 2 && bank.is_contiguous() && bank.size(1) % (9 * c) == 0,
+              "dynamic_conv3x3: expected a contiguous kernel bank [K, 9 * C * C_out]");
+  const int64_t co = bank.size(1) / (9 * c);
+  const float* bias = nullptr;
+  if (bias_bank.has_value() && bias_bank->defined()) {
+    check_float_cpu(*bias_bank, "bias bank");
+    TORCH_CHECK(bias_bank->is_contiguous() && bias_bank->numel() == k * co, "dynamic_conv3x3: bias bank must be [K, C_out]");
+    bias = bias_bank->data_ptr<float>();
+  }
+  const auto x = input.is_contiguous() || input.is_contiguous(at::MemoryFormat::ChannelsLast) ? input
+                                                                                                : input.contiguous();
+  const float* pa = a.data_ptr<float>();
+  const float* pb = bank.data_ptr<float>();
+  const int64_t n = bank.size(1);
+  // Each sample's kernel mixed straight into the direct conv's matrix layout, on the thread that uses it.
+  return direct::conv3x3_samples(x, co, true, [&](int64_t s, int64_t lo, int64_t hi, float* matrix, float* sample_bias) {
+    direct::mix_columns(pa + s * k, k, pb, n, co, lo, hi, matrix);
+    if (bias != nullptr) {
+      direct::mix_columns(pa + s * k, k, bias, co, co, lo, hi, sample_bias);
+    } else {
+      std::fill_n(sample_bias, co, 0.f);
+    }
+    return std::make_pair(static_cast<const float*>(matrix), static_cast<const float*>(sample_bias));
+  });
+}
+
 at::Tensor conv3x3_direct(const at::Tensor& input, const at::Tensor& matrix, const c10::optional<at::Tensor>& bias) {
   check_float_cpu(input, "input");
   check_float_cpu(matrix, "matrix");
@@ -208,7 +132,7 @@ at::Tensor conv3x3_direct(const at::Tensor& input, const at::Tensor& matrix, con
                                                                                                 : input.contiguous();
   const float* m = matrix.data_ptr<float>();
   const float* bb = b.data_ptr<float>();
-  return conv3x3_samples(x, co, false,
+  return direct::conv3x3_samples(x, co, false,
                          [&](int64_t, int64_t, int64_t, float*, float*) { return std::make_pair(m, bb); });
 }
 
@@ -264,7 +188,7 @@ at::Tensor DynamicConvPlan::aggregate(const at::Tensor& a) const {
   if (a.size(0) > 1) return at::mm(a, bank_);
   const int64_t n = bank_.size(1);
   auto weight = at::empty({1, n}, bank_.options());
-  mix_columns(a.data_ptr<float>(), k_, bank_.data_ptr<float>(), n, n, 0, n, weight.data_ptr<float>());
+  direct::mix_columns(a.data_ptr<float>(), k_, bank_.data_ptr<float>(), n, n, 0, n, weight.data_ptr<float>());
   return weight;
 }
 
@@ -275,21 +199,7 @@ at::Tensor DynamicConvPlan::forward(const at::Tensor& input) const {
                                                                                                 : input.contiguous();
   const int64_t b = x.size(0), co = shape_[0];
   const auto a = mixing(x);
-  if (direct_) {
-    // Each sample's kernel mixed straight into the direct conv's matrix layout, on the thread that uses it.
-    const float* pa = a.data_ptr<float>();
-    const float* bank = bank_direct_.data_ptr<float>();
-    const float* bias = bias_.defined() ? bias_.data_ptr<float>() : nullptr;
-    return conv3x3_samples(x, co, true, [&](int64_t n, int64_t lo, int64_t hi, float* matrix, float* sample_bias) {
-      mix_columns(pa + n * k_, k_, bank, bank_direct_.size(1), co, lo, hi, matrix);
-      if (bias != nullptr) {
-        mix_columns(pa + n * k_, k_, bias, co, co, lo, hi, sample_bias);
-      } else {
-        std::fill_n(sample_bias, co, 0.f);
-      }
-      return std::make_pair(static_cast<const float*>(matrix), static_cast<const float*>(sample_bias));
-    });
-  }
+  if (direct_) return dynamic_conv3x3(x, a, bank_direct_, bias_);
   const auto weight = aggregate(a);
   c10::optional<at::Tensor> bias;
   if (bias_.defined()) bias = at::mm(a, bias_).view({-1});

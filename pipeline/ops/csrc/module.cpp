@@ -10,6 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("mixing", &native::DynamicConvPlan::mixing)
       .def("aggregate", &native::DynamicConvPlan::aggregate);
   m.def("conv3x3_direct", &native::conv3x3_direct, "3x3 conv (stride 1, padding 1) as direct row GEMMs");
+  m.def("dynamic_conv3x3", &native::dynamic_conv3x3, "dynamic 3x3 conv with given coefficients");
+  m.def("dynamic_conv3x3_backward", &native::dynamic_conv3x3_backward, "gradients of dynamic_conv3x3");
   pybind11::class_<native::BasicBlockPlan>(m, "BasicBlockPlan")
       .def(pybind11::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

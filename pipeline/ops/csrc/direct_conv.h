@@ -1,0 +1,130 @@
+// Per-sample direct 3x3 convolutions with per-sample (dynamic) kernels, shared by the dynamic conv's
+// inference plan and its training kernels (dynamic_conv.cpp, dynamic_conv_grad.cpp).
+#pragma once
+
+#include "row_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace native {
+namespace direct {
+
+// dst = sum_j coef[j] * bank[j] for a [k, n] bank, restricted to the columns [lo, hi) of each row of width
+// ld (n = rows * ld): one vector of dst at a time, summed in a register. A running sum in dst (load, add,
+// store per bank row) measured 3x slower, its stores falsely aliasing the loads of the next bank row (rows
+// of 3x3 kernels are often a multiple of 4 KB apart). Serial: split across two threads, a 64 -> 64 3x3 mix
+// measured 11 us on one and 45 us on two.
+inline void mix_columns(const float* coef, int64_t k, const float* bank, int64_t n, int64_t ld, int64_t lo, int64_t hi,
+                 float* dst) {
+  constexpr int L = kWideLanes;
+  using V = Simd<L>::V;
+  using U = Simd<L>::U;
+  for (int64_t row = 0; row < n; row += ld) {
+    int64_t i = row + lo;
+    for (; i + L <= row + hi; i += L) {
+      V acc = coef[0] * *reinterpret_cast<const U*>(bank + i);
+      for (int64_t j = 1; j < k; ++j) acc += coef[j] * *reinterpret_cast<const U*>(bank + j * n + i);
+      *reinterpret_cast<U*>(dst + i) = acc;
+    }
+    for (; i < row + hi; ++i) {
+      float acc = coef[0] * bank[i];
+      for (int64_t j = 1; j < k; ++j) acc += coef[j] * bank[j * n + i];
+      dst[i] = acc;
+    }
+  }
+}
+
+inline void grow(std::vector<float>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+}
+
+// Positions [lo, hi) of a [C, H*W] (NCHW) sample as rows of a [H * W, C] buffer.
+inline void transpose_positions(const float* src, int64_t c, int64_t hw, int64_t lo, int64_t hi, float* dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t p0 = lo; p0 < hi; p0 += kTile)
+    for (int64_t c0 = 0; c0 < c; c0 += kTile)
+      for (int64_t j = c0; j < std::min(c, c0 + kTile); ++j)
+        for (int64_t p = p0; p < std::min(hi, p0 + kTile); ++p) dst[p * c + j] = src[j * hw + p];
+}
+
+// 3x3 conv (stride 1, padding 1) of every sample of x with its own [(ky, kx, c_in), c_out] kernel matrix
+// and bias, as direct row GEMMs (row_gemm.h). kernel_of(n, lo, hi, matrix, bias) returns the (matrix,
+// bias) pointers of sample n valid at least for the output columns [lo, hi): its own, or the buffers it was
+// given after filling those columns (a dynamic kernel; `dynamic` says whether it needs buffers). Output
+// [B, C_out, H, W] in channels_last memory format.
+//
+// With at least as many samples as threads, one sample per thread at a time: its rows (transposed from
+// NCHW into a per-thread buffer) and its kernel stay in that core's L2, where a transpose of the whole batch
+// and one grouped conv stream both through memory. With fewer, all threads share each sample: each
+// transposes a share of the positions, then fills and applies its share of the output columns of the
+// kernel, which so never moves between cores (splitting rows instead, each thread needs the whole kernel).
+template <typename KernelOf>
+at::Tensor conv3x3_samples(const at::Tensor& x, int64_t co, bool dynamic, KernelOf kernel_of) {
+  const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
+  const bool rows_given = x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(rows_given || x.is_contiguous(), "input must be contiguous (NCHW or channels_last)");
+  auto out = at::empty({b, h, w, co}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  std::vector<float> zero(c, 0.f);
+  const float* zp = zero.data();
+  // Per-thread kernel buffers kept between calls: allocating and zeroing them measured a tenth of the
+  // dynamic conv's overhead at batch 1.
+  thread_local std::vector<float> matrix, bias;
+  auto conv = [&](int64_t n, const float* img, int64_t lo, int64_t hi) {
+    if (dynamic) grow(matrix, 9 * c * co), grow(bias, co);
+    const auto [kernel, kernel_bias] = kernel_of(n, lo, hi, matrix.data(), bias.data());
+    row_gemm_columns(hw, 9, c, kernel, co, kernel_bias, lo, hi,
+                             [&](int64_t o, const float** ptrs) {
+                               window_rows(o, h, w, h, w, 1, zp,
+                                                   [&](int64_t, int64_t y, int64_t xx) { return img + (y * w + xx) * c; },
+                                                   ptrs);
+                             },
+                             StoreRows{dst + n * hw * co, co, -kInf, kInf});
+  };
+  const int threads = at::get_num_threads();
+  auto per_sample = [&](int64_t lo, int64_t hi) {
+    thread_local std::vector<float> rows;
+    for (int64_t n = lo; n < hi; ++n) {
+      const float* img = src + n * hw * c;
+      if (!rows_given) {
+        grow(rows, hw * c);
+        transpose_positions(img, c, hw, 0, hw, rows.data());
+        img = rows.data();
+      }
+      conv(n, img, 0, co);
+    }
+  };
+  if (b >= threads || at::in_parallel_region()) {
+    at::parallel_for(0, b, 1, per_sample);
+  } else if (co < 32) {  // too few columns to share: the row blocks of each sample split across threads
+    per_sample(0, b);
+  } else {
+    std::vector<float> rows(rows_given ? 0 : hw * c);
+    for (int64_t n = 0; n < b; ++n) {
+      const float* img = rows_given ? src + n * hw * c : rows.data();
+#pragma omp parallel num_threads(threads)
+      {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (!rows_given) {
+          transpose_positions(src + n * hw * c, c, hw, hw * t / nt, hw * (t + 1) / nt, rows.data());
+#pragma omp barrier
+        }
+        // Shares in whole 16-column chunks (the last takes the remainder).
+        const int64_t chunks = co / 16;
+        const int64_t lo = chunks * t / nt * 16, hi = t + 1 == nt ? co : chunks * (t + 1) / nt * 16;
+        if (lo < hi) conv(n, img, lo, hi);
+      }
+    }
+  }
+  return out.permute({0, 3, 1, 2});
+}
+
+}  // namespace direct
+}  // namespace native
