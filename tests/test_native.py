@@ -97,9 +97,11 @@ def test_dynamic_plan_follows_parameter_changes():
         third = m(x)
         m.set_temperature(5.0)
         fourth = m(x)
-    for before, after in ((first, second), (second, third), (third, fourth)):
+        m.weight.data = m.weight.data * 0.5  # new storage under the same parameter object
+        fifth = m(x)
+    for before, after in ((first, second), (second, third), (third, fourth), (fourth, fifth)):
         assert not torch.allclose(before, after)
-    assert_close(fourth, m.forward_reference(x).detach())
+    assert_close(fifth, m.forward_reference(x).detach())
 
 
 def test_sdconv_plan_follows_threshold_changes():

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 namespace native {
@@ -18,10 +20,11 @@ namespace direct {
 // dst = sum_j coef[j] * bank[j] for a [k, n] bank, restricted to the columns [lo, hi) of each row of width
 // ld (n = rows * ld): one vector of dst at a time, summed in a register. A running sum in dst (load, add,
 // store per bank row) measured 3x slower, its stores falsely aliasing the loads of the next bank row (rows
-// of 3x3 kernels are often a multiple of 4 KB apart). Serial: split across two threads, a 64 -> 64 3x3 mix
-// measured 11 us on one and 45 us on two.
-inline void mix_columns(const float* coef, int64_t k, const float* bank, int64_t n, int64_t ld, int64_t lo, int64_t hi,
-                 float* dst) {
+// of 3x3 kernels are often a multiple of 4 KB apart). Serial (callers split columns or samples across
+// threads): split as one more parallel loop over two threads, a 64 -> 64 3x3 mix measured 11 us on one and
+// 45 us on two.
+inline void mix_columns(const float* coef, int64_t k, const float* bank, int64_t n, int64_t ld, int64_t lo,
+                        int64_t hi, float* dst) {
   constexpr int L = kWideLanes;
   using V = Simd<L>::V;
   using U = Simd<L>::U;
@@ -40,9 +43,29 @@ inline void mix_columns(const float* coef, int64_t k, const float* bank, int64_t
   }
 }
 
-inline void grow(std::vector<float>& buffer, int64_t size) {
-  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
-}
+// A growable float buffer aligned to a 64-byte cache line, kept between calls (thread_local at its users):
+// a 16-lane load from a std::vector's 16-byte-aligned data splits across two lines, which made a mixed
+// kernel measurably slower to convolve with than the same kernel in an (aligned) tensor. Contents are not
+// initialised and not kept when it grows.
+class Buffer {
+ public:
+  float* get(int64_t size) {
+    if (size > capacity_) {
+      const int64_t bytes = (std::max<int64_t>(size, 1) * 4 + 63) / 64 * 64;
+      storage_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(storage_ != nullptr, "out of memory for a ", bytes, "-byte buffer");
+      capacity_ = size;
+    }
+    return storage_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> storage_;
+  int64_t capacity_ = 0;
+};
 
 // Positions [lo, hi) of a [C, H*W] (NCHW) sample as rows of a [H * W, C] buffer.
 inline void transpose_positions(const float* src, int64_t c, int64_t hw, int64_t lo, int64_t hi, float* dst) {
@@ -76,29 +99,30 @@ at::Tensor conv3x3_samples(const at::Tensor& x, int64_t co, bool dynamic, Kernel
   const float* zp = zero.data();
   // Per-thread kernel buffers kept between calls: allocating and zeroing them measured a tenth of the
   // dynamic conv's overhead at batch 1.
-  thread_local std::vector<float> matrix, bias;
-  auto conv = [&](int64_t n, const float* img, int64_t lo, int64_t hi) {
-    if (dynamic) grow(matrix, 9 * c * co), grow(bias, co);
-    const auto [kernel, kernel_bias] = kernel_of(n, lo, hi, matrix.data(), bias.data());
-    row_gemm_columns(hw, 9, c, kernel, co, kernel_bias, lo, hi,
-                             [&](int64_t o, const float** ptrs) {
-                               window_rows(o, h, w, h, w, 1, zp,
-                                                   [&](int64_t, int64_t y, int64_t xx) { return img + (y * w + xx) * c; },
-                                                   ptrs);
-                             },
-                             StoreRows{dst + n * hw * co, co, -kInf, kInf});
+  thread_local Buffer matrix, bias;
+  // The kernel of sample n for columns [lo, hi) (mixed into this thread's buffers if dynamic).
+  auto kernel = [&](int64_t n, int64_t lo, int64_t hi) {
+    return dynamic ? kernel_of(n, lo, hi, matrix.get(9 * c * co), bias.get(co)) : kernel_of(n, lo, hi, nullptr, nullptr);
+  };
+  auto conv = [&](int64_t n, const float* img, int64_t lo, int64_t hi, std::pair<const float*, const float*> k) {
+    row_gemm_columns(hw, 9, c, k.first, co, k.second, lo, hi,
+                     [&](int64_t o, const float** ptrs) {
+                       window_rows(o, h, w, h, w, 1, zp,
+                                   [&](int64_t, int64_t y, int64_t xx) { return img + (y * w + xx) * c; }, ptrs);
+                     },
+                     StoreRows{dst + n * hw * co, co, -kInf, kInf});
   };
   const int threads = at::get_num_threads();
   auto per_sample = [&](int64_t lo, int64_t hi) {
-    thread_local std::vector<float> rows;
+    thread_local Buffer rows;
     for (int64_t n = lo; n < hi; ++n) {
       const float* img = src + n * hw * c;
       if (!rows_given) {
-        grow(rows, hw * c);
-        transpose_positions(img, c, hw, 0, hw, rows.data());
-        img = rows.data();
+        float* buffer = rows.get(hw * c);
+        transpose_positions(img, c, hw, 0, hw, buffer);
+        img = buffer;
       }
-      conv(n, img, 0, co);
+      conv(n, img, 0, co, kernel(n, 0, co));
     }
   };
   if (b >= threads || at::in_parallel_region()) {
@@ -106,20 +130,21 @@ at::Tensor conv3x3_samples(const at::Tensor& x, int64_t co, bool dynamic, Kernel
   } else if (co < 32) {  // too few columns to share: the row blocks of each sample split across threads
     per_sample(0, b);
   } else {
-    std::vector<float> rows(rows_given ? 0 : hw * c);
+    thread_local Buffer shared_rows;  // the calling thread's; the team fills and reads it
+    float* rows = rows_given ? nullptr : shared_rows.get(hw * c);
     for (int64_t n = 0; n < b; ++n) {
-      const float* img = rows_given ? src + n * hw * c : rows.data();
+      const float* img = rows_given ? src + n * hw * c : rows;
 #pragma omp parallel num_threads(threads)
       {
         const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        if (!rows_given) {
-          transpose_positions(src + n * hw * c, c, hw, hw * t / nt, hw * (t + 1) / nt, rows.data());
-#pragma omp barrier
-        }
         // Shares in whole 16-column chunks (the last takes the remainder).
         const int64_t chunks = co / 16;
         const int64_t lo = chunks * t / nt * 16, hi = t + 1 == nt ? co : chunks * (t + 1) / nt * 16;
-        if (lo < hi) conv(n, img, lo, hi);
+        if (!rows_given) transpose_positions(src + n * hw * c, c, hw, hw * t / nt, hw * (t + 1) / nt, rows);
+        // Mixed before the barrier: a thread done with its rows need not wait to start on its kernel.
+        const auto k = lo < hi ? kernel(n, lo, hi) : std::pair<const float*, const float*>{nullptr, nullptr};
+#pragma omp barrier
+        if (lo < hi) conv(n, img, lo, hi, k);
       }
     }
   }

@@ -192,6 +192,31 @@ at::Tensor DynamicConvPlan::aggregate(const at::Tensor& a) const {
   return weight;
 }
 
+bool DynamicConvPlan::watch(const std::vector<c10::optional<at::Tensor>>& sources) {
+  watched_.clear();
+  versions_.clear();
+  storage_.clear();
+  for (const auto& t : sources) {
+    if (!t.has_value() || !t->defined()) continue;
+    if (t->is_inference()) return false;
+    watched_.push_back(*t);
+    versions_.push_back(t->_version());
+    storage_.push_back(t->data_ptr());
+  }
+  return true;
+}
+
+bool DynamicConvPlan::current() const {
+  for (size_t i = 0; i < watched_.size(); ++i)
+    if (watched_[i]._version() != versions_[i] || watched_[i].data_ptr() != storage_[i]) return false;
+  return true;
+}
+
+c10::optional<at::Tensor> DynamicConvPlan::forward_if_current(const at::Tensor& x) const {
+  if (!current()) return c10::nullopt;
+  return forward(x);
+}
+
 at::Tensor DynamicConvPlan::forward(const at::Tensor& input) const {
   check_float_cpu(input, "input");
   TORCH_CHECK(input.dim() == 4 && input.size(1) == in_channels_, "input must be [B, ", in_channels_, ", H, W]");

@@ -109,13 +109,13 @@ void axpy(float alpha, const float* x, int64_t n, float* y) {
 }
 
 // Rows [H * W, C] of sample s: the tensor's own memory if channels_last, else a transposed copy in `buffer`.
-const float* sample_rows(const at::Tensor& t, int64_t s, std::vector<float>& buffer) {
+const float* sample_rows(const at::Tensor& t, int64_t s, direct::Buffer& buffer) {
   const int64_t c = t.size(1), hw = t.size(2) * t.size(3);
   const float* src = t.data_ptr<float>() + s * c * hw;
   if (!t.is_contiguous()) return src;  // channels_last
-  direct::grow(buffer, hw * c);
-  direct::transpose_positions(src, c, hw, 0, hw, buffer.data());
-  return buffer.data();
+  float* rows = buffer.get(hw * c);
+  direct::transpose_positions(src, c, hw, 0, hw, rows);
+  return rows;
 }
 
 at::Tensor rows_layout(const at::Tensor& t) {
@@ -156,15 +156,15 @@ std::vector<at::Tensor> dynamic_conv3x3_backward(const at::Tensor& gy_in, const 
   std::vector<float> zero_bias(ci, 0.f), zero_row(co, 0.f);
 
   at::parallel_for(0, b, 1, [&](int64_t lo, int64_t hi) {
-    thread_local std::vector<float> xbuf, gbuf, kernel, grad, gsum;
+    thread_local direct::Buffer xbuf, gbuf, kernel_buffer, grad_buffer, gsum_buffer;
     const int64_t tid = at::get_thread_num();
     for (int64_t s = lo; s < hi; ++s) {
       const float* as = pa + s * k;
       const float* grows = sample_rows(gy, s, gbuf);
       if (need_x) {
-        direct::grow(kernel, n);
-        direct::mix_columns(as, k, bank_t.data_ptr<float>(), n, ci, 0, ci, kernel.data());
-        direct::row_gemm(hw, 9, co, kernel.data(), ci, zero_bias.data(),
+        float* kernel = kernel_buffer.get(n);
+        direct::mix_columns(as, k, bank_t.data_ptr<float>(), n, ci, 0, ci, kernel);
+        direct::row_gemm(hw, 9, co, kernel, ci, zero_bias.data(),
                          [&](int64_t o, const float** ptrs) {
                            direct::window_rows(o, h, w, h, w, 1, zero_row.data(),
                                                [&](int64_t, int64_t y, int64_t xx) { return grows + (y * w + xx) * co; },
@@ -174,21 +174,21 @@ std::vector<at::Tensor> dynamic_conv3x3_backward(const at::Tensor& gy_in, const 
       }
       if (!need_g) continue;
       const float* xrows = sample_rows(x, s, xbuf);
-      direct::grow(grad, n);
-      weight_grad(xrows, grows, h, w, ci, co, grad.data());
+      float* grad = grad_buffer.get(n);
+      weight_grad(xrows, grows, h, w, ci, co, grad);
+      float* gsum = gsum_buffer.get(co);
       if (has_bias) {
-        direct::grow(gsum, co);
-        std::fill_n(gsum.data(), co, 0.f);
-        for (int64_t p = 0; p < hw; ++p) axpy(1.f, grows + p * co, co, gsum.data());
+        std::fill_n(gsum, co, 0.f);
+        for (int64_t p = 0; p < hw; ++p) axpy(1.f, grows + p * co, co, gsum);
       }
       for (int64_t j = 0; j < k; ++j) {
         if (need_a) {
-          float g = dot(grad.data(), bank.data_ptr<float>() + j * n, n);
-          if (has_bias) g += dot(gsum.data(), bias + j * co, co);
+          float g = dot(grad, bank.data_ptr<float>() + j * n, n);
+          if (has_bias) g += dot(gsum, bias + j * co, co);
           ga.data_ptr<float>()[s * k + j] = g;
         }
-        if (need_bank) axpy(as[j], grad.data(), n, partial.data_ptr<float>() + (tid * k + j) * n);
-        if (need_bias) axpy(as[j], gsum.data(), co, partial_bias.data_ptr<float>() + (tid * k + j) * co);
+        if (need_bank) axpy(as[j], grad, n, partial.data_ptr<float>() + (tid * k + j) * n);
+        if (need_bias) axpy(as[j], gsum, co, partial_bias.data_ptr<float>() + (tid * k + j) * co);
       }
     }
   });

@@ -24,6 +24,12 @@ class DynamicConvPlan {
                   std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                   int64_t groups);
   at::Tensor forward(const at::Tensor& x) const;
+  // Remember the tensors the plan was built from (false for inference tensors, which have no version
+  // counter); forward_if_current then returns nothing once one of them was changed in place or got new
+  // storage, checked here because the same checks in Python cost a visible share of a small layer.
+  bool watch(const std::vector<c10::optional<at::Tensor>>& sources);
+  bool current() const;
+  c10::optional<at::Tensor> forward_if_current(const at::Tensor& x) const;
   // Mixing coefficients a(x), [B, K].
   at::Tensor mixing(const at::Tensor& x) const;
   // Aggregated kernels sum_k a_k W_k, [B, C_out * C_in / groups * kh * kw], of coefficients a [B, K].
@@ -38,6 +44,9 @@ class DynamicConvPlan {
   int64_t groups_, k_ = 0, in_channels_ = 0, hidden_ = 0;
   bool direct_ = false;  // 3x3 / stride 1 / padding 1 / ungrouped: runs the direct conv per sample
   at::Tensor fc1_, fc1_bias_, fc2_, fc2_bias_, bank_, bias_, bank_direct_;
+  std::vector<at::Tensor> watched_;
+  std::vector<int64_t> versions_;
+  std::vector<const void*> storage_;
 };
 
 // 3x3 conv, stride 1, padding 1, as direct row GEMMs on channels-last rows (row_gemm.h), the one
