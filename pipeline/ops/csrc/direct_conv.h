@@ -67,6 +67,11 @@ class Buffer {
   int64_t capacity_ = 0;
 };
 
+// t itself if NCHW- or channels_last-contiguous (the two layouts the direct conv reads), else a contiguous copy.
+inline at::Tensor rows_layout(const at::Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ? t : t.contiguous();
+}
+
 // Positions [lo, hi) of a [C, H*W] (NCHW) sample as rows of a [H * W, C] buffer.
 inline void transpose_positions(const float* src, int64_t c, int64_t hw, int64_t lo, int64_t hi, float* dst) {
   constexpr int64_t kTile = 16;

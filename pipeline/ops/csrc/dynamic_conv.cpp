@@ -104,8 +104,7 @@ at::Tensor dynamic_conv3x3(const at::Tensor& input, const at::Tensor& a, const a
     TORCH_CHECK(bias_bank->is_contiguous() && bias_bank->numel() == k * co, "dynamic_conv3x3: bias bank must be [K, C_out]");
     bias = bias_bank->data_ptr<float>();
   }
-  const auto x = input.is_contiguous() || input.is_contiguous(at::MemoryFormat::ChannelsLast) ? input
-                                                                                                : input.contiguous();
+  const auto x = direct::rows_layout(input);
   const float* pa = a.data_ptr<float>();
   const float* pb = bank.data_ptr<float>();
   const int64_t n = bank.size(1);
@@ -128,8 +127,7 @@ at::Tensor conv3x3_direct(const at::Tensor& input, const at::Tensor& matrix, con
               "conv3x3_direct: expected input [B, C, H, W] and a contiguous kernel matrix [9 * C, C_out]");
   const int64_t co = matrix.size(1);
   const auto b = bias.has_value() && bias->defined() ? bias->contiguous() : at::zeros({co}, matrix.options());
-  const auto x = input.is_contiguous() || input.is_contiguous(at::MemoryFormat::ChannelsLast) ? input
-                                                                                                : input.contiguous();
+  const auto x = direct::rows_layout(input);
   const float* m = matrix.data_ptr<float>();
   const float* bb = b.data_ptr<float>();
   return direct::conv3x3_samples(x, co, false,
@@ -212,16 +210,10 @@ bool DynamicConvPlan::current() const {
   return true;
 }
 
-c10::optional<at::Tensor> DynamicConvPlan::forward_if_current(const at::Tensor& x) const {
-  if (!current()) return c10::nullopt;
-  return forward(x);
-}
-
 at::Tensor DynamicConvPlan::forward(const at::Tensor& input) const {
   check_float_cpu(input, "input");
   TORCH_CHECK(input.dim() == 4 && input.size(1) == in_channels_, "input must be [B, ", in_channels_, ", H, W]");
-  const auto x = input.is_contiguous() || input.is_contiguous(at::MemoryFormat::ChannelsLast) ? input
-                                                                                                : input.contiguous();
+  const auto x = direct::rows_layout(input);
   const int64_t b = x.size(0), co = shape_[0];
   const auto a = mixing(x);
   if (direct_) return dynamic_conv3x3(x, a, bank_direct_, bias_);

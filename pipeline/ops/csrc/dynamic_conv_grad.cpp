@@ -78,13 +78,12 @@ void weight_grad_column(const float* x, const float* g, int64_t h, int64_t w, in
 }
 
 void weight_grad(const float* x, const float* g, int64_t h, int64_t w, int64_t ci, int64_t co, float* grad) {
+  using direct::kRows16, direct::kRows32, direct::kRows64;
   constexpr int L = direct::kWideLanes;
-  // 24 accumulators with 16 lanes (as row_gemm).
-  constexpr int R64 = L == 16 ? 6 : 4, R32 = L == 16 ? 12 : 4, R16 = L == 16 ? 12 : 6;
   int64_t col0 = 0;
-  for (; col0 + 64 <= co; col0 += 64) weight_grad_chunk<L, 64, R64>(x, g, h, w, ci, co, col0, grad);
-  for (; col0 + 32 <= co; col0 += 32) weight_grad_chunk<L, 32, R32>(x, g, h, w, ci, co, col0, grad);
-  for (; col0 + 16 <= co; col0 += 16) weight_grad_chunk<L, 16, R16>(x, g, h, w, ci, co, col0, grad);
+  for (; col0 + 64 <= co; col0 += 64) weight_grad_chunk<L, 64, kRows64>(x, g, h, w, ci, co, col0, grad);
+  for (; col0 + 32 <= co; col0 += 32) weight_grad_chunk<L, 32, kRows32>(x, g, h, w, ci, co, col0, grad);
+  for (; col0 + 16 <= co; col0 += 16) weight_grad_chunk<L, 16, kRows16>(x, g, h, w, ci, co, col0, grad);
   for (; col0 + 8 <= co; col0 += 8) weight_grad_chunk<8, 8, 8>(x, g, h, w, ci, co, col0, grad);
   for (; col0 < co; ++col0) weight_grad_column(x, g, h, w, ci, co, col0, grad);
 }
@@ -118,10 +117,6 @@ const float* sample_rows(const at::Tensor& t, int64_t s, direct::Buffer& buffer)
   return rows;
 }
 
-at::Tensor rows_layout(const at::Tensor& t) {
-  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ? t : t.contiguous();
-}
-
 }  // namespace
 
 std::vector<at::Tensor> dynamic_conv3x3_backward(const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& a,
@@ -139,7 +134,7 @@ std::vector<at::Tensor> dynamic_conv3x3_backward(const at::Tensor& gy_in, const 
   const float* bias = has_bias ? bias_bank->data_ptr<float>() : nullptr;
   const bool need_x = needs[0], need_a = needs[1], need_bank = needs[2], need_bias = needs[3] && has_bias;
   const bool need_g = need_a || need_bank || need_bias;
-  const auto x = rows_layout(x_in), gy = rows_layout(gy_in);
+  const auto x = direct::rows_layout(x_in), gy = direct::rows_layout(gy_in);
   const auto opts = x.options();
 
   at::Tensor gx, ga, gbank, gbias, bank_t, partial, partial_bias;

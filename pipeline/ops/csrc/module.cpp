@@ -9,7 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &native::DynamicConvPlan::forward)
       .def("watch", &native::DynamicConvPlan::watch)
       .def("current", &native::DynamicConvPlan::current)
-      .def("forward_if_current", &native::DynamicConvPlan::forward_if_current)
       .def("mixing", &native::DynamicConvPlan::mixing)
       .def("aggregate", &native::DynamicConvPlan::aggregate);
   m.def("conv3x3_direct", &native::conv3x3_direct, "3x3 conv (stride 1, padding 1) as direct row GEMMs");

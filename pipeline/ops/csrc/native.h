@@ -25,11 +25,10 @@ class DynamicConvPlan {
                   int64_t groups);
   at::Tensor forward(const at::Tensor& x) const;
   // Remember the tensors the plan was built from (false for inference tensors, which have no version
-  // counter); forward_if_current then returns nothing once one of them was changed in place or got new
-  // storage, checked here because the same checks in Python cost a visible share of a small layer.
+  // counter); current() is false once one of them was changed in place or got new storage, checked here
+  // because the same checks in Python cost a visible share of a small layer.
   bool watch(const std::vector<c10::optional<at::Tensor>>& sources);
   bool current() const;
-  c10::optional<at::Tensor> forward_if_current(const at::Tensor& x) const;
   // Mixing coefficients a(x), [B, K].
   at::Tensor mixing(const at::Tensor& x) const;
   // Aggregated kernels sum_k a_k W_k, [B, C_out * C_in / groups * kh * kw], of coefficients a [B, K].

@@ -44,6 +44,13 @@ constexpr int kWideLanes = 8;
 using Vec8 = Simd<8>::V;
 using Lanes8 = Simd<8>::U;
 
+// Register-block heights (output rows per block) of the 64 / 32 / 16-column chunks of row_gemm and of the
+// weight gradient (dynamic_conv_grad.cpp): 24 of 32 zmm registers as accumulators with 16 lanes, 32 of 32
+// ymm with 8 (AVX-512VL).
+constexpr int kRows64 = kWideLanes == 16 ? 6 : 4;
+constexpr int kRows32 = kWideLanes == 16 ? 12 : 4;
+constexpr int kRows16 = kWideLanes == 16 ? 12 : 6;
+
 // R rows x CO columns of the output; R x CO / L accumulators, so R is chosen per CO to fill (not spill) the
 // register file. Loops over the rows of [lo, hi) in blocks of R.
 template <int L, int CO, int R, typename RowsOf, typename Store>
@@ -129,11 +136,9 @@ void row_gemm_columns(int64_t n, int64_t taps, int64_t cin, const float* w, int6
   const float* z = zero.data();
   int64_t col0 = col_lo;
   constexpr int L = kWideLanes;
-  // Accumulators per chunk: 24 of 32 zmm registers with 16 lanes, 32 of 32 ymm with 8 (AVX-512VL).
-  constexpr int R64 = L == 16 ? 6 : 4, R32 = L == 16 ? 12 : 4, R16 = L == 16 ? 12 : 6;
-  for (; col0 + 64 <= col_hi; col0 += 64) row_gemm_chunk<L, 64, R64>(n, taps, cin, w, ldw, b, col0, z, rows_of, store);
-  for (; col0 + 32 <= col_hi; col0 += 32) row_gemm_chunk<L, 32, R32>(n, taps, cin, w, ldw, b, col0, z, rows_of, store);
-  for (; col0 + 16 <= col_hi; col0 += 16) row_gemm_chunk<L, 16, R16>(n, taps, cin, w, ldw, b, col0, z, rows_of, store);
+  for (; col0 + 64 <= col_hi; col0 += 64) row_gemm_chunk<L, 64, kRows64>(n, taps, cin, w, ldw, b, col0, z, rows_of, store);
+  for (; col0 + 32 <= col_hi; col0 += 32) row_gemm_chunk<L, 32, kRows32>(n, taps, cin, w, ldw, b, col0, z, rows_of, store);
+  for (; col0 + 16 <= col_hi; col0 += 16) row_gemm_chunk<L, 16, kRows16>(n, taps, cin, w, ldw, b, col0, z, rows_of, store);
   for (; col0 + 8 <= col_hi; col0 += 8) row_gemm_chunk<8, 8, 8>(n, taps, cin, w, ldw, b, col0, z, rows_of, store);
   for (; col0 < col_hi; ++col0) row_gemm_column(n, taps, cin, w, ldw, b, col0, rows_of, store);
 }
