@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from benchmarks import apply_timing_args, timing_args
-from pipeline.latency import tune_malloc
+from pipeline.timing import tune_malloc
 from pipeline.ops import native
 from pipeline.ops.dynamic_conv import DynamicConv2d, direct_conv3x3
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -15,20 +15,21 @@ def run_stage(
     name: str,
     main: Callable[..., None],
     description: str,
-    methods: Sequence[str] = (),
+    methods: Callable[[], list[str]] | None = None,
     options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> None:
-    """Parse ``--params`` (and a method name when ``methods`` is given), validate
-    the whole config, then run ``main(cfg)`` or ``main(cfg, method)``;
-    ``options`` adds stage-specific flags, passed on as keyword arguments.
+    """Parse ``--params`` (and a method name when ``methods`` gives the accepted ones), validate
+    the config, then run ``main(cfg)`` or ``main(cfg, method)``; ``options`` adds stage-specific
+    flags, passed on as keyword arguments.
 
     Validation happens before ``main`` touches any output. A :class:`UserError`
     anywhere prints ``<stage>: error: <message>`` and exits 2; anything else is
     a bug and keeps its traceback.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if methods:
-        parser.add_argument("method", choices=list(methods))
+        parser.add_argument("method", help="one of: " + ", ".join(methods()))
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     if options:
         options(parser)
@@ -37,6 +38,8 @@ def run_stage(
     label = f"{name}@{args.method}" if methods else name
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if methods and args.method not in methods():
+            raise UserError(f"unknown method {args.method!r}; this stage takes one of: {', '.join(methods())}")
         cfg = load_config(args.params)
         main(cfg, args.method, **extra) if methods else main(cfg, **extra)
     except UserError as err:

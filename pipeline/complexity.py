@@ -5,15 +5,20 @@ grouped-conv trick of dynamic convolution hides the conv from module hooks, and
 a dense-masked gated block costs the same as a dense one to every counter. So
 the count is ptflops with the backend pinned to ``pytorch`` (module hooks),
 functional patching off (it would double count inside our modules), and one
-custom hook per operator that asks the operator itself:
+custom hook for every operator that counts itself: a module with a
+``counted_macs(x)`` method reports the MACs of the forward it just ran on the
+batch ``x``. For example:
 
-- ``DynamicConv2d`` / ``SDConv2d``: ``module.macs(input_shape)["total"]``
-  (conv + kernel aggregation + coefficient branch; SD-Conv counts kept weights).
-- ``GatedBasicBlock`` / ``GatedInvertedResidual``: ``module.macs_per_image()``
-  from the masks of the forward that just ran (mask unit + executed positions,
-  dilated mask for the first conv + dense shortcut projection). ptflops does
-  not descend into a module that has a hook, so the block's inner convs are
-  not counted twice.
+- ``DynamicConv2d`` / ``SDConv2d`` / ``ODConv2d``: conv + kernel aggregation
+  + attention branch, from the operator's ``macs(input_shape)`` (SD-Conv
+  counts kept weights).
+- Gated blocks (DynConv): from the masks of the forward that just ran (mask
+  unit + executed positions, dilated mask for the first conv + dense shortcut
+  projection). ptflops does not descend into a module that has a hook, so
+  the block's inner convs are not counted twice.
+
+Parameters: a module with ``pruned_params()`` (SD-Conv) reports how many of
+its parameters its masks remove; nonzero parameters leave those out.
 
 BatchNorm, activations and pooling are excluded, as in ``torch.utils.flop_counter``:
 the counts are multiply-accumulates of convolutions and linear layers. MACs,
@@ -33,22 +38,13 @@ EXCLUDED = [
 ]
 
 
-def _dynamic_hook(module, inputs, output) -> None:
-    x = inputs[0]
-    module.__flops__ += int(module.macs(tuple(x.shape[1:]))["total"]) * x.shape[0]
+def _self_counting_hook(module, inputs, output) -> None:
+    module.__flops__ += int(module.counted_macs(inputs[0]))
 
 
-def _gated_hook(module, inputs, output) -> None:
-    module.__flops__ += int(module.macs_per_image().sum().item())
-
-
-def custom_hooks() -> dict:
-    from pipeline.ops.dynamic_conv import DynamicConv2d
-    from pipeline.ops.sd_conv import SDConv2d
-    from pipeline.ops.spatial_gate import GatedBasicBlock, GatedInvertedResidual
-
-    return {DynamicConv2d: _dynamic_hook, SDConv2d: _dynamic_hook,
-            GatedBasicBlock: _gated_hook, GatedInvertedResidual: _gated_hook}
+def custom_hooks(model: nn.Module) -> dict:
+    """One hook per module type of ``model`` that counts its own MACs (ptflops matches exact types)."""
+    return {type(m): _self_counting_hook for m in model.modules() if callable(getattr(m, "counted_macs", None))}
 
 
 @torch.no_grad()
@@ -62,7 +58,7 @@ def count_macs(model: nn.Module, images: torch.Tensor, batch_size: int = 256) ->
     from ptflops.flops_counter import FLOPS_BACKEND
 
     was_training = model.training
-    hooks = custom_hooks()
+    hooks = custom_hooks(model)
     total = 0.0
     try:
         for chunk in images.split(batch_size):
@@ -81,12 +77,7 @@ def count_macs(model: nn.Module, images: torch.Tensor, batch_size: int = 256) ->
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
-    """Total parameters, and nonzero parameters (SD-Conv layers count only kept weights)."""
-    from pipeline.ops.sd_conv import SDConv2d
-
+    """Total parameters, and nonzero parameters (without the ones a module's masks remove)."""
     total = sum(p.numel() for p in model.parameters())
-    nonzero = total
-    for m in model.modules():
-        if isinstance(m, SDConv2d):
-            nonzero -= m.dense_params() - m.nonzero_params()
-    return {"params": total, "nonzero_params": nonzero}
+    pruned = sum(m.pruned_params() for m in model.modules() if callable(getattr(m, "pruned_params", None)))
+    return {"params": total, "nonzero_params": total - pruned}

@@ -1,9 +1,21 @@
 """Typed schema of params.yaml: one loader, one validation, one error line.
 
-Every stage calls :func:`load_config` before it touches any output. A wrong key,
-a wrong type or an out-of-range value raises :class:`ConfigError` whose message
-names the key path and what was expected; :func:`pipeline.cli.run_stage` turns
-it into a single line on stderr and exit status 2.
+params.yaml is the only home of every value a result depends on: no field of
+this schema has a default, so a key missing from params.yaml is an error
+naming it, never a silently different experiment. Groups whose keys depend on
+a choice are tagged unions (``data.<task>.source``, ``model.arch``,
+``optimizer.name``, ``schedule.name``, ``sampler.name``): each choice asks for
+exactly the keys it uses.
+
+Method groups (``convert.<method>`` and ``search.<method>``) are validated by
+the schema their method module declares (:mod:`pipeline.methods`); here they
+are kept as mappings, so that loading params does not import every method.
+The ``validate`` stage checks both before any other stage runs.
+
+A wrong key, a wrong type or an out-of-range value raises
+:class:`ConfigError` whose message names the key path and what was expected;
+:func:`pipeline.cli.run_stage` turns it into a single line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -12,7 +24,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
@@ -45,6 +57,16 @@ Fraction = Annotated[Float, Field(ge=0.0, le=1.0)]
 PosFloat = Annotated[Float, Field(gt=0.0)]
 PosInt = Annotated[Int, Field(gt=0)]
 
+# Tag values of the unions below: pydantic puts the chosen tag into an error's
+# key path, which the error line leaves out.
+_UNION_TAGS: set[str] = set()
+
+
+def _tagged(*choices: type[BaseModel], tag: str) -> Any:
+    for choice in choices:
+        _UNION_TAGS.update(choice.model_fields[tag].annotation.__args__)  # type: ignore[union-attr]
+    return Annotated[Union[choices], Field(discriminator=tag)]  # type: ignore[valid-type]
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,23 +76,23 @@ class Section(BaseModel):
 class Renders(Section):
     """Images rendered per source digit in each split (embedded digits only)."""
 
-    train: Annotated[Int, Field(ge=1, le=50)] = 4
-    val: Annotated[Int, Field(ge=1, le=50)] = 2
-    test: Annotated[Int, Field(ge=1, le=50)] = 2
+    train: Annotated[Int, Field(ge=1, le=50)]
+    val: Annotated[Int, Field(ge=1, le=50)]
+    test: Annotated[Int, Field(ge=1, le=50)]
 
 
 class DigitStyle(Section):
     """How one cluttered-digits image is drawn (see pipeline/data/digits.py)."""
 
-    canvas: Annotated[Int, Field(ge=16, le=128)] = 32
-    digit_size: tuple[PosInt, PosInt] = (12, 16)
-    rotation: Annotated[Float, Field(ge=0.0, le=180.0)] = 0.0
-    contrast: tuple[Fraction, Fraction] = (0.7, 1.0)
-    invert: Bool = False
-    clutter: tuple[Annotated[Int, Field(ge=0)], Annotated[Int, Field(ge=0)]] = (3, 6)
-    fragment: Annotated[Int, Field(ge=2, le=8)] = 4
-    clutter_contrast: tuple[Fraction, Fraction] = (0.4, 0.9)
-    noise: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.05
+    canvas: Annotated[Int, Field(ge=16, le=128)]
+    digit_size: tuple[PosInt, PosInt]
+    rotation: Annotated[Float, Field(ge=0.0, le=180.0)]
+    contrast: tuple[Fraction, Fraction]
+    invert: Bool
+    clutter: tuple[Annotated[Int, Field(ge=0)], Annotated[Int, Field(ge=0)]]
+    fragment: Annotated[Int, Field(ge=2, le=8)]
+    clutter_contrast: tuple[Fraction, Fraction]
+    noise: Annotated[Float, Field(ge=0.0, le=1.0)]
 
     @model_validator(mode="after")
     def _ranges(self) -> "DigitStyle":
@@ -85,32 +107,45 @@ class DigitStyle(Section):
         return self
 
 
-class DatasetCfg(Section):
-    """One task's data: the embedded cluttered digits or a local real data set."""
+class DigitsData(Section):
+    """The embedded cluttered digits (no download): rendered from scikit-learn's handwritten digits."""
 
-    source: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
-    root: Str | None = None
-    download: Bool = False
-    image_size: Annotated[Int, Field(ge=8, le=512)] = 32
-    val_fraction: Annotated[Float, Field(gt=0.0, lt=0.5)] = 0.1
-    test_fraction: Annotated[Float, Field(gt=0.0, lt=0.5)] = 0.2
-    max_train: PosInt | None = None
-    renders: Renders = Renders()
-    style: DigitStyle = DigitStyle()
+    source: Literal["digits"]
+    max_train: PosInt | None  # keep at most this many training images (seeded, stratified); null: all
+    renders: Renders
+    style: DigitStyle
 
-    @model_validator(mode="after")
-    def _root_needed(self) -> "DatasetCfg":
-        if self.source != "digits" and not self.root:
-            raise ValueError(f"root: source '{self.source}' reads a local folder; set root to its path")
-        return self
+
+class CifarData(Section):
+    """CIFAR-10/100 (the python version) from a local folder; validation carved from the official train set."""
+
+    source: Literal["cifar10", "cifar100"]
+    root: Annotated[Str, Field(min_length=1)]
+    download: Bool
+    val_fraction: Annotated[Float, Field(gt=0.0, lt=0.5)]
+    max_train: PosInt | None
+
+
+class ImageFolderData(Section):
+    """``<class>/*.jpg`` or ``train|val|test/<class>/*`` trees, resized and centre-cropped to ``image_size``."""
+
+    source: Literal["imagefolder"]
+    root: Annotated[Str, Field(min_length=1)]
+    image_size: Annotated[Int, Field(ge=8, le=512)]
+    val_fraction: Annotated[Float, Field(gt=0.0, lt=0.5)]
+    test_fraction: Annotated[Float, Field(gt=0.0, lt=0.5)]
+    max_train: PosInt | None
+
+
+DatasetCfg = _tagged(DigitsData, CifarData, ImageFolderData, tag="source")
 
 
 class DigitPools(Section):
     """Split of the 1,797 source digits into disjoint pools, shared by both tasks."""
 
-    train: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.6
-    val: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.2
-    test: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.2
+    train: Annotated[Float, Field(gt=0.0, lt=1.0)]
+    val: Annotated[Float, Field(gt=0.0, lt=1.0)]
+    test: Annotated[Float, Field(gt=0.0, lt=1.0)]
 
     @model_validator(mode="after")
     def _sum(self) -> "DigitPools":
@@ -121,62 +156,101 @@ class DigitPools(Section):
 
 
 class DataCfg(Section):
-    digit_pools: DigitPools = DigitPools()
-    upstream: DatasetCfg = DatasetCfg()
-    downstream: DatasetCfg = DatasetCfg()
+    digit_pools: DigitPools
+    upstream: DatasetCfg
+    downstream: DatasetCfg
 
 
 # ---------------------------------------------------------------------------- model
-class ModelCfg(Section):
-    """Backbone. CIFAR nets for small images, torchvision nets for ImageNet-style data."""
+class CifarResNetCfg(Section):
+    """CIFAR ResNet (He et al. 2016, Sec. 4.2): depth 6n+2, three stages."""
 
-    arch: Literal["cifar_resnet", "cifar_mobilenetv2", "resnet18", "mobilenet_v2", "shufflenet_v2"] = (
-        "cifar_resnet"
-    )
-    depth: Annotated[Int, Field(ge=8, le=1202)] = 14
-    width: Annotated[Float, Field(gt=0.0, le=8.0)] = 1.0
-    base_width: Annotated[Int, Field(ge=4, le=256)] = 16
-    weights: Str | None = None
+    arch: Literal["cifar_resnet"]
+    depth: Annotated[Int, Field(ge=8, le=1202)]
+    width: Annotated[Float, Field(gt=0.0, le=8.0)]  # channel multiplier
+    base_width: Annotated[Int, Field(ge=4, le=256)]  # channels of the first stage at width 1
 
     @model_validator(mode="after")
-    def _depth(self) -> "ModelCfg":
-        if self.arch == "cifar_resnet" and (self.depth - 2) % 6 != 0:
+    def _depth(self) -> "CifarResNetCfg":
+        if (self.depth - 2) % 6 != 0:
             raise ValueError(f"depth: a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, ...), got {self.depth}")
         return self
 
 
+class CifarMobileNetV2Cfg(Section):
+    """MobileNetV2 for small images (stride-1 stem)."""
+
+    arch: Literal["cifar_mobilenetv2"]
+    width: Annotated[Float, Field(gt=0.0, le=8.0)]
+
+
+class TorchvisionCfg(Section):
+    """torchvision's ImageNet nets, from random init or a local state-dict file (nothing is downloaded)."""
+
+    arch: Literal["resnet18", "mobilenet_v2", "shufflenet_v2"]
+    weights: Str | None
+
+
+ModelCfg = _tagged(CifarResNetCfg, CifarMobileNetV2Cfg, TorchvisionCfg, tag="arch")
+NARROWABLE = (CifarResNetCfg, CifarMobileNetV2Cfg)  # backbones with a channel multiplier
+
+
 # ------------------------------------------------------------------------- training
-class OptimizerCfg(Section):
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: PosFloat = 0.1
-    momentum: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.9
-    nesterov: Bool = True
-    weight_decay: Annotated[Float, Field(ge=0.0)] = 5e-4
+class SGDCfg(Section):
+    name: Literal["sgd"]
+    lr: PosFloat
+    momentum: Annotated[Float, Field(ge=0.0, lt=1.0)]
+    nesterov: Bool
+    weight_decay: Annotated[Float, Field(ge=0.0)]
 
 
-class ScheduleCfg(Section):
-    name: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: Annotated[Int, Field(ge=0)] = 0
-    milestones: tuple[PosInt, ...] = ()
-    gamma: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.1
+class AdamWCfg(Section):
+    name: Literal["adamw"]
+    lr: PosFloat
+    betas: tuple[Annotated[Float, Field(ge=0.0, lt=1.0)], Annotated[Float, Field(ge=0.0, lt=1.0)]]
+    eps: PosFloat
+    weight_decay: Annotated[Float, Field(ge=0.0)]
+
+
+OptimizerCfg = _tagged(SGDCfg, AdamWCfg, tag="name")
+
+
+class CosineSchedule(Section):
+    name: Literal["cosine"]
+    warmup_epochs: Annotated[Int, Field(ge=0)]
+
+
+class ConstantSchedule(Section):
+    name: Literal["constant"]
+    warmup_epochs: Annotated[Int, Field(ge=0)]
+
+
+class StepSchedule(Section):
+    name: Literal["step"]
+    warmup_epochs: Annotated[Int, Field(ge=0)]
+    milestones: Annotated[tuple[PosInt, ...], Field(min_length=1)]
+    gamma: Annotated[Float, Field(gt=0.0, le=1.0)]
+
+
+ScheduleCfg = _tagged(CosineSchedule, ConstantSchedule, StepSchedule, tag="name")
 
 
 class AugmentCfg(Section):
-    crop_padding: Annotated[Int, Field(ge=0, le=16)] = 2
-    hflip: Bool = False
+    crop_padding: Annotated[Int, Field(ge=0, le=16)]
+    hflip: Bool
 
 
 class TrainCfg(Section):
     """Settings of the one training engine (pipeline/train.py), reused by every training stage."""
 
-    epochs: Annotated[Int, Field(ge=1, le=10000)] = 10
-    batch_size: Annotated[Int, Field(ge=1, le=8192)] = 64
-    eval_batch_size: Annotated[Int, Field(ge=1, le=8192)] = 500
-    optimizer: OptimizerCfg = OptimizerCfg()
-    schedule: ScheduleCfg = ScheduleCfg()
-    augment: AugmentCfg = AugmentCfg()
-    label_smoothing: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0
-    threads: Annotated[Int, Field(ge=0, le=256)] = 0
+    epochs: Annotated[Int, Field(ge=1, le=10000)]
+    batch_size: Annotated[Int, Field(ge=1, le=8192)]
+    eval_batch_size: Annotated[Int, Field(ge=1, le=8192)]
+    optimizer: OptimizerCfg
+    schedule: ScheduleCfg
+    augment: AugmentCfg
+    label_smoothing: Annotated[Float, Field(ge=0.0, lt=1.0)]
+    threads: Annotated[Int, Field(ge=0, le=256)]  # torch intra-op threads; 0 = all cores
 
     @model_validator(mode="after")
     def _schedule(self) -> "TrainCfg":
@@ -184,81 +258,31 @@ class TrainCfg(Section):
             raise ValueError(
                 f"schedule.warmup_epochs: must be below epochs ({self.epochs}), got {self.schedule.warmup_epochs}"
             )
-        if self.schedule.name == "step" and not self.schedule.milestones:
-            raise ValueError("schedule.milestones: the step schedule needs at least one milestone epoch")
         return self
 
 
-# ------------------------------------------------------------------------- convert
+# ------------------------------------------------- building blocks of method schemas
 class TemperatureCfg(Section):
-    """Softmax temperature of the coefficients, annealed linearly from start to end (DY-Conv: 30 -> 1)."""
+    """Softmax temperature, annealed linearly from ``start`` to ``end`` over ``epochs`` (DY-Conv: 30 -> 1)."""
 
-    start: PosFloat = 30.0
-    end: PosFloat = 1.0
-    epochs: Annotated[Int, Field(ge=0)] = 3
+    start: PosFloat
+    end: PosFloat
+    epochs: Annotated[Int, Field(ge=0)]
 
 
 class DistillCfg(Section):
     """Knowledge distillation from the dense model (Hinton et al. 2015): weight * T^2 * KL."""
 
-    weight: Annotated[Float, Field(ge=0.0)] = 1.0
-    temperature: PosFloat = 4.0
+    weight: Annotated[Float, Field(ge=0.0)]
+    temperature: PosFloat
 
 
-Layers = Literal["auto"] | Annotated[list[Str], Field(min_length=1)]
-
-
-class DynamicCfg(Section):
-    """Knobs shared by DyNet and SD-Conv (pipeline/ops/dynamic_conv.py)."""
-
-    layers: Layers = "auto"  # "auto": every 3x3 conv but the stem; or fnmatch patterns of conv names
-    num_kernels: Annotated[Int, Field(ge=1, le=64)] = 4
-    activation: Literal["linear", "sigmoid", "softmax"] = "softmax"
-    temperature: TemperatureCfg = TemperatureCfg()
-    reduction: Annotated[Int, Field(ge=1, le=64)] = 4
-    noise_std: Annotated[Float, Field(ge=0.0)] = 0.01
-    width: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
-    distill: DistillCfg = DistillCfg()
-    train: TrainCfg = TrainCfg()
-
-
-class SDConvCfg(DynamicCfg):
-    """SD-Conv: learnable-threshold masks on the K kernels (pipeline/ops/sd_conv.py)."""
-
-    granularity: Literal["layer", "kernel", "filter", "channel"] = "filter"
-    threshold_init: Annotated[Float, Field(ge=0.0)] = 0.0
-    init_sparsity: Annotated[Float, Field(ge=0.0, lt=1.0)] | None = None
-    estimator: Literal["ste", "long_tailed"] = "long_tailed"
-    reg_weight: Annotated[Float, Field(ge=0.0)] = 5e-6
-    min_keep: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.01
-
-
-class DynConvCfg(Section):
-    """DynConv: Gumbel-gated residual blocks with a budget loss (pipeline/ops/spatial_gate.py)."""
-
-    budget: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.5
-    gumbel_temperature: PosFloat = 1.0
-    noise_off_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.2
-    budget_weight: Annotated[Float, Field(ge=0.0)] = 10.0
-    anneal_fraction: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.33
-    open_bias: Float = 3.0
-    distill: DistillCfg = DistillCfg()
-    train: TrainCfg = TrainCfg()
-
-
-class ConvertCfg(Section):
-    dynet: DynamicCfg = DynamicCfg()
-    sdconv: SDConvCfg = SDConvCfg()
-    dynconv: DynConvCfg = DynConvCfg()
-
-
-# -------------------------------------------------------------------------- search
 class RangeCfg(Section):
     """A search interval; ``log`` samples it on a log scale (needs low > 0). low == high fixes the value."""
 
     low: Float
     high: Float
-    log: Bool = False
+    log: Bool
 
     @model_validator(mode="after")
     def _order(self) -> "RangeCfg":
@@ -269,119 +293,110 @@ class RangeCfg(Section):
         return self
 
 
-class SamplerCfg(Section):
-    """Optuna sampler, every argument explicit (Optuna 5 changed the defaults); seeded from ``seed``."""
+class TPESamplerCfg(Section):
+    """Optuna's TPE, every argument explicit (Optuna 5 changed the defaults); seeded from ``seed``."""
 
-    name: Literal["tpe", "nsga2", "random"] = "tpe"
-    n_startup_trials: Annotated[Int, Field(ge=0)] = 5  # tpe: random trials before the model kicks in
-    multivariate: Bool = True  # tpe
-    constant_liar: Bool = True  # tpe: parallel workers do not pick the same point
-    population_size: Annotated[Int, Field(ge=2)] = 8  # nsga2
+    name: Literal["tpe"]
+    n_startup_trials: Annotated[Int, Field(ge=0)]  # random trials before the model kicks in
+    multivariate: Bool
+    constant_liar: Bool  # parallel workers do not pick the same point
+    group: Bool  # multivariate TPE over subspaces of the parameters (Optuna's `group`)
+    n_ei_candidates: Annotated[Int, Field(ge=1)]
+
+
+class NSGA2SamplerCfg(Section):
+    name: Literal["nsga2"]
+    population_size: Annotated[Int, Field(ge=2)]
+
+
+class RandomSamplerCfg(Section):
+    name: Literal["random"]
+
+
+SamplerCfg = _tagged(TPESamplerCfg, NSGA2SamplerCfg, RandomSamplerCfg, tag="name")
 
 
 class SearchCommon(Section):
-    n_trials: Annotated[Int, Field(ge=1, le=10000)] = 10
-    timeout: Annotated[Float, Field(gt=0.0)] | None = None  # seconds; no new trial starts after it
-    steps: Annotated[Int, Field(ge=1)] = 25  # optimizer steps per epoch of a trial's fine-tune
-    final_steps: Annotated[Int, Field(ge=1)] = 60  # steps per epoch of the chosen configuration's final fine-tune
-    select_within: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.005  # best.json: cheapest trial this close to the best val acc
-    sampler: SamplerCfg = SamplerCfg()
-    train: TrainCfg = TrainCfg(epochs=1, schedule=ScheduleCfg(name="constant", warmup_epochs=0))
+    """Keys every method's ``search.<method>`` group has; the method's schema adds its ``space``."""
+
+    n_trials: Annotated[Int, Field(ge=1, le=10000)]  # complete trials the study ends with
+    timeout: Annotated[Float, Field(gt=0.0)] | None  # seconds; no new trial starts after it
+    steps: Annotated[Int, Field(ge=1)]  # optimizer steps per epoch of a trial's fine-tune
+    final_steps: Annotated[Int, Field(ge=1)]  # steps per epoch of the chosen configuration's final fine-tune
+    select_within: Annotated[Float, Field(ge=0.0, le=1.0)]  # best.json: cheapest trial this close to the best val acc
+    sampler: SamplerCfg
+    train: TrainCfg
 
 
-class SDConvSpaceCfg(Section):
-    """SD-Conv search space: thresholds start at a per-stage target sparsity, then learn under the regulariser."""
-
-    stage_sparsity: RangeCfg = RangeCfg(low=0.5, high=0.95)
-    reg_weight: RangeCfg = RangeCfg(low=1e-5, high=1e-2, log=True)
-
-    @model_validator(mode="after")
-    def _fractions(self) -> "SDConvSpaceCfg":
-        if not (0 <= self.stage_sparsity.low and self.stage_sparsity.high < 1):
-            raise ValueError("stage_sparsity: must lie in [0, 1)")
-        if self.reg_weight.low < 0:
-            raise ValueError("reg_weight: must be >= 0")
-        return self
-
-
-class DynConvSpaceCfg(Section):
-    """DynConv search space: network budget, per-stage offsets from it, Gumbel temperature."""
-
-    budget: RangeCfg = RangeCfg(low=0.2, high=0.8)
-    stage_offset: RangeCfg = RangeCfg(low=-0.15, high=0.15)
-    gumbel_temperature: RangeCfg = RangeCfg(low=0.5, high=2.0, log=True)
-
-    @model_validator(mode="after")
-    def _fractions(self) -> "DynConvSpaceCfg":
-        if not (0 < self.budget.low and self.budget.high <= 1):
-            raise ValueError("budget: must lie in (0, 1]")
-        if self.gumbel_temperature.low <= 0:
-            raise ValueError("gumbel_temperature: must be > 0")
-        return self
-
-
-class SDConvSearchCfg(SearchCommon):
-    space: SDConvSpaceCfg = SDConvSpaceCfg()
-
-
-class DynConvSearchCfg(SearchCommon):
-    space: DynConvSpaceCfg = DynConvSpaceCfg()
-
-
+# -------------------------------------------------------------------------- search
 class SearchCfg(Section):
-    # None: a journal file per method under <repo>/optuna/; or an RDB URL (postgresql://..., mysql://...) for shared use.
-    storage: Str | None = None
-    sdconv: SDConvSearchCfg = SDConvSearchCfg()
-    dynconv: DynConvSearchCfg = DynConvSearchCfg()
+    """``storage`` is shared; every other key is a ``search.<method>`` group, validated by its method."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    # null: a journal file per method under <repo>/optuna/; or an RDB URL (postgresql://..., mysql://...).
+    storage: Str | None
 
     @model_validator(mode="after")
     def _storage(self) -> "SearchCfg":
         if self.storage is not None and "://" not in self.storage:
             raise ValueError(f"storage: expected an RDB URL such as postgresql://user@host/db, got {self.storage!r}")
+        for name, group in (self.model_extra or {}).items():
+            if not isinstance(group, dict):
+                raise ValueError(f"{name}: expected the mapping of search.{name}, got {type(group).__name__}")
         return self
+
+    @property
+    def methods(self) -> dict[str, dict]:
+        """``search.<method>`` groups as written in params.yaml."""
+        return dict(self.model_extra or {})
 
 
 # ------------------------------------------------------------------------ transfer
 class TransferCfg(Section):
-    """Fine-tuning on the downstream task (pipeline/transfer.py)."""
+    """Fine-tuning on the downstream task (stages/transfer.py)."""
 
-    protocol: Literal["finetune", "linear_probe"] = "finetune"
-    use_searched: Bool = True  # sdconv/dynconv: start from the search's final model, else the converted one
-    freeze_masks: Bool = True  # sdconv: kept weights stay the kept ones (the paper's transfer claim)
-    train: TrainCfg = TrainCfg(epochs=4, optimizer=OptimizerCfg(lr=0.02), schedule=ScheduleCfg(warmup_epochs=0))
+    protocol: Literal["finetune", "linear_probe"]
+    use_searched: Bool  # methods with a search: start from the search's final model, else the converted one
+    freeze_masks: Bool  # methods with weight masks (SD-Conv): kept weights stay the kept ones
+    train: TrainCfg
 
 
 # ------------------------------------------------------------------------- latency
 class LatencyCfg(Section):
-    """Latency measurement (pipeline/latency.py, pipeline/latency_stage.py)."""
+    """Latency measurement (pipeline/timing.py, stages/latency.py)."""
 
-    batch_size: Annotated[Int, Field(ge=2, le=4096)] = 32  # timed besides batch 1
-    threads: Annotated[list[Annotated[Int, Field(ge=0, le=256)]], Field(min_length=1)] = [1, 0]  # 0 = all cores
-    iterations: Annotated[Int, Field(ge=30, le=100000)] = 30
-    warmup: Annotated[Int, Field(ge=0)] = 5
-    devices: Annotated[list[Literal["cpu", "cuda"]], Field(min_length=1)] = ["cpu", "cuda"]  # cuda: when present
+    batch_size: Annotated[Int, Field(ge=2, le=4096)]  # timed besides batch 1
+    threads: Annotated[list[Annotated[Int, Field(ge=0, le=256)]], Field(min_length=1)]  # 0 = all cores
+    iterations: Annotated[Int, Field(ge=30, le=100000)]
+    warmup: Annotated[Int, Field(ge=0)]
+    devices: Annotated[list[Literal["cpu", "cuda"]], Field(min_length=1)]  # cuda: when present
+    eval_batch_size: Annotated[Int, Field(ge=1, le=8192)]  # accuracy of every timed variant
 
 
 # -------------------------------------------------------------------------- report
 class ReportCfg(Section):
-    samples_per_dataset: Annotated[Int, Field(ge=1, le=64)] = 16
+    samples_per_dataset: Annotated[Int, Field(ge=1, le=64)]
 
 
 class TrackingCfg(Section):
-    experiment: Annotated[Str, Field(min_length=1)] = "dynconv-ablation"
+    experiment: Annotated[Str, Field(min_length=1)]
+
+
+MethodGroups = dict[Str, dict[Str, Any]]
 
 
 class Config(Section):
-    seed: Annotated[Int, Field(ge=0, le=2**31 - 1)] = 0
-    data: DataCfg = DataCfg()
-    model: ModelCfg = ModelCfg()
-    pretrain: TrainCfg = TrainCfg()
-    convert: ConvertCfg = ConvertCfg()
-    search: SearchCfg = SearchCfg()
-    transfer: TransferCfg = TransferCfg()
-    latency: LatencyCfg = LatencyCfg()
-    report: ReportCfg = ReportCfg()
-    tracking: TrackingCfg = TrackingCfg()
+    seed: Annotated[Int, Field(ge=0, le=2**31 - 1)]
+    data: DataCfg
+    model: ModelCfg
+    pretrain: TrainCfg
+    convert: MethodGroups  # convert.<method>: validated by the method's schema (pipeline/methods/)
+    search: SearchCfg
+    transfer: TransferCfg
+    latency: LatencyCfg
+    report: ReportCfg
+    tracking: TrackingCfg
 
 
 # --------------------------------------------------------------------------- loading
@@ -400,43 +415,72 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _key_path(loc: tuple, prefix: str) -> str:
+    # drop pydantic's union/validator tags ("literal['auto']", "function-before[...]") and the
+    # discriminator values of tagged unions from the key path
+    parts = [str(p) for p in loc if "[" not in str(p) and not str(p).startswith("function-")]
+    parts = [p for i, p in enumerate(parts) if not (p in _UNION_TAGS and i > 0)]
+    return ".".join([prefix, *parts] if prefix else parts)
+
+
+def format_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    """One line for the first problem of ``err``: ``<source>: '<key path>': <what is wrong> (got ...)``."""
     first = err.errors(include_url=False)[0]
-    # drop pydantic's union/validator tags ("literal['auto']", "function-before[...]") from the key path
-    path = ".".join(str(p) for p in first["loc"] if "[" not in str(p) and not str(p).startswith("function-"))
+    path = _key_path(first["loc"], prefix)
     msg = first["msg"].removeprefix("Value error, ")
     more = len(err.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{path}'{suffix}"
+    if first["type"] == "missing":
+        return f"{source}: '{path}': missing; params.yaml must set every key{suffix}"
+    if first["type"] == "union_tag_invalid":
+        ctx = first.get("ctx", {})
+        return f"{source}: '{path}.{ctx.get('discriminator', '').strip(chr(39))}': expected one of " \
+               f"{ctx.get('expected_tags')}, got {ctx.get('tag')!r}{suffix}"
     got = first.get("input")
-    shown = "" if isinstance(got, dict) or got is None and first["type"] == "missing" else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     where = f"'{path}'" if path else "top level"
     return f"{source}: {where}: {msg}{shown}{suffix}"
 
 
+S = TypeVar("S", bound=BaseModel)
+
+
+def parse_section(schema: type[S], raw: Any, key: str, source: str = "params.yaml") -> S:
+    """Validate one group (``key`` is its path, e.g. ``convert.dynet``); raise ConfigError naming the key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: '{key}': expected a mapping, got {type(raw).__name__}")
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, source, key)) from None
+
+
 def parse_config(raw: Any, source: str = "params.yaml") -> Config:
-    """Validate an already-parsed mapping; raise ConfigError naming the key path."""
-    if raw is None:
-        raw = {}
+    """Validate an already-parsed mapping (method groups stay mappings); raise ConfigError naming the key path."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(format_error(err, source)) from None
 
 
-def load_config(path: str | Path = "params.yaml") -> Config:
-    """Read and validate params.yaml."""
+def read_params(path: str | Path = "params.yaml") -> Any:
+    """params.yaml as plain data (YAML 1.2 floats)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_config(raw, str(path))
+
+
+def load_config(path: str | Path = "params.yaml") -> Config:
+    """Read and validate params.yaml (method groups are validated by their methods)."""
+    return parse_config(read_params(path), str(path))
 
 
 def to_dict(obj: BaseModel) -> dict[str, Any]:

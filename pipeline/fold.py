@@ -7,10 +7,10 @@ same treatment, so no model pays for BN the others skip.
 
 Pairs are found by the naming conventions of the project's models:
 ``convN``/``bnN`` siblings, ``stem``/``bn``, ``head``/``head_bn`` and
-``nn.Sequential(conv, bn)`` shortcuts. Dynamic convs (DyNet, SD-Conv) fold
-too when their coefficients sum to 1 (softmax): ``sum_k a_k (W_k * s) = s *
-sum_k a_k W_k`` and the bias mixes to ``sum_k a_k b'_k = b'``; SD-Conv masks are
-baked into the weights first (thresholds 0, as in the pruned export).
+``nn.Sequential(conv, bn)`` shortcuts. Other operators fold themselves: a
+module with ``fold_batchnorm(scale, shift)`` folds the BN into its own
+parameters where that is exact and says whether it did (DyNet / SD-Conv with
+softmax coefficients, ODConv); a BN it cannot take stays.
 """
 
 from __future__ import annotations
@@ -30,21 +30,10 @@ def _scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _fold_conv(conv: nn.Module, bn: nn.BatchNorm2d) -> bool:
-    from pipeline.ops.dynamic_conv import DynamicConv2d
-
     s, shift = _scale_shift(bn)
-    if isinstance(conv, DynamicConv2d):
-        if conv.activation != "softmax":
-            return False
-        threshold = getattr(conv, "threshold", None)
-        if threshold is not None:  # SD-Conv: bake the masks in first, so scaling W cannot move them
-            conv.weight.mul_(conv.weight.abs() > threshold)
-            threshold.zero_()
-        conv.weight.mul_(s.view(1, -1, 1, 1, 1))
-        old = conv.bias if conv.bias is not None else torch.zeros(conv.num_kernels, conv.out_channels)
-        conv.bias = nn.Parameter(old * s + shift)
-        conv._inference_cache.clear()
-        return True
+    own = getattr(conv, "fold_batchnorm", None)
+    if callable(own):
+        return bool(own(s, shift))
     if type(conv) is not nn.Conv2d:
         return False
     conv.weight.mul_(s.view(-1, 1, 1, 1))

@@ -68,7 +68,7 @@ def make_sampler(cfg: SamplerCfg, seed: int):
     if cfg.name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=cfg.multivariate,
-            constant_liar=cfg.constant_liar, group=False, n_ei_candidates=24,
+            constant_liar=cfg.constant_liar, group=cfg.group, n_ei_candidates=cfg.n_ei_candidates,
         )  # fmt: skip
     if cfg.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=cfg.population_size)

@@ -15,11 +15,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.checkpoint import load_resume, resume_fingerprint, save_resume
 from pipeline.config import TrainCfg
 from pipeline.data import TensorTask
-from pipeline.errors import CheckpointError
 
 # Extra loss terms a method adds to the task loss:
 # (model, inputs, logits, targets, progress in [0, 1]) -> {name: scalar tensor}.
@@ -92,19 +90,29 @@ def learning_rate(cfg: TrainCfg, epoch: int, step: int, steps_per_epoch: int) ->
     return base
 
 
-NO_DECAY = ("threshold",)  # SD-Conv thresholds: weight decay would pull them to 0 and undo the sparsity
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Names of the parameters exempt from weight decay: the ones a module lists in its
+    ``no_weight_decay()`` (e.g. SD-Conv's thresholds, which decay would pull to 0)."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        exempt = getattr(module, "no_weight_decay", None)
+        if callable(exempt):
+            out.update(f"{prefix}.{n}" if prefix else n for n in exempt())
+    return out
 
 
-def make_optimizer(cfg: TrainCfg, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainCfg, named_params: list[tuple[str, nn.Parameter]],
+                   exempt: set[str] = frozenset()) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``named_params``; the ``exempt`` names get no weight decay."""
     o = cfg.optimizer
-    decay = [p for n, p in named_params if not n.endswith(NO_DECAY)]
-    plain = [p for n, p in named_params if n.endswith(NO_DECAY)]
+    decay = [p for n, p in named_params if n not in exempt]
+    plain = [p for n, p in named_params if n in exempt]
     groups = [{"params": decay, "weight_decay": o.weight_decay}]
     if plain:
         groups.append({"params": plain, "weight_decay": 0.0})
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-    return torch.optim.AdamW(groups, lr=o.lr)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
 class Normalizer:
@@ -116,6 +124,11 @@ class Normalizer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float().div_(255.0) - self.mean) / self.std
+
+
+def normalized(data: TensorTask, split: str) -> torch.Tensor:
+    """The images of one split of ``data``, normalised (no augmentation)."""
+    return Normalizer(data.mean, data.std)(data.splits[split][0])
 
 
 def augment(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -143,47 +156,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalize
         correct += (logits.argmax(1) == target).sum().item()
     n = max(1, len(y))
     return {"loss": loss_sum / n, "acc": correct / n}
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint with ``weights_only=True``; a truncated file is a clear error."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' not found: run the stage that writes it first")
-    try:
-        with warnings.catch_warnings():
-            # sparse tensors (pruned SD-Conv kernels) are validated on load; that is wanted, not news
-            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - zip errors, unpickling errors, EOF
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}: {err}); rerun the stage that writes it") from None
-
-
-def code_version() -> str:
-    """sha256 of the library and stage sources: a resume checkpoint from other code is not reused."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for path in sorted([*root.glob("pipeline/**/*.py"), *root.glob("stages/*.py")]):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
-def _try_resume(path: Path, fingerprint: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a broken resume file only means: start over
-        return None
-    return state if state.get("fingerprint") == fingerprint else None
 
 
 def fit(
@@ -214,12 +186,12 @@ def fit(
     n = len(y_train)
     steps = max(1, n // cfg.batch_size)  # drop the last partial batch: BN needs > 1 sample
     named = [(n, p) for n, p in model.named_parameters() if params is None or any(p is q for q in params)]
-    optimizer = make_optimizer(cfg, named)
+    optimizer = make_optimizer(cfg, named, no_weight_decay(model))
 
     history: list[dict[str, float]] = []
     start = 0
-    fingerprint = hashlib.sha256(f"{fingerprint}:{code_version()}".encode()).hexdigest()
-    state = _try_resume(resume_path, fingerprint)
+    fingerprint = resume_fingerprint(fingerprint)
+    state = load_resume(resume_path, fingerprint)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -284,10 +256,8 @@ def fit(
             f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
             f"train acc {record['train_acc']:.4f} val acc {record['val_acc']:.4f} ({time.perf_counter() - t0:.1f}s)"
         )
-        save_atomic(
-            {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history},
-            resume_path,
-        )
+        save_resume(resume_path, fingerprint, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    history=history)
         if on_epoch:
             on_epoch(epoch, record)
 

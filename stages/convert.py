@@ -1,13 +1,81 @@
-"""Stage `convert@<method>`: dense model -> DyNet, SD-Conv or DynConv model, fine-tuned.
+"""Stage `convert@<method>`: dense model -> the method's model, fine-tuned and measured.
 
-Usage: python -m stages.convert {dynet,sdconv,dynconv}
+Usage: python -m stages.convert <method>   (every method with a convert.<method> group)
+
+Builds the method's model from models/dense.pt (weights carried over), fine-tunes
+it with the one training engine and the method's hooks, measures it on the test
+split (accuracy, MACs from the masks that fire, params and nonzero params, the
+method's own metrics) and records everything: models/<method>.pt,
+results/convert/<method>/{metrics.json,timing.json,history.csv,layers.json},
+one MLflow run.
 """
 
 from __future__ import annotations
 
+import json
+
+from pipeline import methods
 from pipeline.cli import run_stage
-from pipeline.convert import METHODS
-from pipeline.finetune import convert_method
+from pipeline.complexity import count_macs
+from pipeline.config import Config, fingerprint, to_dict
+from pipeline.data import load_task, sha256_file
+from pipeline.methods.files import load_any_model, save_method_model
+from pipeline.metrics import write_history, write_metrics
+from pipeline.paths import CHECKPOINTS, RESULTS
+from pipeline.tracking import stage_run, write_run_info
+from pipeline.train import Normalizer, evaluate, fit, normalized, seed_everything
+
+
+def main(cfg: Config, name: str) -> None:
+    method = methods.get(name)
+    p = method.params(cfg)
+    out = RESULTS / "convert" / name
+    data = load_task("upstream")
+    dense_file = methods.baseline().model_file
+    dense, dense_record, _ = load_any_model(dense_file)
+    dense.eval()
+    seed_everything(cfg.seed)
+    model, names = method.build(cfg.model, p, data.in_channels, data.num_classes, cfg.seed, dense)
+    start = evaluate(model, *data.splits["val"], Normalizer(data.mean, data.std), p.train.eval_batch_size)
+    teacher = dense if p.distill.weight > 0 else None
+    hooks = method.hooks(model, p, teacher=teacher, val_x=normalized(data, "val"))
+    resume_key = fingerprint({"seed": cfg.seed, "model": to_dict(cfg.model), "method": name,
+                              "cfg": to_dict(p), "dense": sha256_file(dense_file)})
+    with stage_run(f"convert@{name}", cfg) as run:
+        result = fit(model, data, p.train, cfg.seed, CHECKPOINTS / f"convert_{name}.pt", resume_key,
+                     on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=name)
+        test_x = normalized(data, "test")
+        measured, layers = method.measure_all(model, test_x, p)
+        dense_macs = count_macs(dense, test_x)
+        model_width = getattr(cfg.model, "width", 1.0)
+        metrics = {
+            **result.final, **measured,
+            "start_val_acc": start["acc"],
+            "dense_test_acc": float(dense_record["meta"]["metrics"]["test_acc"]),
+            "dense_macs_per_image": dense_macs,
+            "mac_ratio": measured["macs_per_image"] / dense_macs,
+            "width": method.width(p) * model_width,
+        }
+        metrics["acc_drop"] = metrics["dense_test_acc"] - metrics["test_acc"]
+        save_method_model(method.model_file, model, method, p, cfg, dense_record, metrics=metrics, converted=names)
+        metrics["model_file_bytes"] = method.model_file.stat().st_size
+        write_metrics(out / "metrics.json", metrics)
+        write_metrics(out / "timing.json", result.timing)
+        write_history(out / "history.csv", result.history)
+        (out / "layers.json").write_text(json.dumps(layers, indent=2) + "\n")
+        run.log_metrics(metrics, prefix="final.")
+        for kind, values in layers.items():
+            run.log_metrics(values, prefix=f"layer.{kind}.")
+        run.log_metrics(result.timing, prefix="timing.")
+        run.set_tags({"method": name, "resumed_from_epoch": result.resumed_from,
+                      "backbone_width": method.width(p) * model_width})
+        for f in ("metrics.json", "timing.json", "history.csv", "layers.json"):
+            run.log_artifact(out / f)
+        write_run_info(out / "run.json", run, f"convert@{name}")
+    print(f"convert@{name}: test accuracy {metrics['test_acc']:.4f} (dense {metrics['dense_test_acc']:.4f}), "
+          f"{metrics['macs_per_image'] / 1e6:.2f} M MACs/image ({metrics['mac_ratio']:.2f} x dense), "
+          f"{metrics['nonzero_params']} nonzero params")
+
 
 if __name__ == "__main__":
-    run_stage("convert", convert_method, __doc__, methods=METHODS)
+    run_stage("convert", main, __doc__, methods=lambda: [m.name for m in methods.registry().values() if m.Params])

@@ -6,7 +6,8 @@ from pipeline.cli import run_stage
 from pipeline.config import Config, fingerprint, to_dict
 from pipeline.data import load_task, read_card
 from pipeline.metrics import write_history, write_metrics
-from pipeline.models import build_model, count_params, save_model
+from pipeline.complexity import count_params
+from pipeline.models import build_model, save_model
 from pipeline.paths import CHECKPOINTS, MODELS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
 from pipeline.train import fit, seed_everything
@@ -27,7 +28,7 @@ def main(cfg: Config) -> None:
             model, data, cfg.pretrain, cfg.seed, CHECKPOINTS / "pretrain.pt", resume_key,
             on_epoch=lambda epoch, m: run.log_metrics(m, step=epoch), desc="pretrain",
         )
-        metrics = {**result.final, "params": count_params(model)}
+        metrics = {**result.final, "params": count_params(model)["params"]}
         save_model(MODELS / "dense.pt", model, cfg.model, data.in_channels, data.num_classes,
                    mean=data.mean, std=data.std, classes=data.classes, metrics=metrics)
         write_metrics(OUT / "metrics.json", metrics)

@@ -1,5 +1,8 @@
 """Stage `validate`: check params.yaml against the schema before any other stage runs.
 
+The core schema (pipeline/config.py) and every method group (``convert.<method>``,
+``search.<method>``) against the schema of its method (pipeline/methods/).
+
 Every stage depends on its output, whose content never changes, so a valid
 edit of params.yaml re-runs only the stages whose own params changed, and an
 invalid one stops `dvc repro` here, before any earlier output is removed.
@@ -7,6 +10,7 @@ invalid one stops `dvc repro` here, before any earlier output is removed.
 
 from __future__ import annotations
 
+from pipeline import methods
 from pipeline.cli import run_stage
 from pipeline.config import Config
 from pipeline.paths import RESULTS
@@ -15,6 +19,7 @@ MARKER = RESULTS / "validate" / "params-ok"
 
 
 def main(cfg: Config) -> None:
+    methods.validate(cfg)
     MARKER.parent.mkdir(parents=True, exist_ok=True)
     MARKER.write_text("params.yaml is valid\n")
 

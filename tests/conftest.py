@@ -1,14 +1,66 @@
-"""Shared fixtures: a tiny config, an isolated working directory and MLflow store."""
+"""Shared fixtures: configs derived from the repository's params.yaml, an isolated working directory
+and MLflow store.
+
+params.yaml is the only home of every value, so a test config is params.yaml with some keys
+overridden (:func:`params`), never a schema default.
+"""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 
-from pipeline.config import parse_config
+from pipeline import methods
+from pipeline.config import ModelCfg, TrainCfg, parse_config, read_params
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in, mapping by mapping (a copy)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def params(overrides: dict | None = None) -> dict:
+    """The repository's params.yaml as data, with ``overrides`` merged in."""
+    return merge(read_params(REPO / "params.yaml"), overrides or {})
+
+
+def config(overrides: dict | None = None):
+    return parse_config(params(overrides))
+
+
+def method_params(name: str, overrides: dict | None = None, cfg=None) -> Any:
+    """The validated ``convert.<name>`` group of params.yaml, with ``overrides`` merged in."""
+    cfg = cfg or config({"convert": {name: overrides or {}}})
+    return methods.get(name).params(cfg)
+
+
+def model_cfg(**fields) -> ModelCfg:
+    """Backbone params: params.yaml's ``model`` with ``fields`` (another arch takes its own keys only)."""
+    raw = params()["model"]
+    if fields.get("arch", raw["arch"]) != raw["arch"]:
+        raw = {}
+    defaults = {"cifar_resnet": {"depth": 14, "width": 1.0, "base_width": 16}, "cifar_mobilenetv2": {"width": 1.0},
+                "resnet18": {"weights": None}, "mobilenet_v2": {"weights": None}, "shufflenet_v2": {"weights": None}}
+    arch = fields.get("arch", raw.get("arch"))
+    return TypeAdapter(ModelCfg).validate_python({"arch": arch, **defaults[arch], **raw, **fields})
+
+
+def train_cfg(overrides: dict | None = None) -> TrainCfg:
+    """params.yaml's ``pretrain`` group with ``overrides`` merged in."""
+    return TrainCfg.model_validate(merge(params()["pretrain"], overrides or {}))
+
 
 TINY = {
     "seed": 3,
@@ -24,7 +76,7 @@ TINY = {
 
 @pytest.fixture
 def tiny_cfg():
-    return parse_config(TINY)
+    return config(TINY)
 
 
 @pytest.fixture
@@ -33,3 +85,9 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path
+
+
+def build_method(name: str, backbone: ModelCfg, overrides: dict | None = None, dense=None, seed: int = 0,
+                 in_channels: int = 1, num_classes: int = 10):
+    """(model, converted names) of method ``name`` on ``backbone``, params.yaml's group with ``overrides``."""
+    return methods.get(name).build(backbone, method_params(name, overrides), in_channels, num_classes, seed, dense)

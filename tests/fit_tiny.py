@@ -28,9 +28,12 @@ def tiny_task(seed: int = 0, n: int = 640) -> TensorTask:
 
 
 def tiny_cfg(epochs: int = 4) -> TrainCfg:
-    return TrainCfg.model_validate(
-        {"epochs": epochs, "batch_size": 32, "threads": 1, "optimizer": {"lr": 0.05}, "schedule": {"warmup_epochs": 1 if epochs > 1 else 0}}
-    )
+    return TrainCfg.model_validate({
+        "epochs": epochs, "batch_size": 32, "eval_batch_size": 500, "threads": 1, "label_smoothing": 0.0,
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine", "warmup_epochs": 1 if epochs > 1 else 0},
+        "augment": {"crop_padding": 2, "hflip": False},
+    })
 
 
 def run(out: Path, epochs: int = 4) -> dict:

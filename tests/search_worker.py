@@ -15,8 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optuna  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 
-from pipeline.config import SamplerCfg  # noqa: E402
+from pipeline.config import TPESamplerCfg  # noqa: E402
 from pipeline.search import make_sampler, run_worker  # noqa: E402
+
+TPE_3 = TPESamplerCfg(name="tpe", n_startup_trials=3, multivariate=True, constant_liar=True, group=False,
+                      n_ei_candidates=24)
 
 
 def main() -> None:
@@ -24,7 +27,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
     study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
-                                load_if_exists=True, sampler=make_sampler(SamplerCfg(n_startup_trials=3), int(seed)))
+                                load_if_exists=True, sampler=make_sampler(TPE_3, int(seed)))
 
     def objective(trial):
         x = trial.suggest_float("x", 0.0, 1.0)

@@ -5,12 +5,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.complexity import count_macs, count_params
-from pipeline.config import ConvertCfg, ModelCfg
-from pipeline.convert import build_method_model
 from pipeline.models import build_model
 from pipeline.ops.dynamic_conv import DynamicConv2d
 from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.spatial_gate import gated_blocks
+
+from .conftest import build_method, model_cfg
 
 
 def flop_counter_macs(model, x) -> float:
@@ -26,7 +26,7 @@ def flop_counter_macs(model, x) -> float:
     return counter.get_total_flops() / 2 / len(x)
 
 
-@pytest.mark.parametrize("cfg", [ModelCfg(arch="cifar_resnet", depth=14), ModelCfg(arch="cifar_mobilenetv2", width=0.5)])
+@pytest.mark.parametrize("cfg", [model_cfg(arch="cifar_resnet", depth=14), model_cfg(arch="cifar_mobilenetv2", width=0.5)])
 def test_dense_count_matches_flop_counter(cfg):
     torch.manual_seed(0)
     model = build_model(cfg, 1, 10)
@@ -38,9 +38,9 @@ def test_dense_count_matches_flop_counter(cfg):
 
 def _converted(method, **overrides):
     torch.manual_seed(0)
-    mcfg = getattr(ConvertCfg(), method).model_copy(update=overrides)
-    dense = build_model(ModelCfg(arch="cifar_resnet", depth=8), 1, 10).eval()
-    model, _ = build_method_model(method, ModelCfg(arch="cifar_resnet", depth=8), mcfg, 1, 10, 0, dense)
+    backbone = model_cfg(arch="cifar_resnet", depth=8)
+    dense = build_model(backbone, 1, 10).eval()
+    model, _ = build_method(method, backbone, overrides, dense)
     return dense, model.eval()
 
 

@@ -1,13 +1,18 @@
+"""Conversion of the dense model into each method's model, and method model files."""
+
 import pytest
 import torch
 
-from pipeline.config import ConvertCfg, ModelCfg
-from pipeline.convert import build_method_model, conv_names, init_thresholds, narrow_copy
-from pipeline.finetune import load_method_model, save_method_model
+from pipeline import methods
+from pipeline.methods.files import load_any_model, save_method_model
+from pipeline.methods.sdconv import init_thresholds
 from pipeline.models import build_model
+from pipeline.models.surgery import conv_names, narrow_copy
 from pipeline.ops.sd_conv import SDConv2d
 
-RESNET = ModelCfg(arch="cifar_resnet", depth=8)
+from .conftest import build_method, method_params, model_cfg
+
+RESNET = model_cfg(arch="cifar_resnet", depth=8)
 
 
 @pytest.fixture
@@ -30,9 +35,9 @@ def test_auto_layers_are_every_3x3_but_the_stem(dense):
 
 @pytest.mark.parametrize("method", ["dynet", "sdconv", "dynconv"])
 def test_conversion_at_full_width_starts_as_the_dense_function(dense, method):
-    overrides = {"noise_std": 0.0, "width": 1.0} if method != "dynconv" else {}
-    mcfg = getattr(ConvertCfg(), method).model_copy(update=overrides)
-    model, names = build_method_model(method, RESNET, mcfg, 1, 10, seed=0, dense=dense)
+    overrides = {"dynet": {"noise_std": 0.0, "width": 1.0},
+                 "sdconv": {"noise_std": 0.0, "width": 1.0, "init_sparsity": None}, "dynconv": {}}[method]
+    model, names = build_method(method, RESNET, overrides, dense)
     x = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), dense(x), atol=1e-4, rtol=1e-4)
@@ -57,16 +62,16 @@ def test_init_thresholds_prunes_the_requested_fraction(granularity):
 
 def test_saved_method_model_rebuilds_identically(dense, tmp_path, tiny_cfg):
     cfg = tiny_cfg.model_copy(update={"model": RESNET})
-    model, _ = build_method_model("sdconv", RESNET, cfg.convert.sdconv.model_copy(update={"init_sparsity": 0.5}),
-                                  1, 10, seed=0, dense=dense)
+    p = method_params("sdconv", {"init_sparsity": 0.5})
+    model, _ = methods.get("sdconv").build(RESNET, p, 1, 10, seed=0, dense=dense)
     record = {"in_channels": 1, "num_classes": 10, "meta": {"mean": [0.1], "std": [0.2]}}
-    save_method_model(tmp_path / "m.pt", model, "sdconv", cfg, record)
-    loaded, rec = load_method_model(tmp_path / "m.pt")
+    save_method_model(tmp_path / "m.pt", model, methods.get("sdconv"), p, cfg, record)
+    loaded, rec, method = load_any_model(tmp_path / "m.pt")
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded.eval()(x))
-    assert rec["method"] == "sdconv"
+    assert rec["method"] == "sdconv" and method is methods.get("sdconv")
     # the file holds only the kept kernel weights of every SD-Conv layer
     kept = {n: int(m.mask().sum()) for n, m in model.named_modules() if isinstance(m, SDConv2d)}
-    assert {n: t._nnz() for n, t in rec["pruned_kernels"].items()} == kept
+    assert {n: t._nnz() for n, t in rec["extra"].items()} == kept
     assert not any(k.endswith(".weight") and k.rsplit(".", 1)[0] in kept for k in rec["state_dict"])

@@ -9,7 +9,7 @@ from pipeline.data import SPLITS, build_task, load_task, write_prepared
 from pipeline.data import digits
 from pipeline.errors import DataError
 
-from .conftest import TINY
+from .conftest import TINY, config, params
 
 
 def _prepare(cfg, out):
@@ -19,7 +19,7 @@ def _prepare(cfg, out):
 
 def test_pools_are_disjoint_stratified_and_cover_everything():
     src = digits.load_source()
-    pools = digits.split_pools(src.labels, parse_config({}).data.digit_pools, seed=0)
+    pools = digits.split_pools(src.labels, config().data.digit_pools, seed=0)
     sets = {k: set(v.tolist()) for k, v in pools.items()}
     assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
     assert len(sets["train"] | sets["val"] | sets["test"]) == len(src.labels) == 1797
@@ -46,7 +46,7 @@ def test_same_seed_gives_byte_identical_outputs(tiny_cfg, tmp_path):
     for task in ("upstream", "downstream"):
         for f in (tmp_path / "a" / task).iterdir():
             assert f.read_bytes() == (tmp_path / "b" / task / f.name).read_bytes()
-    other = parse_config({**TINY, "seed": 4})
+    other = config({**TINY, "seed": 4})
     _, card_c = _prepare(other, tmp_path / "c")
     assert card_c["tasks"]["upstream"]["sha256"] != card_a["tasks"]["upstream"]["sha256"]
 
@@ -66,7 +66,7 @@ def test_card_counts_match_arrays(tiny_cfg, tmp_path):
 
 def test_digit_covers_a_minority_of_the_canvas():
     src = digits.load_source()
-    style = DigitStyle(clutter=(0, 0), noise=0.0)
+    style = DigitStyle.model_validate({**params()["data"]["upstream"]["style"], "clutter": [0, 0], "noise": 0.0})
     rng = np.random.default_rng(0)
     fractions = [(digits.render_one(src.images[i], src.images[:10], style, rng) > 0.05).mean() for i in range(50)]
     assert 0.03 < float(np.mean(fractions)) < 0.3
@@ -84,6 +84,15 @@ def test_load_task_detects_a_modified_array(tiny_cfg, tmp_path):
         load_task("upstream", tmp_path / "missing")
 
 
+def _real_data(tmp_path, source: str, root: str, **keys):
+    """params.yaml with the upstream task read from a local folder (every key its source asks for)."""
+    group = {"source": source, "root": root, "val_fraction": 0.1, "max_train": None}
+    group.update({"download": False} if source.startswith("cifar") else {"image_size": 32, "test_fraction": 0.2})
+    raw = params()
+    raw["data"]["upstream"] = {**group, **keys}
+    return parse_config(raw)
+
+
 def _make_tree(root, classes=("cat", "dog", "owl"), per_class=10):
     rng = np.random.default_rng(0)
     for c in classes:
@@ -95,9 +104,7 @@ def _make_tree(root, classes=("cat", "dog", "owl"), per_class=10):
 
 def test_imagefolder_without_split_folders_is_split_seeded_and_stratified(tmp_path):
     _make_tree(tmp_path / "imgs")
-    raw = {"data": {"upstream": {"source": "imagefolder", "root": str(tmp_path / "imgs"), "image_size": 16,
-                                 "val_fraction": 0.2, "test_fraction": 0.2}}}
-    cfg = parse_config(raw)
+    cfg = _real_data(tmp_path, "imagefolder", str(tmp_path / "imgs"), image_size=16, val_fraction=0.2, test_fraction=0.2)
     a, b = build_task(cfg, "upstream"), build_task(cfg, "upstream")
     assert a.classes == ["cat", "dog", "owl"]
     assert a.splits["train"][0].shape[1:] == (3, 16, 16)
@@ -110,16 +117,16 @@ def test_imagefolder_without_split_folders_is_split_seeded_and_stratified(tmp_pa
 def test_imagefolder_with_split_folders(tmp_path):
     _make_tree(tmp_path / "ds" / "train", per_class=6)
     _make_tree(tmp_path / "ds" / "test", per_class=2)
-    cfg = parse_config({"data": {"upstream": {"source": "imagefolder", "root": str(tmp_path / "ds"), "image_size": 8}}})
+    cfg = _real_data(tmp_path, "imagefolder", str(tmp_path / "ds"), image_size=8)
     task = build_task(cfg, "upstream")
     assert len(task.splits["test"][1]) == 6
     assert len(task.splits["val"][1]) + len(task.splits["train"][1]) == 18
 
 
 def test_missing_real_data_gives_a_clear_message(tmp_path):
-    cfg = parse_config({"data": {"upstream": {"source": "cifar10", "root": str(tmp_path / "nowhere")}}})
+    cfg = _real_data(tmp_path, "cifar10", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match=r"data.upstream.root: cifar10 not found.*cifar-10-batches-py.*download: true"):
         build_task(cfg, "upstream")
-    cfg = parse_config({"data": {"upstream": {"source": "imagefolder", "root": str(tmp_path / "nowhere")}}})
+    cfg = _real_data(tmp_path, "imagefolder", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="does not exist"):
         build_task(cfg, "upstream")

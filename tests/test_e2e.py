@@ -15,12 +15,17 @@ import mlflow
 import pytest
 import yaml
 
+from pipeline import methods
+from pipeline.config import load_config
+
 from .conftest import REPO
 
 pytestmark = pytest.mark.e2e
-METHODS = ["dynet", "sdconv", "dynconv"]
-SEARCHED = ["sdconv", "dynconv"]
-TRANSFERRED = ["dense", *METHODS]
+CFG = load_config(REPO / "params.yaml")
+METHODS = list(CFG.convert)
+SEARCHED = list(CFG.search.methods)
+TRANSFERRED = [m.name for m in methods.in_pipeline(CFG)]
+VARIANTS = {v.name for m in methods.in_pipeline(CFG) for v in m.latency_variants()}
 STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], *[f"search@{m}" for m in SEARCHED],
           *[f"transfer@{m}" for m in TRANSFERRED], "latency", "report"]
 N_TRIALS = 3
@@ -52,7 +57,7 @@ def project(tmp_path_factory):
     params["pretrain"].update(epochs=4, threads=2)
     for method in METHODS:
         params["convert"][method]["train"]["epochs"] = 1
-        if method != "dynconv":
+        if "temperature" in params["convert"][method]:
             params["convert"][method]["temperature"]["epochs"] = 0
     for method in SEARCHED:
         params["search"][method].update(n_trials=N_TRIALS, steps=2, final_steps=2)
@@ -152,8 +157,7 @@ def test_search_outputs_and_trial_runs(repro):
 def test_latency_times_every_variant(repro):
     root = repro[0]
     result = json.loads((root / "results/latency.json").read_text())
-    variants = {"dense", "dynet", "sdconv", "dynconv_masked", "dynconv_sparse", "dynconv_searched_sparse"}
-    assert {(r["variant"], r["batch"]) for r in result["rows"]} == {(v, b) for v in variants for b in (1, 4)}
+    assert {(r["variant"], r["batch"]) for r in result["rows"]} == {(v, b) for v in VARIANTS for b in (1, 4)}
     assert all(r["iterations"] == 30 and 0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in result["rows"])
     assert abs(result["accuracy"]["dynconv_sparse"]["acc_change"]) < 0.01  # same masks, same function
     macs = result["complexity"]

@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
-from pipeline.config import ConvertCfg, ModelCfg
-from pipeline.convert import build_method_model
 from pipeline.fold import fold_batchnorm
-from pipeline.latency import resolve_threads, summarize, time_interleaved, torch_threads
-from pipeline.latency_stage import add_speedups
 from pipeline.models import build_model
+from pipeline.timing import resolve_threads, summarize, time_interleaved, torch_threads
+from stages.latency import add_speedups
+
+from .conftest import build_method, model_cfg
 
 
 def randomize_bn(model):
@@ -68,12 +68,11 @@ UPDATES = {  # full width (no distillation needed), noisy kernels, half-pruned S
 @pytest.mark.parametrize("method", [None, "dynet", "sdconv", "dynconv"])
 def test_folding_keeps_the_function(arch, method):
     torch.manual_seed(0)
-    cfg = ModelCfg(arch=arch, depth=8, width=0.5)
+    cfg = model_cfg(arch=arch, width=0.5, **({"depth": 8} if arch == "cifar_resnet" else {}))
     dense = randomize_bn(build_model(cfg, 1, 10))
     model = dense
     if method is not None:
-        mcfg = getattr(ConvertCfg(), method).model_copy(update=UPDATES[method])
-        model, _ = build_method_model(method, cfg, mcfg, 1, 10, seed=0, dense=dense)
+        model, _ = build_method(method, cfg, UPDATES[method], dense)
         for m in model.modules():  # routing and gates that vary over positions and samples
             if hasattr(m, "routing"):
                 torch.nn.init.normal_(m.routing[-1].weight, std=1.0)
@@ -89,9 +88,8 @@ def test_folding_keeps_the_function(arch, method):
 
 
 def test_linear_coefficients_are_not_folded():
-    cfg = ModelCfg(arch="cifar_resnet", depth=8)
-    mcfg = ConvertCfg().dynet.model_copy(update={"width": 1.0, "activation": "linear"})
-    model, names = build_method_model("dynet", cfg, mcfg, 1, 10, seed=0, dense=build_model(cfg, 1, 10))
+    cfg = model_cfg(arch="cifar_resnet", depth=8)
+    model, names = build_method("dynet", cfg, {"width": 1.0, "activation": "linear"}, build_model(cfg, 1, 10))
     _, n = fold_batchnorm(model)
     bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert n == bns - len(names)  # the BN after each linear-coefficient dynamic conv stays

@@ -16,8 +16,13 @@ import pytest
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from pipeline.config import ConfigError, SamplerCfg, parse_config
+from pydantic import TypeAdapter
+
+from pipeline import methods
+from pipeline.config import ConfigError, SamplerCfg
 from pipeline.search import REQUEUED_ATTR, make_sampler, pareto_trials, run_worker, select_trial
+
+from .conftest import config
 
 WORKER = Path(__file__).with_name("search_worker.py")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -83,7 +88,7 @@ def test_killed_worker_resumes_to_n_trials(tmp_path):
 def run_sequential(journal: Path, seed: int, n: int = 8) -> list[tuple]:
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     study = optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize"],
-                                sampler=make_sampler(SamplerCfg(n_startup_trials=3), seed))
+                                sampler=make_sampler(sampler_cfg("tpe"), seed))
     run_worker(study, lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n, journal.with_suffix(".lock"))
     return [(t.params["x"], t.params["y"], tuple(t.values)) for t in study.trials]
 
@@ -96,9 +101,15 @@ def test_same_seed_fresh_store_same_trials(tmp_path):
     assert a != c
 
 
+def sampler_cfg(name: str):
+    keys = {"tpe": {"n_startup_trials": 3, "multivariate": True, "constant_liar": True, "group": False,
+                    "n_ei_candidates": 24}, "nsga2": {"population_size": 8}, "random": {}}[name]
+    return TypeAdapter(SamplerCfg).validate_python({"name": name, **keys})
+
+
 @pytest.mark.parametrize("name", ["tpe", "nsga2", "random"])
 def test_samplers_are_seeded(name):
-    cfg = SamplerCfg(name=name)
+    cfg = sampler_cfg(name)
     assert make_sampler(cfg, 5)._rng.rng.random() == make_sampler(cfg, 5)._rng.rng.random()
 
 
@@ -140,8 +151,8 @@ def test_pareto_and_selection_rule():
 
 def test_search_params_are_validated():
     with pytest.raises(ConfigError, match=r"search\.dynconv\.space.*budget"):
-        parse_config({"search": {"dynconv": {"space": {"budget": {"low": 0.0, "high": 0.5}}}}})
+        methods.validate(config({"search": {"dynconv": {"space": {"budget": {"low": 0.0, "high": 0.5}}}}}))
     with pytest.raises(ConfigError, match="low must be <= high"):
-        parse_config({"search": {"sdconv": {"space": {"reg_weight": {"low": 1.0, "high": 0.1}}}}})
+        methods.validate(config({"search": {"sdconv": {"space": {"reg_weight": {"low": 1.0, "high": 0.1}}}}}))
     with pytest.raises(ConfigError, match=r"search.*storage: expected an RDB URL"):
-        parse_config({"search": {"storage": "optuna.db"}})
+        config({"search": {"storage": "optuna.db"}})

@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import DynConvCfg
-from pipeline.convert import to_gated
+from pipeline import methods
 from pipeline.models.cifar_mobilenetv2 import CifarMobileNetV2, InvertedResidual
 from pipeline.models.cifar_resnet import BasicBlock, CifarResNet
 from pipeline.ops.sparse_exec import SparseBasicBlock, SparseInvertedResidual, to_sparse_execution
 from pipeline.ops.spatial_gate import GatedBasicBlock, GatedInvertedResidual, gated_blocks
+
+from .conftest import method_params
 
 RTOL = 1e-4
 
@@ -220,7 +221,7 @@ def test_bool_mask_and_inference_mode():
 
 
 def gated_network(model: nn.Module, seed: int) -> nn.Module:
-    to_gated(model, DynConvCfg())
+    methods.get("dynconv").convert(model, method_params("dynconv"), seed)
     randomize(model, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # mask units that fire on part of the map

@@ -4,9 +4,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import parse_config
 from pipeline.paths import repo_root
 from pipeline.tracking import stage_run, tracking_uri
+
+from .conftest import config
 
 TAGS = ("git_commit", "git_dirty", "dvc_exp_name", "stage", "params_hash", "pipeline_id")
 
@@ -18,7 +19,7 @@ def _runs(experiment="dynconv-ablation"):
 
 def test_stage_runs_are_nested_under_one_pipeline_run(workdir, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "exp-abc")
-    cfg = parse_config({"pretrain": {"epochs": 3}})
+    cfg = config({"pretrain": {"epochs": 3}})
     with stage_run("prepare", cfg) as run:
         run.log_metrics({"upstream.train_images": 100})
     with stage_run("pretrain", cfg) as run:
@@ -44,10 +45,10 @@ def test_stage_runs_are_nested_under_one_pipeline_run(workdir, monkeypatch):
 
 
 def test_other_params_make_another_pipeline_and_failures_are_recorded(workdir):
-    with stage_run("prepare", parse_config({"seed": 1})):
+    with stage_run("prepare", config({"seed": 1})):
         pass
     with pytest.raises(RuntimeError):
-        with stage_run("prepare", parse_config({"seed": 2})):
+        with stage_run("prepare", config({"seed": 2})):
             raise RuntimeError("boom")
     runs = _runs()
     assert (runs["tags.kind"] == "pipeline").sum() == 2

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import TrainCfg
 from pipeline.train import fit, learning_rate
+
+from .conftest import train_cfg
 
 from .conftest import REPO
 from .fit_tiny import run, tiny_cfg, tiny_task
@@ -57,10 +58,10 @@ def test_resume_ignores_a_checkpoint_of_another_run_and_a_broken_one(tmp_path):
 
 
 def test_learning_rate_schedule():
-    cfg = TrainCfg.model_validate({"epochs": 10, "optimizer": {"lr": 0.2}, "schedule": {"name": "cosine", "warmup_epochs": 2}})
+    cfg = train_cfg({"epochs": 10, "optimizer": {"lr": 0.2}, "schedule": {"name": "cosine", "warmup_epochs": 2}})
     assert learning_rate(cfg, 0, 0, 10) == pytest.approx(0.2 * 0.1 / 2)
     assert learning_rate(cfg, 2, 0, 10) == pytest.approx(0.2)
     assert learning_rate(cfg, 6, 0, 10) == pytest.approx(0.1)
     assert learning_rate(cfg, 9, 9, 10) < 0.01
-    step = TrainCfg.model_validate({"epochs": 10, "schedule": {"name": "step", "milestones": [3, 6], "gamma": 0.5}})
+    step = train_cfg({"epochs": 10, "schedule": {"name": "step", "warmup_epochs": 0, "milestones": [3, 6], "gamma": 0.5}})
     assert [learning_rate(step, e, 0, 5) for e in (0, 3, 6)] == pytest.approx([0.1, 0.05, 0.025])

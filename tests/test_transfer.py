@@ -7,37 +7,40 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConvertCfg, ModelCfg, TrainCfg, parse_config
-from pipeline.convert import build_method_model
+from pipeline import methods
 from pipeline.data import TensorTask
-from pipeline.finetune import load_method_model, save_method_model
-from pipeline.methods import dynamic_layers
+from pipeline.methods.dynconv import stage_budgets
+from pipeline.methods.dynet import dynamic_layers
+from pipeline.methods.files import load_any_model, save_method_model
+from pipeline.methods.sdconv import freeze_masks, kept_weights
 from pipeline.models import build_model
-from pipeline.train import make_optimizer
-from pipeline.transfer import freeze_sd_masks, kept_weights, new_head
-from pipeline.trials import searched_modules, stage_of, stage_budgets, train_subset
+from pipeline.models.surgery import new_head
+from pipeline.train import make_optimizer, no_weight_decay
+from pipeline.trials import stage_of, train_subset
 
-RESNET = ModelCfg(arch="cifar_resnet", depth=8)
+from .conftest import build_method, config, model_cfg, train_cfg
+
+RESNET = model_cfg(arch="cifar_resnet", depth=8)
 
 
 def sdconv_model(sparsity: float = 0.6):
-    mcfg = ConvertCfg().sdconv.model_copy(update={"width": 1.0, "init_sparsity": sparsity})
     dense = build_model(RESNET, 1, 10)
-    model, _ = build_method_model("sdconv", RESNET, mcfg, 1, 10, seed=0, dense=dense)
+    model, _ = build_method("sdconv", RESNET, {"width": 1.0, "init_sparsity": sparsity}, dense)
     return model
 
 
 def test_frozen_masks_survive_finetuning():
     torch.manual_seed(0)
     model = sdconv_model()
-    kept = freeze_sd_masks(model)
+    kept = freeze_masks(model)
     zero_before = [(m.weight == 0).clone() for _, m in dynamic_layers(model)]
     assert kept == kept_weights(model) and 0 < kept < sum(m.weight.numel() for _, m in dynamic_layers(model))
     head = new_head(model, 7, seed=1)
     assert model.fc is head and head.out_features == 7
     params = [p for p in model.parameters() if p.requires_grad]
     assert not any(p is m.threshold for _, m in dynamic_layers(model) for p in params)
-    opt = make_optimizer(TrainCfg(), [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    opt = make_optimizer(train_cfg(), [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                         no_weight_decay(model))
     model.train()
     for _ in range(3):  # SGD with momentum, Nesterov and weight decay
         loss = F.cross_entropy(model(torch.randn(8, 1, 32, 32)), torch.randint(0, 7, (8,)))
@@ -50,18 +53,17 @@ def test_frozen_masks_survive_finetuning():
 
 
 def test_stages_follow_output_resolution():
-    mcfg = ConvertCfg().dynconv
-    model, _ = build_method_model("dynconv", ModelCfg(arch="cifar_resnet", depth=14), mcfg, 1, 10, seed=0,
-                                  dense=build_model(ModelCfg(arch="cifar_resnet", depth=14), 1, 10))
-    blocks = searched_modules(model, "dynconv")
+    resnet14 = model_cfg(arch="cifar_resnet", depth=14)
+    model, _ = build_method("dynconv", resnet14, {}, build_model(resnet14, 1, 10))
+    blocks = methods.get("dynconv").search.modules(model)
     assert stage_of(model, blocks, torch.randn(2, 1, 32, 32)) == [0, 0, 1, 1, 2, 2]
     sd = sdconv_model()
-    assert stage_of(sd, searched_modules(sd, "sdconv"), torch.randn(2, 1, 32, 32)) == [0, 0, 1, 1, 2, 2]
+    assert stage_of(sd, methods.get("sdconv").search.modules(sd), torch.randn(2, 1, 32, 32)) == [0, 0, 1, 1, 2, 2]
 
 
 def test_stage_budgets_are_clipped():
     params = {"budget": 0.1, "offset_stage0": -0.15, "offset_stage1": 0.0, "offset_stage2": 0.95}
-    assert stage_budgets(params, 3) == pytest.approx([0.05, 0.1, 1.0])
+    assert stage_budgets(params, 3, 0.05) == pytest.approx([0.05, 0.1, 1.0])
 
 
 def test_train_subset_is_seeded_and_cycles():
@@ -74,12 +76,14 @@ def test_train_subset_is_seeded_and_cycles():
 
 
 def test_loaded_dynamic_model_has_the_trained_temperature(tmp_path):
-    cfg = parse_config({"model": {"arch": "cifar_resnet", "depth": 8},
-                        "convert": {"dynet": {"width": 1.0, "temperature": {"start": 30.0, "end": 2.0, "epochs": 3},
-                                              "train": {"epochs": 8}}}})
-    model, _ = build_method_model("dynet", cfg.model, cfg.convert.dynet, 1, 10, seed=0, dense=build_model(cfg.model, 1, 10))
+    cfg = config({"model": {"arch": "cifar_resnet", "depth": 8},
+                  "convert": {"dynet": {"width": 1.0, "temperature": {"start": 30.0, "end": 2.0, "epochs": 3},
+                                        "train": {"epochs": 8}}}})
+    dynet = methods.get("dynet")
+    p = dynet.params(cfg)
+    model, _ = dynet.build(cfg.model, p, 1, 10, seed=0, dense=build_model(cfg.model, 1, 10))
     assert all(m.temperature == 30.0 for _, m in dynamic_layers(model))  # as built: the schedule's start
     record = {"in_channels": 1, "num_classes": 10, "meta": {}}
-    save_method_model(tmp_path / "m.pt", model, "dynet", cfg, record)
-    loaded, _ = load_method_model(tmp_path / "m.pt")
+    save_method_model(tmp_path / "m.pt", model, dynet, p, cfg, record)
+    loaded, _, _ = load_any_model(tmp_path / "m.pt")
     assert all(m.temperature == 2.0 for _, m in dynamic_layers(loaded))

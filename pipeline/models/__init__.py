@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pydantic import TypeAdapter, ValidationError
+
+from pipeline.checkpoint import load_checkpoint, save_atomic
 from pipeline.config import ModelCfg
 from pipeline.errors import CheckpointError
 from pipeline.models.cifar_mobilenetv2 import CifarMobileNetV2
@@ -65,6 +68,11 @@ def _replace_stem(model: nn.Module, in_channels: int) -> None:
     setattr(parent, name.rpartition(".")[2], new)
 
 
+def model_cfg(raw: dict) -> ModelCfg:
+    """The backbone params stored in a model file, validated."""
+    return TypeAdapter(ModelCfg).validate_python(raw)
+
+
 def build_model(cfg: ModelCfg, in_channels: int, num_classes: int) -> nn.Module:
     if cfg.arch == "cifar_resnet":
         return CifarResNet(cfg.depth, cfg.width, cfg.base_width, in_channels, num_classes)
@@ -73,21 +81,8 @@ def build_model(cfg: ModelCfg, in_channels: int, num_classes: int) -> nn.Module:
     return _torchvision(cfg.arch, in_channels, num_classes, cfg.weights)
 
 
-def classifier(model: nn.Module) -> nn.Linear:
-    """The final linear layer (replaced for transfer, kept trainable for linear probes)."""
-    if isinstance(getattr(model, "fc", None), nn.Linear):
-        return model.fc
-    return model.classifier[-1]
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def save_model(path: Path, model: nn.Module, cfg: ModelCfg, in_channels: int, num_classes: int, **meta) -> None:
     """Write a self-describing model file (atomic; loadable with ``weights_only=True``)."""
-    from pipeline.train import save_atomic
-
     save_atomic(
         {
             "model_cfg": cfg.model_dump(mode="json"),
@@ -102,13 +97,16 @@ def save_model(path: Path, model: nn.Module, cfg: ModelCfg, in_channels: int, nu
 
 def load_model(path: Path) -> tuple[nn.Module, dict]:
     """Rebuild a model written by :func:`save_model`; returns (model, the whole record)."""
-    from pipeline.train import load_checkpoint
-
     record = load_checkpoint(path)
+    return model_from_record(record, path), record
+
+
+def model_from_record(record: dict, path: Path) -> nn.Module:
+    """The model a record written by :func:`save_model` describes (``path`` names it in errors)."""
     try:
-        cfg = ModelCfg.model_validate(record["model_cfg"])
+        cfg = model_cfg(record["model_cfg"])
         model = build_model(cfg, int(record["in_channels"]), int(record["num_classes"]))
         model.load_state_dict(record["state_dict"])
-    except (KeyError, RuntimeError, ValueError) as err:
+    except (KeyError, RuntimeError, ValueError, ValidationError) as err:
         raise CheckpointError(f"checkpoint '{path}' does not hold a model this code can rebuild ({err})") from None
-    return model, record
+    return model

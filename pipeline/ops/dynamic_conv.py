@@ -426,6 +426,25 @@ class DynamicConv2d(nn.Module):
         routing = self.in_channels * self.hidden + self.hidden * self.num_kernels
         return {"conv": conv, "aggregation": aggregation, "routing": routing, "total": conv + aggregation + routing}
 
+    def counted_macs(self, x: torch.Tensor) -> int:
+        """MACs of a forward on ``x`` (the whole batch), for the MAC counter (``pipeline/complexity.py``)."""
+        return int(self.macs(tuple(x.shape[1:]))["total"]) * x.shape[0]
+
+    @torch.no_grad()
+    def fold_batchnorm(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        """Fold an eval-mode BatchNorm (``y * scale + shift`` per output channel) into the K kernels and biases.
+
+        Exact when the coefficients sum to 1 (softmax): ``sum_k a_k (W_k * s) = s * sum_k a_k W_k`` and the
+        biases mix to ``sum_k a_k b'_k = b'``. Returns False (nothing changed) for the other activations.
+        """
+        if self.activation != "softmax":
+            return False
+        self.weight.mul_(scale.view(1, -1, 1, 1, 1))
+        old = self.bias if self.bias is not None else torch.zeros(self.num_kernels, self.out_channels)
+        self.bias = nn.Parameter(old * scale + shift)
+        self._inference_cache.clear()
+        return True
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -176,6 +176,24 @@ class SDConv2d(DynamicConv2d):
             "conv_dense": dense["conv"],
         }
 
+    def pruned_params(self) -> int:
+        """Parameters the masks remove, for the nonzero-parameter count (``pipeline/complexity.py``)."""
+        return self.dense_params() - self.nonzero_params()
+
+    def no_weight_decay(self) -> set[str]:
+        """Weight decay would pull the thresholds to 0 and undo the sparsity (``pipeline/train.py``)."""
+        return {"threshold"}
+
+    @torch.no_grad()
+    def fold_batchnorm(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        """Bake the masks into the weights first (thresholds 0, as in the pruned export), so scaling W
+        cannot move them; then fold as the dynamic conv does."""
+        if self.activation != "softmax":
+            return False
+        self.weight.mul_(self.weight.abs() > self.threshold)
+        self.threshold.zero_()
+        return super().fold_batchnorm(scale, shift)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, granularity={self.granularity}, estimator={self.estimator}"
 

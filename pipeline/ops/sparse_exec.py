@@ -262,6 +262,10 @@ class _SparseBlock(nn.Module):
         gate = self.gate.macs((self.gate.in_channels, *self._last["in_size"]))
         return executed + gate + mask.shape[-2] * mask.shape[-1] * self.shortcut_cost
 
+    def counted_macs(self, x: Tensor) -> int:
+        """MACs of the forward that just ran (the whole batch), for the MAC counter (``pipeline/complexity.py``)."""
+        return int(self.macs_per_image().sum().item())
+
     # ------------------------------------------------------------------ mask unit
     def _derived(self, name: str, sources: tuple[Tensor, ...], make: Callable[..., object]):
         """``make(*sources)``, cached until a source is replaced or changed in place."""

@@ -214,6 +214,10 @@ class GatedBlock(nn.Module):
         gate = self.gate.macs((self.gate.in_channels, *self._in_size))
         return executed + gate + self.num_positions * self.shortcut_cost
 
+    def counted_macs(self, x: Tensor) -> int:
+        """MACs of the forward that just ran (the whole batch), for the MAC counter (``pipeline/complexity.py``)."""
+        return int(self.macs_per_image().sum().item())
+
     def __getstate__(self) -> dict:
         return _drop_transient(super().__getstate__())
 

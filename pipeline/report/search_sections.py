@@ -11,15 +11,14 @@ import json
 
 import pandas as pd
 
+from pipeline import methods
 from pipeline.paths import RESULTS
 from pipeline.report import figures
 from pipeline.report.document import Figure, Section, Table, Text
-from pipeline.report.sections import METHOD_LABELS, SECTIONS, STAGE_ORDER, Context, _final
+from pipeline.report.sections import SECTIONS, Context, _final
 from pipeline.tracking import quiet_logs, tracking_uri
 
-SEARCHED = ("sdconv", "dynconv")
-TRANSFERRED = ("dense", "dynet", "sdconv", "dynconv")
-STAGE_ORDER += [f"search@{m}" for m in SEARCHED] + [f"transfer@{m}" for m in TRANSFERRED]
+COST_LABELS = {"macs_per_image": "MACs per image (validation)", "nonzero_params": "nonzero parameters"}
 
 
 def trial_runs(experiment: str, study_name: str) -> pd.DataFrame:
@@ -41,7 +40,7 @@ def trial_runs(experiment: str, study_name: str) -> pd.DataFrame:
 
 def search_section(ctx: Context) -> Section | None:
     ev = ctx.evidence
-    stages = [m for m in SEARCHED if ev.has(f"search@{m}")]
+    stages = [m for m in methods.searched(ctx.cfg) if ev.has(f"search@{m.name}")]
     if not stages:
         return None
     blocks: list = [Text(
@@ -53,7 +52,8 @@ def search_section(ctx: Context) -> Section | None:
         "validation images in the same run."
     )]
     rows = []
-    for method in stages:
+    for m in stages:
+        method, label = m.name, m.label
         stage = f"search@{method}"
         final = _final(ev, stage)
         study = str(ev.runs.loc[stage].get("tags.study_name", ""))
@@ -62,9 +62,7 @@ def search_section(ctx: Context) -> Section | None:
         done = trials[trials["tags.state"] == "COMPLETE"] if len(trials) else trials
         if len(done):
             pareto_numbers = set(pd.read_csv(RESULTS / "search" / method / "pareto.csv")["number"])
-            costs = [("metrics.macs_per_image", "MACs per image (validation)")]
-            if method == "sdconv":
-                costs.append(("metrics.nonzero_params", "nonzero parameters"))
+            costs = [(f"metrics.{c}", COST_LABELS.get(c, c)) for c in m.search.objectives[1:]]
             base = {
                 "dense": {"metrics.val_acc": final["dense_val_acc"], "metrics.macs_per_image": final["dense_val_macs"],
                           "metrics.nonzero_params": final["dense_nonzero_params"]},
@@ -73,12 +71,12 @@ def search_section(ctx: Context) -> Section | None:
                               "metrics.nonzero_params": final["converted_nonzero_params"]},
             }
             fig = figures.pareto(done, costs, pareto_numbers, best["trial"], base,
-                                 f"{METHOD_LABELS[method]} search", ctx.figures / f"pareto_{method}.png")
-            blocks.append(Figure(fig, f"{METHOD_LABELS[method]}: validation accuracy against cost for every "
+                                 f"{label} search", ctx.figures / f"pareto_{method}.png")
+            blocks.append(Figure(fig, f"{label}: validation accuracy against cost for every "
                                       f"complete trial of study `{study}`."))
         params = ", ".join(f"{k} {v:.3g}" for k, v in best["params"].items())
         rows.append({
-            "method": METHOD_LABELS[method], "study": study,
+            "method": label, "study": study,
             "complete trials": final["complete_trials"], "failed": final["failed_trials"],
             "Pareto-optimal": final["pareto_trials"], "chosen trial": final["chosen_trial"],
             "chosen params": params, "trial val_acc": best["values"]["val_acc"],
@@ -88,7 +86,7 @@ def search_section(ctx: Context) -> Section | None:
             "MLflow stage run": ev.run_ids[stage], "MLflow study run": best["study_run_id"],
             "MLflow chosen trial run": best["trial_run_id"],
         })
-        blocks.append(Text(f"{METHOD_LABELS[method]} rule: {best['rule']}."))
+        blocks.append(Text(f"{label} rule: {best['rule']}."))
     fmt = {"complete trials": "{:.0f}", "failed": "{:.0f}", "Pareto-optimal": "{:.0f}", "chosen trial": "{:.0f}",
            "MAC ratio (test)": "{:.3f}", "nonzero params": "{:.0f}", "search (s)": "{:.0f}"}
     blocks.insert(1, Table(pd.DataFrame(rows), "Searches and their chosen configurations.", "{:.4f}", fmt))
@@ -97,16 +95,16 @@ def search_section(ctx: Context) -> Section | None:
 
 def transfer_section(ctx: Context) -> Section | None:
     ev = ctx.evidence
-    stages = [m for m in TRANSFERRED if ev.has(f"transfer@{m}")]
+    stages = [m for m in methods.in_pipeline(ctx.cfg) if ev.has(f"transfer@{m.name}")]
     if not stages:
         return None
     rows = []
     for method in stages:
-        stage = f"transfer@{method}"
+        stage = f"transfer@{method.name}"
         m = _final(ev, stage)
         row = ev.runs.loc[stage]
         rows.append({
-            "model": METHOD_LABELS.get(method, method), "source": str(row.get("tags.source", "")),
+            "model": method.label, "source": str(row.get("tags.source", "")),
             "protocol": str(row.get("tags.protocol", "")), "upstream test_acc": m.get("upstream_test_acc"),
             "downstream val_acc": m["val_acc"], "downstream test_acc": m["test_acc"],
             "MMACs/image": m["macs_per_image"] / 1e6, "params": m["params"], "nonzero params": m["nonzero_params"],

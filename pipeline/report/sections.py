@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import methods
 from pipeline.config import Config
 from pipeline.data import SPLITS, TASKS, read_card
-from pipeline.paths import MODELS, PREPARED
+from pipeline.paths import PREPARED
 from pipeline.report import figures
 from pipeline.report.collect import Evidence
 from pipeline.report.document import Figure, Section, Table, Text
@@ -27,12 +28,17 @@ class Context:
     figures: Path
 
 
-STAGE_ORDER = ["prepare", "pretrain", "convert@dynet", "convert@sdconv", "convert@dynconv"]
+def stage_order(cfg: Config) -> list[str]:
+    """The pipeline's stages in the order they run."""
+    return ["prepare", "pretrain", *[f"convert@{m.name}" for m in methods.converted(cfg)],
+            *[f"search@{m.name}" for m in methods.searched(cfg)],
+            *[f"transfer@{m.name}" for m in methods.in_pipeline(cfg)], "latency"]
 
 
 def overview(ctx: Context) -> Section:
     runs = ctx.evidence.runs
-    runs = runs.loc[sorted(runs.index, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))]
+    order = stage_order(ctx.cfg)
+    runs = runs.loc[sorted(runs.index, key=lambda s: (order.index(s) if s in order else len(order), s))]
     rows = []
     for stage, row in runs.iterrows():
         rows.append({
@@ -127,71 +133,36 @@ def pretrain_section(ctx: Context) -> Section | None:
 SECTIONS: list[Callable[[Context], Section | None]] = [overview, data_section, pretrain_section]
 
 
-METHOD_LABELS = {"dynet": "DyNet", "sdconv": "SD-Conv", "dynconv": "DynConv"}
-
-
 def _final(ev: Evidence, stage: str) -> dict[str, float]:
     row = ev.runs.loc[stage]
     return {k.removeprefix("metrics.final."): v for k, v in row.items() if str(k).startswith("metrics.final.") and pd.notna(v)}
 
 
-def _verdict(ok: bool) -> str:
-    return "reproduced" if ok else "not reproduced"
-
-
-def claims(methods: dict[str, dict[str, float]], cfg: Config) -> pd.DataFrame:
-    """The acceptance claims checked on the measured numbers (test accuracy measured once, never tuned on)."""
-    rows = []
-    if "dynconv" in methods:
-        m = methods["dynconv"]
-        budget = cfg.convert.dynconv.budget
-        rows += [
-            {"claim": f"DynConv: executed fraction within 0.05 of the budget {budget:g}",
-             "measured": f"{m['executed_fraction']:.3f}", "verdict": _verdict(m["budget_gap"] <= 0.05)},
-            {"claim": "DynConv: MACs at most 0.6 x dense", "measured": f"{m['mac_ratio']:.3f} x",
-             "verdict": _verdict(m["mac_ratio"] <= 0.6)},
-            {"claim": "DynConv: test accuracy within 1.5 points of dense",
-             "measured": f"{-100 * m['acc_drop']:+.2f} points vs dense", "verdict": _verdict(m["acc_drop"] <= 0.015)},
-        ]
-    if "dynet" in methods:
-        m = methods["dynet"]
-        rows.append({"claim": f"DyNet at width {m['width']:g}: test accuracy within 1.5 points of the full-width dense model",
-                     "measured": f"{-100 * m['acc_drop']:+.2f} points vs dense at {m['mac_ratio']:.3f} x its MACs",
-                     "verdict": _verdict(m["acc_drop"] <= 0.015)})
-    if "dynet" in methods and "sdconv" in methods:
-        d, s = methods["dynet"], methods["sdconv"]
-        same = d["width"] == s["width"] and cfg.convert.dynet.num_kernels == cfg.convert.sdconv.num_kernels
-        ratio = s["nonzero_params"] / d["nonzero_params"]
-        note = "" if same else " (not at the same K and width: not comparable)"
-        rows += [
-            {"claim": "SD-Conv: nonzero params at most 0.5 x DyNet's at the same K",
-             "measured": f"{ratio:.3f} x{note}", "verdict": _verdict(same and ratio <= 0.5)},
-            {"claim": "SD-Conv: test accuracy at least DyNet's minus 1 point",
-             "measured": f"{100 * (s['test_acc'] - d['test_acc']):+.2f} points vs DyNet{note}",
-             "verdict": _verdict(same and s["test_acc"] >= d["test_acc"] - 0.01)},
-        ]
-    return pd.DataFrame(rows)
+def claims(converted: dict[str, dict[str, float]], cfg: Config) -> pd.DataFrame:
+    """Every method's claims checked on the measured numbers (test accuracy measured once, never tuned on)."""
+    return pd.DataFrame([row for m in methods.converted(cfg) for row in m.claims(converted, cfg)])
 
 
 def methods_section(ctx: Context) -> Section | None:
     ev = ctx.evidence
-    stages = [s for s in (f"convert@{m}" for m in METHOD_LABELS) if ev.has(s)]
-    if not stages or not ev.has("pretrain"):
+    done = [m for m in methods.converted(ctx.cfg) if ev.has(m.stage)]
+    if not done or not ev.has("pretrain"):
         return None
     dense = _final(ev, "pretrain")
-    methods = {s.split("@")[1]: _final(ev, s) for s in stages}
-    first = next(iter(methods.values()))
-    rows = [{"model": "dense", "test_acc": dense["test_acc"], "val_acc": dense["val_acc"],
+    converted = {m.name: _final(ev, m.stage) for m in done}
+    first = next(iter(converted.values()))
+    columns = {col: metric for m in done for col, metric in m.columns.items()}
+    rows = [{"model": methods.baseline().label, "test_acc": dense["test_acc"], "val_acc": dense["val_acc"],
              "MMACs/image": first["dense_macs_per_image"] / 1e6, "MAC ratio": 1.0, "params": dense["params"],
-             "nonzero params": dense["params"], "kernel sparsity": float("nan"), "executed fraction": float("nan"),
+             "nonzero params": dense["params"], **{col: float("nan") for col in columns},
              "MLflow run": ev.run_ids["pretrain"]}]
-    for method, m in methods.items():
-        rows.append({"model": f"{METHOD_LABELS[method]} (width {m['width']:g})", "test_acc": m["test_acc"],
-                     "val_acc": m["val_acc"], "MMACs/image": m["macs_per_image"] / 1e6, "MAC ratio": m["mac_ratio"],
-                     "params": m["params"], "nonzero params": m["nonzero_params"],
-                     "kernel sparsity": m.get("kernel_sparsity", float("nan")),
-                     "executed fraction": m.get("executed_fraction", float("nan")),
-                     "MLflow run": ev.run_ids[f"convert@{method}"]})
+    for m in done:
+        f = converted[m.name]
+        rows.append({"model": f"{m.label} (width {f['width']:g})", "test_acc": f["test_acc"],
+                     "val_acc": f["val_acc"], "MMACs/image": f["macs_per_image"] / 1e6, "MAC ratio": f["mac_ratio"],
+                     "params": f["params"], "nonzero params": f["nonzero_params"],
+                     **{col: f.get(metric, float("nan")) for col, metric in columns.items()},
+                     "MLflow run": ev.run_ids[m.stage]})
     table = pd.DataFrame(rows)
     points = table.rename(columns={"MMACs/image": "mmacs"})
     fig_macs = figures.tradeoff(points, "mmacs", "MMACs per image (mean over the test set)", "Accuracy vs compute",
@@ -199,48 +170,51 @@ def methods_section(ctx: Context) -> Section | None:
     fig_params = figures.tradeoff(points, "nonzero params", "nonzero parameters", "Accuracy vs parameters",
                                   ctx.figures / "acc_vs_params.png")
     fmt = {"MMACs/image": "{:.2f}", "MAC ratio": "{:.3f}", "params": "{:.0f}", "nonzero params": "{:.0f}",
-           "kernel sparsity": "{:.3f}", "executed fraction": "{:.3f}"}
+           **{col: "{:.3f}" for col in columns}}
     blocks = [
         Text("Each method starts from the dense checkpoint and is fine-tuned by the same engine. MACs are "
              "multiply-accumulates of convolutions and linear layers (FLOPs = 2 x MACs), counted by ptflops "
-             "(pytorch backend) with one hook per operator: dynamic convs count the conv, the kernel aggregation "
-             "and the coefficient branch; SD-Conv counts only kept weights; DynConv blocks count the mask unit "
-             "and the positions that executed (dilated mask for the first conv), averaged over the test set."),
+             "(pytorch backend) with one hook per operator that counts itself: dynamic convs count the conv, the "
+             "kernel aggregation and the attention or coefficient branch; SD-Conv counts only kept weights; "
+             "DynConv blocks count the mask unit and the positions that executed (dilated mask for the first "
+             "conv), averaged over the test set."),
         Table(table, "Dense model and converted models; test accuracy measured once after fine-tuning.", "{:.4f}", fmt),
         Figure(fig_macs, "Test accuracy against MACs per image."),
         Figure(fig_params, "Test accuracy against nonzero parameters."),
     ]
-    verdicts = claims(methods, ctx.cfg)
+    verdicts = claims(converted, ctx.cfg)
     if len(verdicts):
         blocks.append(Table(verdicts, "Claims checked on the numbers above (not tuned on the test split)."))
-    heat = dynconv_heatmaps(ctx)
-    if heat is not None:
-        blocks.append(heat)
+    for m in done:
+        heat = mask_heatmaps(ctx, m)
+        if heat is not None:
+            blocks.append(heat)
     return Section("Dynamic and sparse models", blocks)
 
 
-def dynconv_heatmaps(ctx: Context) -> Figure | None:
-    from pipeline.finetune import load_method_model
-    from pipeline.ops.spatial_gate import gated_blocks
+def mask_heatmaps(ctx: Context, method) -> Figure | None:
+    """Where a method with spatial masks executed, on the first test images (its converted model)."""
+    import torch
+
+    from pipeline.methods.files import load_any_model
     from pipeline.train import Normalizer
 
-    path = MODELS / "dynconv.pt"
-    if not path.is_file() or not (PREPARED / "upstream" / "test_x.npy").is_file():
+    if not method.model_file.is_file() or not (PREPARED / "upstream" / "test_x.npy").is_file():
         return None
-    model, record = load_method_model(path)
+    model, record, _ = load_any_model(method.model_file)
     model.eval()
     n = min(6, ctx.cfg.report.samples_per_dataset)
     x = np.array(np.load(PREPARED / "upstream" / "test_x.npy", mmap_mode="r")[:n])
-    import torch
-
     meta = record["meta"]
     with torch.no_grad():
         model(Normalizer(meta["mean"], meta["std"])(torch.from_numpy(x)))
-    blocks = gated_blocks(model)
-    names = [n for n, m in model.named_modules() if m in set(blocks)]
-    masks = [[b.last_mask[i, 0].numpy() for b in blocks] for i in range(len(x))]
-    fig = figures.mask_heatmaps(x, masks, names, ctx.figures / "dynconv_masks.png")
-    return Figure(fig, "DynConv: positions where each gated block executed its residual branch (white), on test images.")
+    masks = method.spatial_masks(model)
+    if masks is None:
+        return None
+    names = [name for name, _ in masks]
+    per_image = [[mask[i, 0].numpy() for _, mask in masks] for i in range(len(x))]
+    fig = figures.mask_heatmaps(x, per_image, names, ctx.figures / f"{method.name}_masks.png")
+    return Figure(fig, f"{method.label}: positions where each gated module executed (white), on test images.")
 
 
 SECTIONS.append(methods_section)

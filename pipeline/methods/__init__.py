@@ -1,0 +1,85 @@
+"""The method registry: every module of this package that defines ``METHOD`` is a method.
+
+Adding a method is adding a module here (plus its operator in ``pipeline/ops``,
+its params group ``convert.<name>`` and its entries in the ``foreach`` lists of
+dvc.yaml); nothing else changes. The registry discovers the modules by
+scanning this package and imports all of them, so every stage that asks it
+depends on every method module (dvc.yaml lists ``pipeline/methods`` and
+``pipeline/ops`` as its deps; ``tests/test_dvc_deps.py`` checks that).
+
+- :func:`get` — the method of a name; an unknown name is an error, never
+  another method's behaviour.
+- :func:`in_pipeline` — the baseline, then the methods of ``convert`` in
+  params order: what the latency stage times and the report shows.
+- :func:`validate` — every method group of params.yaml against its schema.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+from pipeline.methods.base import Method
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def registry() -> dict[str, Method]:
+    """Name -> method, for every method module of this package (imported on first use)."""
+    if not _REGISTRY:
+        found = {}
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+            module = importlib.import_module(f"{__name__}.{info.name}")
+            method = getattr(module, "METHOD", None)
+            if method is None:
+                continue
+            if not isinstance(method, Method) or method.name != info.name:
+                raise TypeError(f"{module.__name__}.METHOD must be a Method named {info.name!r}")
+            found[info.name] = method
+        _REGISTRY.update(found)
+    return _REGISTRY
+
+
+def names() -> list[str]:
+    return list(registry())
+
+
+def get(name: str, key: str = "method") -> Method:
+    """The registered method ``name``; ``key`` names where the name came from in the error."""
+    methods = registry()
+    if name not in methods:
+        raise ConfigError(f"{key}: unknown method {name!r}; registered: {', '.join(methods)}")
+    return methods[name]
+
+
+def baseline() -> Method:
+    return next(m for m in registry().values() if m.baseline)
+
+
+def converted(cfg: Config) -> list[Method]:
+    """The methods with a ``convert`` group, in params order."""
+    return [get(name, f"params.yaml: 'convert.{name}'") for name in cfg.convert]
+
+
+def in_pipeline(cfg: Config) -> list[Method]:
+    return [baseline(), *converted(cfg)]
+
+
+def searched(cfg: Config) -> list[Method]:
+    """The methods with a ``search`` group, in params order."""
+    return [get(name, f"params.yaml: 'search.{name}'") for name in cfg.search.methods]
+
+
+def validate(cfg: Config) -> None:
+    """Validate every ``convert.<method>`` and ``search.<method>`` group with its method's schema."""
+    for method in converted(cfg):
+        if method.Params is None:
+            raise ConfigError(f"params.yaml: 'convert.{method.name}': {method.label} is not converted; remove the group")
+        method.params(cfg)
+    for method in searched(cfg):
+        if method.name not in cfg.convert:
+            raise ConfigError(f"params.yaml: 'search.{method.name}': searches start from the converted model; "
+                              f"add convert.{method.name}")
+        method.search_params(cfg)

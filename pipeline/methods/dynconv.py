@@ -1,0 +1,224 @@
+"""DynConv: spatially sparse residual blocks (Verelst & Tuytelaars, "Dynamic Convolutions:
+Exploiting Spatial Sparsity for Faster Inference", CVPR 2020).
+
+Every residual block (ResNet basic blocks; MobileNetV2 blocks with an
+identity shortcut) gets a mask unit that decides per position whether the
+residual branch runs (:mod:`pipeline.ops.spatial_gate`); it starts open, so
+the converted model starts as the dense one. Training: Gumbel noise and a
+straight-through hard mask, the sparsity criterion (network term + per-block
+bounds annealed with cos^2) towards ``budget``, Gumbel noise off for the last
+``noise_off_fraction`` of the epochs, distillation from the dense model.
+Inference: the blocks run by gather / scatter (:mod:`pipeline.ops.sparse_exec`).
+
+Search: the network budget, per-stage offsets from it (an extra per-stage
+budget term in the loss) and the Gumbel temperature.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from pipeline.config import Config, Float, PosFloat, RangeCfg, SearchCommon, Section
+from pipeline.errors import ConfigError
+from pipeline.methods.base import Method, MethodParams, SearchSpace, Variant, distill_term, verdict
+from pipeline.models.cifar_mobilenetv2 import InvertedResidual
+from pipeline.models.cifar_resnet import BasicBlock
+from pipeline.models.surgery import replace_module
+from pipeline.ops.sparse_exec import to_sparse_execution
+from pipeline.ops.spatial_gate import BudgetLoss, GatedBasicBlock, GatedInvertedResidual, gated_blocks, set_gumbel
+from pipeline.train import Hooks
+
+SPEED_CLAIM = 1.3  # budget 0.5 vs dense, CPU, batch 1 (the paper's speed claim, on a CPU)
+
+
+class DynConvParams(MethodParams):
+    """``convert.dynconv``: gated blocks and their sparsity criterion."""
+
+    budget: Annotated[Float, Field(gt=0.0, le=1.0)]
+    gumbel_temperature: PosFloat
+    noise_off_fraction: Annotated[Float, Field(ge=0.0, le=1.0)]
+    budget_weight: Annotated[Float, Field(ge=0.0)]
+    anneal_fraction: Annotated[Float, Field(gt=0.0, le=1.0)]
+    open_bias: Float
+
+
+class DynConvSpace(Section):
+    """Network budget, per-stage offsets from it, Gumbel temperature."""
+
+    budget: RangeCfg
+    stage_offset: RangeCfg
+    gumbel_temperature: RangeCfg
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "DynConvSpace":
+        if not (0 < self.budget.low and self.budget.high <= 1):
+            raise ValueError("budget: must lie in (0, 1]")
+        if self.gumbel_temperature.low <= 0:
+            raise ValueError("gumbel_temperature: must be > 0")
+        return self
+
+
+class DynConvSearchParams(SearchCommon):
+    space: DynConvSpace
+    min_stage_budget: Annotated[Float, Field(gt=0.0, le=1.0)]  # a stage's budget is clipped to [this, 1]
+
+
+def named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    blocks = set(gated_blocks(model))
+    return [(n, m) for n, m in model.named_modules() if m in blocks]
+
+
+@torch.no_grad()
+def block_fractions(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> tuple[list[float], float]:
+    """Eval-mode executed fraction of every gated block and of the whole gated part (cost-weighted)."""
+    was = model.training
+    model.eval()
+    blocks = gated_blocks(model)
+    executed = torch.zeros(len(blocks), dtype=torch.float64)
+    dense = torch.zeros(len(blocks), dtype=torch.float64)
+    for chunk in inputs.split(batch_size):
+        model(chunk)
+        for i, b in enumerate(blocks):
+            executed[i] += b.executed_cost().sum().double()
+            dense[i] += float(b.dense_cost_per_image) * len(chunk)
+    model.train(was)
+    return (executed / dense).tolist(), float(executed.sum() / dense.sum())
+
+
+def stage_budgets(sample: dict[str, float], n_stages: int, floor: float) -> list[float]:
+    return [min(1.0, max(floor, sample["budget"] + sample[f"offset_stage{i}"])) for i in range(n_stages)]
+
+
+class DynConvSearch(SearchSpace):
+    Params = DynConvSearchParams
+    objectives = ("val_acc", "macs_per_image")
+    select_cost = "macs_per_image"
+
+    def modules(self, model):
+        return named_blocks(model)
+
+    def suggest(self, trial, n_stages, space):
+        def draw(name: str, r: RangeCfg) -> float:
+            return trial.suggest_float(name, r.low, r.high, log=r.log)
+
+        params = {"budget": draw("budget", space.budget)}
+        params.update({f"offset_stage{i}": draw(f"offset_stage{i}", space.stage_offset) for i in range(n_stages)})
+        params["gumbel_temperature"] = draw("gumbel_temperature", space.gumbel_temperature)
+        return params
+
+    def apply(self, model, sample, stages, p, sp, *, teacher, val_x):
+        p = p.model_copy(update={"budget": sample["budget"], "gumbel_temperature": sample["gumbel_temperature"]})
+        budgets = stage_budgets(sample, max(stages) + 1, sp.min_stage_budget)
+        return METHOD.gate_hooks(model, p, sp.train.epochs, teacher, val_x, [budgets[s] for s in stages])
+
+    def final_params(self, p, sample):
+        return p.model_copy(update={"budget": sample["budget"]})
+
+
+class DynConv(Method):
+    name = "dynconv"
+    label = "DynConv"
+    paper = "Verelst & Tuytelaars, Dynamic Convolutions: Exploiting Spatial Sparsity for Faster Inference, CVPR 2020"
+    Params = DynConvParams
+    search = DynConvSearch()
+    columns = {"executed fraction": "executed_fraction"}
+
+    def convert(self, model, p, seed):
+        names = []
+        for name, block in list(model.named_modules()):
+            if type(block) is BasicBlock:
+                replace_module(model, name, GatedBasicBlock.from_block(block, open_bias=p.open_bias))
+                names.append(name)
+            elif type(block) is InvertedResidual and block.use_res:
+                replace_module(model, name, GatedInvertedResidual.from_block(block, open_bias=p.open_bias))
+                names.append(name)
+        if not names:
+            raise ConfigError(f"convert.{self.name}: the backbone has no residual block to gate "
+                              "(use cifar_resnet or cifar_mobilenetv2)")
+        set_gumbel(model, temperature=p.gumbel_temperature, noise=True)
+        return names
+
+    # ------------------------------------------------------------------ training
+    def gate_hooks(self, model, p, epochs: int, teacher, val_x, block_budgets: list[float] | None = None) -> Hooks:
+        """Budget loss, the Gumbel noise switch (off for the last ``noise_off_fraction`` of ``epochs``),
+        distillation, and the validation executed fraction per epoch."""
+        criterion = BudgetLoss(p.budget, p.budget_weight, p.anneal_fraction, block_budgets)
+        blocks = gated_blocks(model)
+        noisy_epochs = epochs - int(round(p.noise_off_fraction * epochs))
+
+        def epoch_start(epoch: int) -> None:
+            set_gumbel(model, temperature=p.gumbel_temperature, noise=epoch < noisy_epochs)
+
+        def extra_loss(_model, inputs, logits, targets, progress):
+            return {**criterion(blocks, progress), **distill_term(p.distill, teacher, inputs, logits)}
+
+        def epoch_metrics(_model):
+            return {"executed_fraction": block_fractions(model, val_x)[1]}
+
+        return Hooks(epoch_start, extra_loss, epoch_metrics)
+
+    def hooks(self, model, p, *, teacher=None, val_x=None):
+        return self.gate_hooks(model, p, p.train.epochs, teacher, val_x)
+
+    def measure(self, model, x, p):
+        per_block, overall = block_fractions(model, x)
+        names = [n for n, _ in named_blocks(model)]
+        metrics = {"executed_fraction": overall, "budget": p.budget, "budget_gap": abs(overall - p.budget)}
+        return metrics, {"executed_fraction": dict(zip(names, per_block))}
+
+    # ------------------------------------------------------------------ transfer
+    def transfer_hooks(self, model, cfg: Config, record, val_x):
+        """The gates keep training under the budget loss, at the budget the source was trained for."""
+        p = self.params(cfg)
+        budget = record.get("meta", {}).get("search_params", {}).get("budget", p.budget)
+        p = p.model_copy(update={"budget": budget, "distill": p.distill.model_copy(update={"weight": 0.0})})
+        return self.gate_hooks(model, p, cfg.transfer.train.epochs, None, val_x)
+
+    def transfer_metrics(self, model, x, before):
+        return {"executed_fraction": block_fractions(model, x)[1]}
+
+    # ------------------------------------------------------------------ latency
+    def latency_variants(self):
+        return [
+            Variant(f"{self.name}_masked", self.model_file, self.stage),
+            Variant(f"{self.name}_sparse", self.model_file, self.stage, to_sparse_execution),
+            Variant(f"{self.name}_searched_sparse", self.searched_file, f"search@{self.name}", to_sparse_execution),
+        ]
+
+    # ------------------------------------------------------------------ report
+    def claims(self, converted, cfg):
+        m = converted.get(self.name)
+        if m is None:
+            return []
+        budget = self.params(cfg).budget
+        return [
+            {"claim": f"DynConv: executed fraction within 0.05 of the budget {budget:g}",
+             "measured": f"{m['executed_fraction']:.3f}", "verdict": verdict(m["budget_gap"] <= 0.05)},
+            {"claim": "DynConv: MACs at most 0.6 x dense", "measured": f"{m['mac_ratio']:.3f} x",
+             "verdict": verdict(m["mac_ratio"] <= 0.6)},
+            {"claim": "DynConv: test accuracy within 1.5 points of dense",
+             "measured": f"{-100 * m['acc_drop']:+.2f} points vs dense", "verdict": verdict(m["acc_drop"] <= 0.015)},
+        ]
+
+    def latency_claims(self, rows, accuracy, cfg):
+        variant = f"{self.name}_sparse"
+        b1 = [r for r in rows if r["variant"] == variant and r["batch"] == 1]
+        if not b1 or variant not in accuracy:
+            return []
+        speed, change = b1[0]["speedup_vs_dense"], accuracy[variant]["acc_change"]
+        return [{
+            "claim": f"DynConv (convert stage, budget {self.params(cfg).budget:g}), sparse execution: at least "
+                     f"{SPEED_CLAIM:g} x faster than dense at batch 1 on CPU, same test accuracy",
+            "measured": f"{speed:.2f} x ({b1[0]['threads']} threads), test accuracy change {change:+.4f}",
+            "verdict": verdict(speed >= SPEED_CLAIM and abs(change) < 1e-9),
+        }]  # fmt: skip
+
+    def spatial_masks(self, model):
+        return [(n, b.last_mask) for n, b in named_blocks(model)]
+
+
+METHOD = DynConv()

@@ -1,0 +1,83 @@
+"""dvc.yaml matches the code: each stage depends on exactly the repository files its entry point imports,
+and the foreach lists name exactly the methods params.yaml configures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import methods
+from pipeline.config import load_config
+
+from .conftest import REPO
+from .import_closure import closure, code_files, is_code
+
+
+def _stages() -> dict[str, tuple[str, list[str]]]:
+    """Stage name -> (entry point file, deps as written), as DVC resolves dvc.yaml."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        out = {}
+        for stage in repo.index.stages:
+            module = stage.cmd.split()[2]  # python -m stages.<name> [item]
+            out[stage.addressing] = (module.replace(".", "/") + ".py", [d.def_path for d in stage.deps])
+    return out
+
+
+STAGES = _stages()
+
+
+def check(entry: str, deps: list[str]) -> tuple[set[str], set[str]]:
+    """(imported files no dep covers, code deps that cover a file the entry point does not import)."""
+    needed = closure(entry)
+    code = [d for d in deps if is_code(d)]
+    covered = set().union(*(code_files(d) for d in code)) if code else set()
+    return needed - covered, {d for d in code if not code_files(d) <= needed}
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_depends_on_exactly_what_it_imports(name):
+    entry, deps = STAGES[name]
+    missing, extra = check(entry, deps)
+    assert not missing, f"{name}: imports {sorted(missing)} but dvc.yaml does not list them in its deps"
+    assert not extra, f"{name}: deps {sorted(extra)} hold code its entry point does not import"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_the_check_fails_when_any_code_dep_is_dropped(name):
+    entry, deps = STAGES[name]
+    for dep in (d for d in deps if is_code(d)):
+        missing, _ = check(entry, [d for d in deps if d != dep])
+        assert missing, f"{name}: dropping {dep} went unnoticed"
+
+
+def test_the_check_reports_a_dep_the_stage_does_not_import():
+    entry, deps = STAGES["prepare"]
+    assert check(entry, [*deps, "pipeline/search.py"])[1] == {"pipeline/search.py"}
+
+
+def test_registry_imports_every_module_of_its_package():
+    # tests/import_closure.py assumes it; a lazier registry would make dvc.yaml over-broad.
+    code = ("import sys; from pipeline import methods; methods.registry(); "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.methods.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    files = sorted(f"pipeline.methods.{p.stem}" for p in (REPO / "pipeline/methods").glob("*.py") if p.stem != "__init__")
+    assert eval(out) == files  # noqa: S307 - our own print of a list of strings
+
+
+def test_foreach_lists_name_the_methods_of_params():
+    cfg = load_config(REPO / "params.yaml")
+    items = {}
+    for stage in STAGES:
+        group, _, item = stage.partition("@")
+        if item:
+            items.setdefault(group, []).append(item)
+    assert items["convert"] == list(cfg.convert)
+    assert items["search"] == list(cfg.search.methods)
+    assert items["transfer"] == [m.name for m in methods.in_pipeline(cfg)]
+    for m in methods.in_pipeline(cfg):
+        source = (m.searched_file if m.search else m.model_file).as_posix()
+        assert source in STAGES[f"transfer@{m.name}"][1], f"transfer@{m.name} must depend on {source}"
