@@ -1,0 +1,243 @@
+"""ODConv: omni-dimensional dynamic convolution (Li, Zhou, Yao, "Omni-Dimensional Dynamic
+Convolution", ICLR 2022).
+
+n static kernels W_1..W_n, and four attentions computed per sample from one
+squeeze branch (global average pool -> FC to a hidden width -> BN -> ReLU):
+
+    y = (sum_i a_wi * a_f * a_c * a_s * W_i) * x                    (Eq. 3 of the paper)
+
+with ``a_s`` over the k x k kernel positions, ``a_c`` over the input
+channels, ``a_f`` over the output filters (each ``sigmoid(z / T)``, shared by
+the n kernels as in the official implementation) and ``a_w`` over the
+kernels (``softmax(z / T)``). With a_s = a_c = a_f = 1 it is DY-Conv. As in
+the official code, the kernel attention is left out for n = 1, the filter
+attention for depthwise convs and the spatial one for 1x1 kernels; any of the
+four can also be switched off (``attentions``) to ablate it, an attention
+that is off being 1.
+
+Execution: ``a_c`` scales the input, ``a_s`` and ``a_w`` mix the per-sample
+kernel (one ``[B, n] x [n, P]`` product), the B per-sample convs run as one
+grouped conv, and ``a_f`` scales the output; ``forward_reference`` is the
+per-sample loop of Eq. 3, for testing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTIONS = ("spatial", "channel", "filter", "kernel")
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= 0 for v in pair):
+        raise ValueError(f"expected an int or a pair of ints >= 0, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+class ODConv2d(nn.Module):
+    """Omni-dimensional dynamic convolution (Li, Zhou, Yao, ICLR 2022, Eq. 3); see the module docstring."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        num_kernels: int = 4,
+        reduction: float = 0.0625,
+        min_hidden: int = 16,
+        temperature: float = 1.0,
+        attentions: Sequence[str] = ATTENTIONS,
+    ):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        if num_kernels < 1:
+            raise ValueError(f"num_kernels must be >= 1, got {num_kernels}")
+        unknown = set(attentions) - set(ATTENTIONS)
+        if unknown:
+            raise ValueError(f"attentions must be among {ATTENTIONS}, got {sorted(unknown)}")
+        if num_kernels > 1 and "kernel" not in attentions:
+            raise ValueError("the kernel attention mixes the n kernels: it cannot be off with num_kernels > 1")
+        if not (0 < reduction <= 1):
+            raise ValueError(f"reduction must be in (0, 1], got {reduction}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self.num_kernels, self.reduction, self.min_hidden = num_kernels, reduction, min_hidden
+        self.temperature = float(temperature)
+        self.hidden = max(int(in_channels * reduction), min_hidden)
+        kh, kw = self.kernel_size
+        # The official code's special cases, then the ablation switches.
+        active = {
+            "spatial": "spatial" in attentions and kh * kw > 1,
+            "channel": "channel" in attentions,
+            "filter": "filter" in attentions and not (groups == in_channels == out_channels),
+            "kernel": "kernel" in attentions and num_kernels > 1,
+        }
+        self.attentions = tuple(a for a in ATTENTIONS if active[a])
+        self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels // groups, kh, kw))
+        self.register_parameter("bias", None)  # set by BN folding (fold_batchnorm)
+        self.fc = nn.Linear(in_channels, self.hidden, bias=False)
+        self.bn = nn.BatchNorm1d(self.hidden)
+        sizes = {"spatial": kh * kw, "channel": in_channels, "filter": out_channels, "kernel": num_kernels}
+        self.heads = nn.ModuleDict({a: nn.Linear(self.hidden, sizes[a]) for a in self.attentions})
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialisation of the official code: kaiming-normal (fan_out) kernels and attention layers, zero biases."""
+        for w in self.weight:
+            nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+        for layer in (self.fc, *self.heads.values()):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
+                "stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups,
+                "num_kernels": self.num_kernels, "reduction": self.reduction, "min_hidden": self.min_hidden,
+                "temperature": self.temperature, "attentions": self.attentions}  # fmt: skip
+
+    def set_temperature(self, t: float) -> None:
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {t!r}")
+        self.temperature = float(t)
+
+    # ------------------------------------------------------------------ attentions
+    def attention(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The active attentions of a batch: ``spatial`` [B, kh*kw], ``channel`` [B, C_in], ``filter``
+        [B, C_out] (sigmoid(z / T)) and ``kernel`` [B, n] (softmax(z / T))."""
+        h = F.relu(self.bn(self.fc(x.mean((2, 3)))))
+        out = {}
+        for name, head in self.heads.items():
+            z = head(h) / self.temperature
+            out[name] = torch.softmax(z, dim=1) if name == "kernel" else torch.sigmoid(z)
+        return out
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)
+        )
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input must have shape [B, {self.in_channels}, H, W], got {list(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.forward_with(x, self.attention(x))
+
+    def forward_with(self, x: torch.Tensor, att: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Eq. 3 with given attentions (a missing one is 1): input scaling, kernel mixing, one grouped conv,
+        output scaling."""
+        b, c, h, w = x.shape
+        n, kh, kw = self.num_kernels, *self.kernel_size
+        if "channel" in att:
+            x = x * att["channel"].view(b, c, 1, 1)
+        if "kernel" in att:
+            weight = (att["kernel"] @ self.weight.reshape(n, -1)).view(b, *self.weight.shape[1:])
+        else:
+            weight = self.weight.sum(0, keepdim=True).expand(b, *self.weight.shape[1:])
+        if "spatial" in att:
+            weight = weight * att["spatial"].view(b, 1, 1, kh, kw)
+        if b == 1:
+            y = F.conv2d(x, weight[0], None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * self.out_channels, -1, kh, kw), None,
+                         self.stride, self.padding, self.dilation, b * self.groups)
+            y = y.view(b, self.out_channels, *y.shape[2:])
+        if "filter" in att:
+            y = y * att["filter"].view(b, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Slow per-sample loop of Eq. 3: each sample's kernel sum_i a_wi * a_f * a_c * a_s * W_i, then a conv."""
+        self._check_input(x)
+        att = self.attention(x)
+        ones = {"spatial": self.kernel_size[0] * self.kernel_size[1], "channel": self.in_channels // self.groups,
+                "filter": self.out_channels, "kernel": self.num_kernels}
+        outputs = []
+        for i in range(x.shape[0]):
+            a = {k: att[k][i] if k in att else x.new_ones(size) for k, size in ones.items()}
+            if "channel" in att and self.groups > 1:
+                raise NotImplementedError("the reference covers ungrouped convs")
+            kernel = sum(
+                a["kernel"][j] * a["filter"].view(-1, 1, 1, 1) * a["channel"].view(1, -1, 1, 1)
+                * a["spatial"].view(1, 1, *self.kernel_size) * self.weight[j]
+                for j in range(self.num_kernels)
+            )
+            outputs.append(F.conv2d(x[i : i + 1], kernel, self.bias, self.stride, self.padding, self.dilation,
+                                    self.groups))
+        return torch.cat(outputs)
+
+    # ------------------------------------------------------------------ conversion, cost, folding
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, noise_std: float = 0.01, generator: torch.Generator | None = None,
+                  **kwargs) -> ODConv2d:
+        """An ODConv that computes ``conv``'s function when ``noise_std`` is 0 (``conv`` without bias).
+
+        The attention heads start at weight 0 and bias 0, so every sigmoid attention is 1/2 and the kernel
+        attention 1/n for every input; the n kernels start as the dense kernel scaled by 2 per active sigmoid
+        attention, plus ``noise_std`` x std(kernel) Gaussian noise so they can diverge.
+        """
+        if conv.bias is not None:
+            raise ValueError("from_conv expects a conv without bias (a BatchNorm follows it)")
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, **kwargs)
+        with torch.no_grad():
+            for head in module.heads.values():
+                head.weight.zero_()
+                head.bias.zero_()
+            sigmoids = sum(a != "kernel" for a in module.attentions)
+            scale = 2.0**sigmoids if "kernel" in module.attentions else 2.0**sigmoids / module.num_kernels
+            dense = conv.weight.detach() * scale
+            module.weight.copy_(dense.unsqueeze(0).expand_as(module.weight))
+            if noise_std > 0:
+                noise = torch.randn(module.weight.shape, generator=generator)
+                module.weight.add_(noise * (noise_std * dense.std(correction=0)))
+        return module
+
+    def macs(self, input_shape: tuple[int, int, int]) -> dict[str, int]:
+        """Multiply-accumulates per image of shape (C, H, W): conv, kernel mixing (a_w, a_s), input and output
+        scaling (a_c, a_f) and the attention branch."""
+        c, h, w = input_shape
+        h_out, w_out = self.output_hw(h, w)
+        kernel = self.weight[0].numel()
+        conv = h_out * w_out * kernel
+        mixing = (self.num_kernels * kernel if "kernel" in self.attentions else 0) + (
+            kernel if "spatial" in self.attentions else 0)
+        scaling = (c * h * w if "channel" in self.attentions else 0) + (
+            self.out_channels * h_out * w_out if "filter" in self.attentions else 0)
+        branch = self.in_channels * self.hidden + sum(head.out_features * self.hidden for head in self.heads.values())
+        return {"conv": conv, "mixing": mixing, "scaling": scaling, "attention": branch,
+                "total": conv + mixing + scaling + branch}
+
+    def counted_macs(self, x: torch.Tensor) -> int:
+        """MACs of a forward on ``x`` (the whole batch), for the MAC counter (``pipeline/complexity.py``)."""
+        return int(self.macs(tuple(x.shape[1:]))["total"]) * x.shape[0]
+
+    @torch.no_grad()
+    def fold_batchnorm(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        """Fold an eval-mode BatchNorm after this conv: the n kernels scale per output filter and the shift
+        becomes a bias added after the filter attention (exact: a_f multiplies before the bias)."""
+        self.weight.mul_(scale.view(1, -1, 1, 1, 1))
+        old = self.bias if self.bias is not None else torch.zeros(self.out_channels)
+        self.bias = nn.Parameter(old * scale + shift)
+        return True
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, num_kernels={self.num_kernels}, attentions={self.attentions}, "
+                f"temperature={self.temperature:g}")
