@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.redact import redact
 
 
 def run_stage(
@@ -24,7 +26,7 @@ def run_stage(
 
     Validation happens before ``main`` touches any output. A :class:`UserError`
     anywhere prints ``<stage>: error: <message>`` and exits 2; anything else is
-    a bug and keeps its traceback.
+    a bug and keeps its traceback (exit 1). Both show URLs without credentials.
     """
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,8 +45,11 @@ def run_stage(
         cfg = load_config(args.params)
         main(cfg, args.method, **extra) if methods else main(cfg, **extra)
     except UserError as err:
-        print(f"{label}: error: {err}", file=sys.stderr)
+        print(redact(f"{label}: error: {err}"), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{label}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:  # a bug: keep the traceback, without credentials
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        sys.exit(1)

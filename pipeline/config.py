@@ -36,10 +36,12 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from pipeline.errors import ConfigError
+from pipeline.redact import has_password, redact
 
 
 def _no_bool_or_str(value: Any) -> Any:
@@ -334,13 +336,25 @@ class SearchCfg(Section):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    # null: a journal file per method under <repo>/optuna/; or an RDB URL (postgresql://..., mysql://...).
+    # null: a journal file per method under <repo>/optuna/ (or the URL in $OPTUNA_STORAGE); or an RDB URL
+    # (postgresql://user@host/db) without a password: it comes from PGPASSWORD, ~/.pgpass or $OPTUNA_STORAGE.
     storage: Str | None
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, url: str | None) -> str | None:
+        if url is not None and "://" not in url:
+            raise ValueError("expected an RDB URL such as postgresql://host:5432/optuna")
+        if url is not None and has_password(url):
+            raise ValueError(
+                "holds a password, which params.yaml would commit to git and every run would log; keep the URL "
+                "here without it and give the password as PGPASSWORD or in ~/.pgpass, or set the whole URL in "
+                "the OPTUNA_STORAGE environment variable instead"
+            )
+        return url
+
     @model_validator(mode="after")
-    def _storage(self) -> "SearchCfg":
-        if self.storage is not None and "://" not in self.storage:
-            raise ValueError(f"storage: expected an RDB URL such as postgresql://user@host/db, got {self.storage!r}")
+    def _groups(self) -> "SearchCfg":
         for name, group in (self.model_extra or {}).items():
             if not isinstance(group, dict):
                 raise ValueError(f"{name}: expected the mapping of search.{name}, got {type(group).__name__}")
@@ -441,7 +455,7 @@ def format_error(err: ValidationError, source: str, prefix: str = "") -> str:
     got = first.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     where = f"'{path}'" if path else "top level"
-    return f"{source}: {where}: {msg}{shown}{suffix}"
+    return redact(f"{source}: {where}: {msg}{shown}{suffix}")
 
 
 S = TypeVar("S", bound=BaseModel)

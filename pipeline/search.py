@@ -3,8 +3,11 @@ Pareto front and the selection rule.
 
 - Storage: a journal file ``<repo>/optuna/<method>/journal.log`` (absolute,
   derived from the repository root, so ``dvc exp`` temporary copies use the
-  same study), or an RDB URL from params for shared use. SQLite is not offered
-  for parallel workers: it answers "database is locked".
+  same study), or an RDB URL for shared use: ``$OPTUNA_STORAGE`` when set,
+  else ``search.storage`` (without a password; PostgreSQL's client reads it
+  from ``PGPASSWORD`` or ``~/.pgpass``). SQLite is not offered for parallel
+  workers: it answers "database is locked". The URL is shown without its
+  user-info part wherever it is logged.
 - Study name = method + a hash of everything a trial's result depends on
   (search params, seed, model params, the converted checkpoint), so a changed
   param starts a new study in the same store instead of mixing trials.
@@ -33,7 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import SamplerCfg
+from pipeline.errors import UserError
 from pipeline.paths import repo_root
+from pipeline.redact import redact
+
+STORAGE_ENV = "OPTUNA_STORAGE"  # an RDB URL, password included if need be; wins over search.storage
 
 HOST_ATTR, PID_ATTR, REQUEUED_ATTR = "worker_host", "worker_pid", "requeued_from"
 MAX_CONSECUTIVE_FAILURES = 3
@@ -43,13 +50,22 @@ def store_dir(method: str) -> Path:
     return repo_root() / "optuna" / method
 
 
+def storage_url(configured: str | None) -> str | None:
+    """The RDB URL of the studies: ``$OPTUNA_STORAGE`` when set, else ``search.storage`` (None: journal files)."""
+    return os.environ.get(STORAGE_ENV) or configured
+
+
 def make_storage(url: str | None, method: str):
     """Journal file under ``store_dir(method)`` when ``url`` is None, else an RDB storage at ``url``."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     if url is not None:
-        return optuna.storages.RDBStorage(url)
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as err:  # noqa: BLE001 - driver and connection errors: one line, no credentials
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"search storage {redact(url)} cannot be opened: {redact(first)}") from None
     path = store_dir(method) / "journal.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
@@ -58,8 +74,7 @@ def make_storage(url: str | None, method: str):
 def describe_storage(url: str | None, method: str) -> str:
     if url is None:
         return f"journal file {store_dir(method) / 'journal.log'}"
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"  # without credentials
+    return redact(url)
 
 
 def make_sampler(cfg: SamplerCfg, seed: int):

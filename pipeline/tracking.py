@@ -10,6 +10,8 @@
   ``dvc repro`` or ``dvc exp run`` shares it, and the MLflow UI lists
   pipelines side by side with their stages nested.
 - Tags: git commit, dirty flag, DVC_EXP_NAME, stage, params hash, pipeline id.
+- Params and tags never carry credentials: URLs lose their user-info part
+  (:mod:`pipeline.redact`).
 - Runs are written through ``MlflowClient`` with explicit run ids: nothing
   depends on MLflow's thread-local active run.
 """
@@ -29,6 +31,7 @@ from typing import Any
 
 from pipeline.config import Config, fingerprint, flatten, to_dict
 from pipeline.paths import repo_root
+from pipeline.redact import redact, redact_value
 
 MAX_PARAM_LEN = 6000
 
@@ -103,7 +106,7 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+            self.client.set_tag(self.run_id, k, redact(str(v)))
 
 
 def _experiment_id(client, name: str) -> str:
@@ -167,6 +170,7 @@ def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = Non
 
     params = flatten(to_dict(cfg))
     params.update(extra_params or {})
+    params = redact_value(params)  # a URL in params (a storage) loses its credentials
     batch = [Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)) for k, v in params.items()]
     batch = [Param(p.key, p.value[:MAX_PARAM_LEN]) for p in batch]
     for i in range(0, len(batch), 90):
@@ -197,7 +201,7 @@ def find_or_create_run(client, exp_id: str, key_tags: dict[str, str], run_name: 
     found = client.search_runs([exp_id], filter_string=query, max_results=1)
     if found:
         return found[0].info.run_id
-    return client.create_run(exp_id, run_name=run_name, tags={**tags, **key_tags}).info.run_id
+    return client.create_run(exp_id, run_name=run_name, tags=redact_value({**tags, **key_tags})).info.run_id
 
 
 def start_child_run(client, exp_id: str, parent_id: str, run_name: str, tags: dict[str, str],
@@ -205,8 +209,8 @@ def start_child_run(client, exp_id: str, parent_id: str, run_name: str, tags: di
     """A run nested under ``parent_id`` (e.g. one Optuna trial under its study), params logged."""
     from mlflow.entities import Param
 
-    run = client.create_run(exp_id, run_name=run_name, tags={**tags, "mlflow.parentRunId": parent_id})
-    batch = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
+    run = client.create_run(exp_id, run_name=run_name, tags=redact_value({**tags, "mlflow.parentRunId": parent_id}))
+    batch = [Param(k, redact(str(v))[:MAX_PARAM_LEN]) for k, v in params.items()]
     for i in range(0, len(batch), 90):
         client.log_batch(run.info.run_id, params=batch[i : i + 90])
     return StageRun(client, run.info.run_id)

@@ -47,6 +47,7 @@ from pipeline.search import (
     pareto_trials,
     run_worker,
     select_trial,
+    storage_url,
     store_dir,
 )
 from pipeline.tracking import (
@@ -69,7 +70,7 @@ def open_study(ctx: SearchContext, sampler_seed: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = make_storage(ctx.cfg.search.storage, ctx.method.name)
+    storage = make_storage(storage_url(ctx.cfg.search.storage), ctx.method.name)
     directions = ["maximize"] + ["minimize"] * (len(ctx.objectives) - 1)
     study = optuna.create_study(storage=storage, study_name=f"{ctx.method.name}-{ctx.study_key[:12]}",
                                 directions=directions, load_if_exists=True)  # fmt: skip
@@ -138,7 +139,7 @@ def _study_run(client, exp_id: str, study, ctx: SearchContext, parent_tags: dict
     if run_id:
         return run_id
     tags = {**parent_tags, "method": ctx.method.name,
-            "storage": describe_storage(ctx.cfg.search.storage, ctx.method.name)}
+            "storage": describe_storage(storage_url(ctx.cfg.search.storage), ctx.method.name)}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     run_id = find_or_create_run(client, exp_id, {"kind": "study", "study_name": study.study_name},
@@ -193,7 +194,7 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
         study = open_study(ctx, cfg.seed)
         study_run_id = _study_run(run.client, run.experiment_id, study, ctx, run.tags, run.pipeline_run_id)
         run.set_tags({"method": name, "study_name": study.study_name, "study_run_id": study_run_id,
-                      "storage": describe_storage(cfg.search.storage, name)})
+                      "storage": describe_storage(storage_url(cfg.search.storage), name)})
         before = count_trials(study)
         if before["complete"]:
             print(f"search@{name}: resuming study {study.study_name} with {before['complete']} complete trial(s)")
@@ -238,7 +239,7 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
                           metrics=stable, search_params=dict(chosen.params), study=study.study_name)
         best = {
             "study_name": study.study_name,
-            "storage": describe_storage(cfg.search.storage, name),
+            "storage": describe_storage(storage_url(cfg.search.storage), name),
             "rule": RULE.format(within=sp.select_within, cost=cost),
             "trial": chosen.number,
             "params": dict(chosen.params),

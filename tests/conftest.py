@@ -8,6 +8,7 @@ overridden (:func:`params`), never a schema default.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from pydantic import TypeAdapter
 
 from pipeline import methods
 from pipeline.config import ModelCfg, TrainCfg, parse_config, read_params
+
+from . import pg_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,3 +94,14 @@ def build_method(name: str, backbone: ModelCfg, overrides: dict | None = None, d
                  in_channels: int = 1, num_classes: int = 10):
     """(model, converted names) of method ``name`` on ``backbone``, params.yaml's group with ``overrides``."""
     return methods.get(name).build(backbone, method_params(name, overrides), in_channels, num_classes, seed, dense)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for this test session (tests/pg_server.py)."""
+    if pg_server.bindir() is None:
+        if os.environ.get("PIPELINE_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required (PIPELINE_REQUIRE_POSTGRES=1) but initdb is not installed")
+        pytest.skip("PostgreSQL is not installed")
+    with pg_server.running() as server:
+        yield server

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline.errors import DataError
 from pipeline.paths import RESULTS
+from pipeline.redact import redact
 from pipeline.tracking import quiet_logs, tracking_uri
 
 
@@ -54,7 +55,7 @@ def collect(experiment: str, results: Path = RESULTS) -> Evidence:
     missing = sorted(set(run_ids.values()) - set(runs.get("run_id", pd.Series(dtype=str))))
     if missing:
         raise DataError(
-            f"MLflow store {tracking_uri()} has no run {missing[0]} (experiment '{experiment}') recorded by the "
+            f"MLflow store {redact(tracking_uri())} has no run {missing[0]} (experiment '{experiment}') recorded by the "
             "stage outputs: the outputs come from another store; rerun the pipeline with `dvc repro -f`"
         )
     stage_of = {v: k for k, v in run_ids.items()}
