@@ -198,6 +198,10 @@ class Method:
         return [Variant(self.name, self.model_file, self.stage)]
 
     # ------------------------------------------------------------------ report
+    def recipe(self, p: Any) -> str:
+        """How the method was trained, in a few words, for the report (e.g. which variants of the paper's recipe)."""
+        return ""
+
     def claims(self, converted: dict[str, dict[str, float]], cfg: Config) -> list[dict[str, str]]:
         """The claims checked on the convert stages' final metrics (method name -> metrics)."""
         return []

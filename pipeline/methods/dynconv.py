@@ -10,19 +10,29 @@ bounds annealed with cos^2) towards ``budget``, Gumbel noise off for the last
 ``noise_off_fraction`` of the epochs, distillation from the dense model.
 Inference: the blocks run by gather / scatter (:mod:`pipeline.ops.sparse_exec`).
 
+By default training follows the official code (thomasverelst/dynconv,
+classification): the dilated mask carries no gradient (``dynconv/maskunit.py``
+``ExpandMask``), the branch's convs read unmasked inputs and the mask is
+applied where the residual is added (``models/resnet_util.py``), the per-block
+bounds are annealed once per epoch (``dynconv/loss.py``: ``p = epoch / (0.33 E)``)
+and Gumbel noise is off for epochs ``e > (1 - noise_off_fraction) E``
+(``main_cifar.py``: ``epoch > 0.8 * epochs``). Each of the project's earlier
+choices is a param (``dilated_mask_grad``, ``mask_conv2_input``,
+``anneal_per: step``, another ``noise_off_fraction``) so an ablation can compare them.
+
 Search: the network budget, per-stage offsets from it (an extra per-stage
 budget term in the loss) and the Gumbel temperature.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from pipeline.config import Config, Float, PosFloat, RangeCfg, SearchCommon, Section
+from pipeline.config import Bool, Config, Float, PosFloat, RangeCfg, SearchCommon, Section
 from pipeline.errors import ConfigError
 from pipeline.methods.base import Method, MethodParams, SearchSpace, Variant, distill_term, verdict
 from pipeline.models.cifar_mobilenetv2 import InvertedResidual
@@ -40,9 +50,12 @@ class DynConvParams(MethodParams):
 
     budget: Annotated[Float, Field(gt=0.0, le=1.0)]
     gumbel_temperature: PosFloat
-    noise_off_fraction: Annotated[Float, Field(ge=0.0, le=1.0)]
+    noise_off_fraction: Annotated[Float, Field(ge=0.0, le=1.0)]  # no noise for epochs e > (1 - this) * epochs
     budget_weight: Annotated[Float, Field(ge=0.0)]
     anneal_fraction: Annotated[Float, Field(gt=0.0, le=1.0)]
+    anneal_per: Literal["epoch", "step"]  # epoch: the official schedule; step: bounds move every step
+    dilated_mask_grad: Bool  # false: the official boolean dilated mask; true: gradient through the dilation
+    mask_conv2_input: Bool  # false: official, mask where the residual is added; true: conv2 reads masked input
     open_bias: Float
 
 
@@ -89,6 +102,12 @@ def block_fractions(model: nn.Module, inputs: torch.Tensor, batch_size: int = 50
     return (executed / dense).tolist(), float(executed.sum() / dense.sum())
 
 
+def gumbel_noise(epoch: int, epochs: int, noise_off_fraction: float) -> bool:
+    """Whether epoch ``epoch`` (0-based) trains with Gumbel noise: off for ``epoch > (1 - f) * epochs``
+    (the official ``main_cifar.py``: ``epoch > 0.8 * epochs`` with f = 0.2)."""
+    return not epoch > (1.0 - noise_off_fraction) * epochs
+
+
 def stage_budgets(sample: dict[str, float], n_stages: int, floor: float) -> list[float]:
     return [min(1.0, max(floor, sample["budget"] + sample[f"offset_stage{i}"])) for i in range(n_stages)]
 
@@ -131,11 +150,14 @@ class DynConv(Method):
         names = []
         for name, block in list(model.named_modules()):
             if type(block) is BasicBlock:
-                replace_module(model, name, GatedBasicBlock.from_block(block, open_bias=p.open_bias))
-                names.append(name)
+                gated = GatedBasicBlock.from_block(block, open_bias=p.open_bias)
             elif type(block) is InvertedResidual and block.use_res:
-                replace_module(model, name, GatedInvertedResidual.from_block(block, open_bias=p.open_bias))
-                names.append(name)
+                gated = GatedInvertedResidual.from_block(block, open_bias=p.open_bias)
+            else:
+                continue
+            gated.dilated_mask_grad, gated.mask_conv2_input = p.dilated_mask_grad, p.mask_conv2_input
+            replace_module(model, name, gated)
+            names.append(name)
         if not names:
             raise ConfigError(f"convert.{self.name}: the backbone has no residual block to gate "
                               "(use cifar_resnet or cifar_mobilenetv2)")
@@ -144,17 +166,19 @@ class DynConv(Method):
 
     # ------------------------------------------------------------------ training
     def gate_hooks(self, model, p, epochs: int, teacher, val_x, block_budgets: list[float] | None = None) -> Hooks:
-        """Budget loss, the Gumbel noise switch (off for the last ``noise_off_fraction`` of ``epochs``),
-        distillation, and the validation executed fraction per epoch."""
+        """Budget loss (bounds annealed per ``p.anneal_per``), the Gumbel noise switch, distillation, and
+        the validation executed fraction per epoch."""
         criterion = BudgetLoss(p.budget, p.budget_weight, p.anneal_fraction, block_budgets)
         blocks = gated_blocks(model)
-        noisy_epochs = epochs - int(round(p.noise_off_fraction * epochs))
+        current = {"epoch": 0}
 
         def epoch_start(epoch: int) -> None:
-            set_gumbel(model, temperature=p.gumbel_temperature, noise=epoch < noisy_epochs)
+            current["epoch"] = epoch
+            set_gumbel(model, temperature=p.gumbel_temperature, noise=gumbel_noise(epoch, epochs, p.noise_off_fraction))
 
         def extra_loss(_model, inputs, logits, targets, progress):
-            return {**criterion(blocks, progress), **distill_term(p.distill, teacher, inputs, logits)}
+            anneal = current["epoch"] / epochs if p.anneal_per == "epoch" else progress
+            return {**criterion(blocks, anneal), **distill_term(p.distill, teacher, inputs, logits)}
 
         def epoch_metrics(_model):
             return {"executed_fraction": block_fractions(model, val_x)[1]}
@@ -190,6 +214,15 @@ class DynConv(Method):
         ]
 
     # ------------------------------------------------------------------ report
+    def recipe(self, p) -> str:
+        variants = [name for name, on in (("dilated_mask_grad", p.dilated_mask_grad),
+                                          ("mask_conv2_input", p.mask_conv2_input),
+                                          ("anneal_per: step", p.anneal_per == "step")) if on]
+        noise = f"Gumbel noise off for epochs > {1 - p.noise_off_fraction:g} x epochs"
+        if not variants:
+            return f"official training semantics; {noise}"
+        return f"variants: {', '.join(variants)}; {noise}"
+
     def claims(self, converted, cfg):
         m = converted.get(self.name)
         if m is None:

@@ -140,6 +140,19 @@ class GatedBlock(nn.Module):
     dilated mask (``dilated_cost``) and at the mask (``masked_cost``), and call
     ``_masks`` in ``forward``. Executed MACs per image:
     ``|dilate(m)| * dilated_cost + |m| * masked_cost`` (the cost term of the sparsity criterion).
+
+    Two training semantics are switches (eval outputs are the same either way):
+
+    - ``dilated_mask_grad``: False (the official code, ``dynconv/maskunit.py``
+      ``ExpandMask``): the dilated mask is a boolean without gradient, so the
+      cost term's gradient reaches the mask unit through ``|m|`` only. True:
+      the dilated mask is a max-pool of the straight-through mask and carries
+      gradient.
+    - ``mask_conv2_input``: False (the official code, ``models/resnet_util.py``):
+      the convs of the branch read unmasked inputs, the mask is applied where
+      the residual is added (batch statistics of the inner BNs over every
+      position). True: conv2 reads conv1's output times the dilated mask (and
+      an inverted residual's projection reads its input times the mask).
     """
 
     gate: MaskUnit
@@ -149,6 +162,8 @@ class GatedBlock(nn.Module):
         self.last_mask: Tensor | None = None
         self.last_dilated: Tensor | None = None
         self._in_size: tuple[int, int] | None = None
+        self.dilated_mask_grad = False
+        self.mask_conv2_input = False
 
     @property
     def dilated_cost(self) -> int:
@@ -174,7 +189,7 @@ class GatedBlock(nn.Module):
 
     def _masks(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mask = self.gate(x)
-        dilated = dilate(mask)
+        dilated = dilate(mask if self.dilated_mask_grad else mask.detach())
         self.last_mask, self.last_dilated = mask, dilated
         self._in_size = (x.shape[-2], x.shape[-1])
         return mask, dilated
@@ -226,8 +241,9 @@ class GatedBasicBlock(GatedBlock):
     """ResNet basic block with DynConv spatial gating (Verelst & Tuytelaars, CVPR 2020).
 
     ``m = gate(x)``, ``d = dilate(m)``; conv1 runs on ``d`` (conv2 reads its 3x3
-    neighbourhood), conv2 on ``m``: ``out = relu(shortcut(x) + m * bn2(conv2(d * relu(bn1(conv1(x))))))``.
-    Submodule names match ``BasicBlock`` so its state dict loads with only ``gate.*`` missing.
+    neighbourhood), conv2 on ``m``: ``out = relu(shortcut(x) + m * bn2(conv2(relu(bn1(conv1(x))))))``, with
+    conv2's input multiplied by ``d`` first when ``mask_conv2_input`` (the same values at the positions of
+    ``m``). Submodule names match ``BasicBlock`` so its state dict loads with only ``gate.*`` missing.
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1):
@@ -273,7 +289,9 @@ class GatedBasicBlock(GatedBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         mask, dilated = self._masks(x)
-        h = self.relu(self.bn1(self.conv1(x))) * dilated
+        h = self.relu(self.bn1(self.conv1(x)))
+        if self.mask_conv2_input:
+            h = h * dilated
         r = self.bn2(self.conv2(h)) * mask
         return self.relu(self.shortcut(x) + r)
 
@@ -284,7 +302,8 @@ class GatedInvertedResidual(GatedBlock):
     Only for blocks with an identity shortcut (stride 1, equal widths).
     ``m = gate(x)``, ``d = dilate(m)``; the 1x1 expansion runs on ``d`` (the
     depthwise 3x3 reads its neighbourhood), the depthwise conv and the 1x1
-    projection on ``m``: ``out = x + m * bn3(conv3(m * act(bn2(conv2(d * act(bn1(conv1(x))))))))``.
+    projection on ``m``: ``out = x + m * bn3(conv3(act(bn2(conv2(act(bn1(conv1(x))))))))``; with
+    ``mask_conv2_input`` the depthwise conv's input is multiplied by ``d`` and the projection's by ``m``.
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, expand: int = 6):
@@ -336,9 +355,9 @@ class GatedInvertedResidual(GatedBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         mask, dilated = self._masks(x)
-        h1 = self.act(self.bn1(self.conv1(x))) * dilated
-        h2 = self.act(self.bn2(self.conv2(h1))) * mask
-        r = self.bn3(self.conv3(h2)) * mask
+        h1 = self.act(self.bn1(self.conv1(x)))
+        h2 = self.act(self.bn2(self.conv2(h1 * dilated if self.mask_conv2_input else h1)))
+        r = self.bn3(self.conv3(h2 * mask if self.mask_conv2_input else h2)) * mask
         return x + r
 
 

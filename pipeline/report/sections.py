@@ -154,7 +154,7 @@ def methods_section(ctx: Context) -> Section | None:
     columns = {col: metric for m in done for col, metric in m.columns.items()}
     rows = [{"model": methods.baseline().label, "test_acc": dense["test_acc"], "val_acc": dense["val_acc"],
              "MMACs/image": first["dense_macs_per_image"] / 1e6, "MAC ratio": 1.0, "params": dense["params"],
-             "nonzero params": dense["params"], **{col: float("nan") for col in columns},
+             "nonzero params": dense["params"], **{col: float("nan") for col in columns}, "training": "",
              "MLflow run": ev.run_ids["pretrain"]}]
     for m in done:
         f = converted[m.name]
@@ -162,7 +162,7 @@ def methods_section(ctx: Context) -> Section | None:
                      "val_acc": f["val_acc"], "MMACs/image": f["macs_per_image"] / 1e6, "MAC ratio": f["mac_ratio"],
                      "params": f["params"], "nonzero params": f["nonzero_params"],
                      **{col: f.get(metric, float("nan")) for col, metric in columns.items()},
-                     "MLflow run": ev.run_ids[m.stage]})
+                     "training": m.recipe(m.params(ctx.cfg)), "MLflow run": ev.run_ids[m.stage]})
     table = pd.DataFrame(rows)
     points = table.rename(columns={"MMACs/image": "mmacs"})
     fig_macs = figures.tradeoff(points, "mmacs", "MMACs per image (mean over the test set)", "Accuracy vs compute",
