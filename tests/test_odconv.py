@@ -114,8 +114,15 @@ def test_from_conv_computes_the_dense_function(attentions, n):
     conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
     od = ODConv2d.from_conv(conv, noise_std=0.0, num_kernels=n, attentions=attentions, temperature=30.0).eval()
     x = torch.randn(3, 8, 7, 7)
+    assert od.start_scale == 0.5 ** len(set(od.attentions) - {"kernel"})
     with torch.no_grad():
-        close(od(x), conv(x))
+        close(od(x), conv(x) * od.start_scale)
+        bn = torch.nn.BatchNorm2d(16).eval()
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        ref = bn(conv(x))
+        od.rescale_following_bn(bn)
+        close(bn(od(x)), ref)
 
 
 def test_mac_count_is_the_flop_counter_plus_the_elementwise_scalings():

@@ -186,11 +186,13 @@ class ODConv2d(nn.Module):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, noise_std: float = 0.01, generator: torch.Generator | None = None,
                   **kwargs) -> ODConv2d:
-        """An ODConv that computes ``conv``'s function when ``noise_std`` is 0 (``conv`` without bias).
+        """An ODConv whose n kernels start as ``conv``'s kernel (``conv`` without bias) plus ``noise_std`` x its
+        std of Gaussian noise, and whose attention heads start at weight 0 and bias 0: every sigmoid attention
+        is 1/2 and the kernel attention 1/n for every input, so the output starts as ``start_scale`` x ``conv``'s.
 
-        The attention heads start at weight 0 and bias 0, so every sigmoid attention is 1/2 and the kernel
-        attention 1/n for every input; the n kernels start as the dense kernel scaled by 2 per active sigmoid
-        attention, plus ``noise_std`` x std(kernel) Gaussian noise so they can diverge.
+        The kernels are not scaled up to undo ``start_scale``: kernels several times larger make the
+        attention heads' gradients as many times larger, and fine-tuning diverges once the temperature
+        reaches 1; the BatchNorm after the conv absorbs the scale (``rescale_following_bn``).
         """
         if conv.bias is not None:
             raise ValueError("from_conv expects a conv without bias (a BatchNorm follows it)")
@@ -200,14 +202,29 @@ class ODConv2d(nn.Module):
             for head in module.heads.values():
                 head.weight.zero_()
                 head.bias.zero_()
-            sigmoids = sum(a != "kernel" for a in module.attentions)
-            scale = 2.0**sigmoids if "kernel" in module.attentions else 2.0**sigmoids / module.num_kernels
-            dense = conv.weight.detach() * scale
+            dense = conv.weight.detach()
             module.weight.copy_(dense.unsqueeze(0).expand_as(module.weight))
+            if "kernel" not in module.attentions:  # n = 1: the kernels are summed
+                module.weight.div_(module.num_kernels)
             if noise_std > 0:
                 noise = torch.randn(module.weight.shape, generator=generator)
                 module.weight.add_(noise * (noise_std * dense.std(correction=0)))
         return module
+
+    @property
+    def start_scale(self) -> float:
+        """The output of a converted ODConv relative to the dense conv's while the heads are at 0: 1/2 per
+        sigmoid attention."""
+        return 0.5 ** sum(a != "kernel" for a in self.attentions)
+
+    @torch.no_grad()
+    def rescale_following_bn(self, bn: nn.BatchNorm2d) -> None:
+        """Scale the running statistics of the BatchNorm after this conv by ``start_scale``, so that at eval the
+        converted model computes the dense function (in training the batch statistics absorb it anyway)."""
+        s = self.start_scale
+        bn.running_mean.mul_(s)
+        # sqrt(var' + eps) = s sqrt(var + eps) exactly
+        bn.running_var.add_(bn.eps).mul_(s * s).sub_(bn.eps)
 
     def macs(self, input_shape: tuple[int, int, int]) -> dict[str, int]:
         """Multiply-accumulates per image of shape (C, H, W): conv, kernel mixing (a_w, a_s), input and output
