@@ -158,6 +158,7 @@ class DigitPools(Section):
 
 
 class DataCfg(Section):
+    seed: Annotated[Int, Field(ge=0, le=2**31 - 1)]  # the data seed: pools, rendering, splits (train_seed is separate)
     digit_pools: DigitPools
     upstream: DatasetCfg
     downstream: DatasetCfg
@@ -395,21 +396,24 @@ class ReportCfg(Section):
 
 class TrackingCfg(Section):
     experiment: Annotated[Str, Field(min_length=1)]
+    study: Annotated[Str, Field(min_length=1)] | None  # set by the seed-study command: groups its runs in MLflow
 
 
 MethodGroups = dict[Str, dict[Str, Any]]
 
 
 class Config(Section):
-    seed: Annotated[Int, Field(ge=0, le=2**31 - 1)]
+    train_seed: Annotated[Int, Field(ge=0, le=2**31 - 1)]  # init, shuffling, augmentation, noise, search sampling
     data: DataCfg
     model: ModelCfg
     pretrain: TrainCfg
     convert: MethodGroups  # convert.<method>: validated by the method's schema (pipeline/methods/)
+    controls: list[Str]  # the controls that run (pipeline/methods/: static, magnitude, random_mask, uniform_mask)
     search: SearchCfg
     transfer: TransferCfg
     latency: LatencyCfg
     report: ReportCfg
+    claims: dict[Str, dict[Str, Float]]  # claims.<method>.<claim>: the bound the claim is judged against
     tracking: TrackingCfg
 
 

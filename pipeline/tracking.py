@@ -160,6 +160,8 @@ def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = Non
         "params_hash": params_hash(cfg),
         "pipeline_id": pipeline_id(cfg, git, exp_name),
     }
+    if cfg.tracking.study:
+        tags["study"] = cfg.tracking.study
     parent = _parent_run(client, exp_id, tags["pipeline_id"], tags, exp_name)
     run = client.create_run(
         exp_id,
@@ -214,6 +216,17 @@ def start_child_run(client, exp_id: str, parent_id: str, run_name: str, tags: di
     for i in range(0, len(batch), 90):
         client.log_batch(run.info.run_id, params=batch[i : i + 90])
     return StageRun(client, run.info.run_id)
+
+
+def ui_base() -> str:
+    """Where the MLflow UI of the store serves: the tracking server itself, or ``mlflow ui``'s default address."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run."""
+    return redact(f"{ui_base()}/#/experiments/{experiment_id}/runs/{run_id}")
 
 
 def write_run_info(path: Path, run: StageRun, stage: str) -> None:

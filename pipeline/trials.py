@@ -97,7 +97,7 @@ def load_context(cfg: Config, method: Method) -> SearchContext:
     # Everything a trial's result depends on; n_trials, timeout and the
     # selection knobs are left out so that raising n_trials continues the study.
     key = fingerprint({
-        "method": method.name, "seed": cfg.seed, "model": to_dict(cfg.model), "convert": to_dict(p),
+        "method": method.name, "seed": cfg.train_seed, "model": to_dict(cfg.model), "convert": to_dict(p),
         "search": {k: v for k, v in to_dict(sp).items() if k not in ("n_trials", "timeout", "final_steps", "select_within")},
         "converted": sha256_file(method.model_file), "data": sha256_file(PREPARED / "card.json"),
     })  # fmt: skip
@@ -109,7 +109,7 @@ def finetune(ctx: SearchContext, sample: dict[str, float], seed: int, steps: int
     """Load the converted model, apply ``sample`` and fine-tune ``steps`` steps per epoch."""
     model, _, _ = load_any_model(ctx.method.model_file)
     hooks = ctx.method.search.apply(model, sample, ctx.stages, ctx.p, ctx.sp, teacher=ctx.teacher, val_x=ctx.val_x)
-    task = train_subset(ctx.data, steps * ctx.sp.train.batch_size, trial_seed(ctx.cfg.seed, -1))
+    task = train_subset(ctx.data, steps * ctx.sp.train.batch_size, trial_seed(ctx.cfg.train_seed, -1))
     resume_key = fingerprint({"study": ctx.study_key, "params": sample, "seed": seed, "steps": steps})
     ckpt = CHECKPOINTS / f"search_{ctx.method.name}_{resume_key[:12]}.pt"
     result = fit(model, task, ctx.sp.train, seed, ckpt, resume_key, hooks=hooks, desc=desc, test=test)
@@ -128,7 +128,7 @@ def objective(ctx: SearchContext):
 
     def run(trial) -> list[float]:
         sample = ctx.method.search.suggest(trial, ctx.n_stages, ctx.sp.space)
-        model, result = finetune(ctx, sample, trial_seed(ctx.cfg.seed, trial.number), ctx.sp.steps,
+        model, result = finetune(ctx, sample, trial_seed(ctx.cfg.train_seed, trial.number), ctx.sp.steps,
                                  desc=f"{ctx.method.name} trial {trial.number}")
         values = measure_val(ctx, model, result.final["val_acc"])
         trial.set_user_attr("train_seconds", result.timing["train_seconds"])

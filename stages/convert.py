@@ -1,6 +1,6 @@
-"""Stage `convert@<method>`: dense model -> the method's model, fine-tuned and measured.
+"""Stage `convert@<method>` (and `control@<control>`): dense model -> the method's model, fine-tuned and measured.
 
-Usage: python -m stages.convert <method>   (every method with a convert.<method> group)
+Usage: python -m stages.convert <method>   (a method with a convert.<method> group, or a control)
 
 Builds the method's model from models/dense.pt (weights carried over), fine-tunes
 it with the one training engine and the method's hooks, measures it on the test
@@ -34,15 +34,16 @@ def main(cfg: Config, name: str) -> None:
     dense_file = methods.baseline().model_file
     dense, dense_record, _ = load_any_model(dense_file)
     dense.eval()
-    seed_everything(cfg.seed)
-    model, names = method.build(cfg.model, p, data.in_channels, data.num_classes, cfg.seed, dense)
+    seed_everything(cfg.train_seed)
+    model, names = method.build(cfg.model, p, data.in_channels, data.num_classes, cfg.train_seed, dense)
+    method.warm_start(model, p, cfg, normalized(data, "train")[: p.train.batch_size])
     start = evaluate(model, *data.splits["val"], Normalizer(data.mean, data.std), p.train.eval_batch_size)
     teacher = dense if p.distill.weight > 0 else None
     hooks = method.hooks(model, p, teacher=teacher, val_x=normalized(data, "val"))
-    resume_key = fingerprint({"seed": cfg.seed, "model": to_dict(cfg.model), "method": name,
+    resume_key = fingerprint({"seed": cfg.train_seed, "model": to_dict(cfg.model), "method": name,
                               "cfg": to_dict(p), "dense": sha256_file(dense_file)})
-    with stage_run(f"convert@{name}", cfg) as run:
-        result = fit(model, data, p.train, cfg.seed, CHECKPOINTS / f"convert_{name}.pt", resume_key,
+    with stage_run(method.stage, cfg) as run:
+        result = fit(model, data, p.train, cfg.train_seed, CHECKPOINTS / f"convert_{name}.pt", resume_key,
                      on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=name)
         test_x = normalized(data, "test")
         measured, layers = method.measure_all(model, test_x, p)
@@ -67,12 +68,12 @@ def main(cfg: Config, name: str) -> None:
         for kind, values in layers.items():
             run.log_metrics(values, prefix=f"layer.{kind}.")
         run.log_metrics(result.timing, prefix="timing.")
-        run.set_tags({"method": name, "resumed_from_epoch": result.resumed_from,
+        run.set_tags({"method": name, "control_of": method.control_of or "", "resumed_from_epoch": result.resumed_from,
                       "backbone_width": method.width(p) * model_width})
         for f in ("metrics.json", "timing.json", "history.csv", "layers.json"):
             run.log_artifact(out / f)
-        write_run_info(out / "run.json", run, f"convert@{name}")
-    print(f"convert@{name}: test accuracy {metrics['test_acc']:.4f} (dense {metrics['dense_test_acc']:.4f}), "
+        write_run_info(out / "run.json", run, method.stage)
+    print(f"{method.stage}: test accuracy {metrics['test_acc']:.4f} (dense {metrics['dense_test_acc']:.4f}), "
           f"{metrics['macs_per_image'] / 1e6:.2f} M MACs/image ({metrics['mac_ratio']:.2f} x dense), "
           f"{metrics['nonzero_params']} nonzero params")
 

@@ -17,15 +17,15 @@ OUT = RESULTS / "pretrain"
 
 def main(cfg: Config) -> None:
     data = load_task("upstream")
-    seed_everything(cfg.seed)
+    seed_everything(cfg.train_seed)
     model = build_model(cfg.model, data.in_channels, data.num_classes)
     card = read_card()["tasks"]["upstream"]
     resume_key = fingerprint(
-        {"seed": cfg.seed, "model": to_dict(cfg.model), "train": to_dict(cfg.pretrain), "data": card["sha256"]}
+        {"seed": cfg.train_seed, "model": to_dict(cfg.model), "train": to_dict(cfg.pretrain), "data": card["sha256"]}
     )
     with stage_run("pretrain", cfg) as run:
         result = fit(
-            model, data, cfg.pretrain, cfg.seed, CHECKPOINTS / "pretrain.pt", resume_key,
+            model, data, cfg.pretrain, cfg.train_seed, CHECKPOINTS / "pretrain.pt", resume_key,
             on_epoch=lambda epoch, m: run.log_metrics(m, step=epoch), desc="pretrain",
         )
         metrics = {**result.final, "params": count_params(model)["params"]}

@@ -191,7 +191,7 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
     sp, objectives = ctx.sp, ctx.objectives
     out = RESULTS / "search" / name
     with stage_run(f"search@{name}", cfg) as run:
-        study = open_study(ctx, cfg.seed)
+        study = open_study(ctx, cfg.train_seed)
         study_run_id = _study_run(run.client, run.experiment_id, study, ctx, run.tags, run.pipeline_run_id)
         run.set_tags({"method": name, "study_name": study.study_name, "study_run_id": study_run_id,
                       "storage": describe_storage(storage_url(cfg.search.storage), name)})
@@ -216,7 +216,7 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
         pareto_rows = [r for r in trial_rows(study, objectives) if r["number"] in {t.number for t in pareto}]
         write_csv(out / "pareto.csv", pareto_rows)
 
-        model, result = finetune(ctx, chosen.params, trial_seed(cfg.seed, -2), sp.final_steps,
+        model, result = finetune(ctx, chosen.params, trial_seed(cfg.train_seed, -2), sp.final_steps,
                                  desc=f"{name} final", test=True)
         test_x = normalized(ctx.data, "test")
         measured, layers = ctx.method.measure_all(model, test_x, ctx.method.search.final_params(ctx.p, chosen.params))
@@ -278,7 +278,7 @@ def extra_worker(ctx: SearchContext) -> None:
     name = ctx.method.name
     client, exp_id = client_and_experiment(ctx.cfg)
     # A worker-specific sampler seed: two workers must not replay the same suggestions.
-    study = open_study(ctx, ctx.cfg.seed + 7919 * os.getpid())
+    study = open_study(ctx, ctx.cfg.train_seed + 7919 * os.getpid())
     study_run_id = _study_run(client, exp_id, study, ctx, {}, None)
     logger = TrialLogger(client, exp_id, study_run_id, study.study_name, name, ctx.objectives)
     report = run_worker(study, objective(ctx), ctx.sp.n_trials, lock_path(name), ctx.sp.timeout,

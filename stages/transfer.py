@@ -39,8 +39,8 @@ def main(cfg: Config, name: str) -> None:
         raise UserError(f"'{source}' not found: run the stage that writes it first (dvc repro)")
     data = load_task("downstream")
     model, record, _ = load_any_model(source)
-    seed_everything(cfg.seed)
-    head = new_head(model, data.num_classes, cfg.seed)
+    seed_everything(cfg.train_seed)
+    head = new_head(model, data.num_classes, cfg.train_seed)
     before = method.transfer_setup(model, cfg)
     val_x, test_x = normalized(data, "val"), normalized(data, "test")
     if tcfg.protocol == "linear_probe":
@@ -53,10 +53,10 @@ def main(cfg: Config, name: str) -> None:
     else:
         hooks = method.transfer_hooks(model, cfg, record, val_x)
         params = [p for p in model.parameters() if p.requires_grad]
-    resume_key = fingerprint({"seed": cfg.seed, "method": name, "transfer": to_dict(tcfg),
+    resume_key = fingerprint({"seed": cfg.train_seed, "method": name, "transfer": to_dict(tcfg),
                               "source": sha256_file(source), "data": data.mean + data.std})  # fmt: skip
     with stage_run(f"transfer@{name}", cfg) as run:
-        result = fit(model, data, tcfg.train, cfg.seed, CHECKPOINTS / f"transfer_{name}.pt", resume_key,
+        result = fit(model, data, tcfg.train, cfg.train_seed, CHECKPOINTS / f"transfer_{name}.pt", resume_key,
                      on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=f"transfer {name}",
                      params=params)  # fmt: skip
         model.eval()

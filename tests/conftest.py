@@ -66,8 +66,9 @@ def train_cfg(overrides: dict | None = None) -> TrainCfg:
 
 
 TINY = {
-    "seed": 3,
+    "train_seed": 3,
     "data": {
+        "seed": 3,
         "upstream": {"renders": {"train": 1, "val": 1, "test": 1}},
         "downstream": {"max_train": 150, "renders": {"train": 1, "val": 1, "test": 1}},
     },

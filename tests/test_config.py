@@ -83,7 +83,7 @@ def test_flatten_and_fingerprint_are_stable():
     assert flat["pretrain.optimizer.lr"] == 0.1
     assert flat["convert.dynet.num_kernels"] == 4
     assert fingerprint(cfg) == fingerprint(config())
-    assert fingerprint(cfg) != fingerprint(config({"seed": 1}))
+    assert fingerprint(cfg) != fingerprint(config({"train_seed": 1}))
 
 
 def _schemas() -> list[type[BaseModel]]:

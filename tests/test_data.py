@@ -9,7 +9,7 @@ from pipeline.data import SPLITS, build_task, load_task, write_prepared
 from pipeline.data import digits
 from pipeline.errors import DataError
 
-from .conftest import TINY, config, params
+from .conftest import TINY, config, merge, params
 
 
 def _prepare(cfg, out):
@@ -46,7 +46,7 @@ def test_same_seed_gives_byte_identical_outputs(tiny_cfg, tmp_path):
     for task in ("upstream", "downstream"):
         for f in (tmp_path / "a" / task).iterdir():
             assert f.read_bytes() == (tmp_path / "b" / task / f.name).read_bytes()
-    other = config({**TINY, "seed": 4})
+    other = config(merge(TINY, {"data": {"seed": 4}}))
     _, card_c = _prepare(other, tmp_path / "c")
     assert card_c["tasks"]["upstream"]["sha256"] != card_a["tasks"]["upstream"]["sha256"]
 

@@ -3,31 +3,48 @@ and the foreach lists name exactly the methods params.yaml configures."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import methods
 from pipeline.config import load_config
 
-from .conftest import REPO
+from .conftest import REPO, params
 from .import_closure import closure, code_files, is_code
 
 
-def _stages() -> dict[str, tuple[str, list[str]]]:
+def _stages(root=REPO) -> dict[str, tuple[str, list[str]]]:
     """Stage name -> (entry point file, deps as written), as DVC resolves dvc.yaml."""
     from dvc.repo import Repo
 
-    with Repo(str(REPO)) as repo:
+    with Repo(str(root)) as repo:
         out = {}
         for stage in repo.index.stages:
             module = stage.cmd.split()[2]  # python -m stages.<name> [item]
-            out[stage.addressing] = (module.replace(".", "/") + ".py", [d.def_path for d in stage.deps])
+            out[stage.name] = (module.replace(".", "/") + ".py", [d.def_path for d in stage.deps])
     return out
 
 
-STAGES = _stages()
+def _with_every_control() -> dict[str, tuple[str, list[str]]]:
+    """The stages of dvc.yaml with params.yaml's `controls` listing every control (they are off by default)."""
+    import tempfile
+
+    every = [m.name for m in methods.registry().values() if m.control_of]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / ".dvc").mkdir()
+        (root / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        (root / "params.yaml").write_text(yaml.safe_dump(params({"controls": every})))
+        return _stages(root)
+
+
+STAGES = _with_every_control()
 
 
 def check(entry: str, deps: list[str]) -> tuple[set[str], set[str]]:
@@ -76,6 +93,8 @@ def test_foreach_lists_name_the_methods_of_params():
         if item:
             items.setdefault(group, []).append(item)
     assert items["convert"] == list(cfg.convert)
+    assert items["control"] == [m.name for m in methods.registry().values() if m.control_of]
+    assert [s.partition("@")[2] for s in _stages() if s.startswith("control@")] == cfg.controls
     assert items["search"] == list(cfg.search.methods)
     assert items["transfer"] == [m.name for m in methods.in_pipeline(cfg)]
     for m in methods.in_pipeline(cfg):

@@ -26,8 +26,8 @@ METHODS = list(CFG.convert)
 SEARCHED = list(CFG.search.methods)
 TRANSFERRED = [m.name for m in methods.in_pipeline(CFG)]
 VARIANTS = {v.name for m in methods.in_pipeline(CFG) for v in m.latency_variants()}
-STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], *[f"search@{m}" for m in SEARCHED],
-          *[f"transfer@{m}" for m in TRANSFERRED], "latency", "report"]
+STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], *[f"control@{c}" for c in CFG.controls],
+          *[f"search@{m}" for m in SEARCHED], *[f"transfer@{m}" for m in TRANSFERRED], "latency", "report"]
 N_TRIALS = 3
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
            "GIT_COMMITTER_EMAIL": "test@localhost"}
@@ -175,6 +175,8 @@ def test_report_has_its_figures_and_run_ids(repro):
     assert html.count("data:image/png;base64,") >= 5
     run_id = json.loads((root / "results/pretrain/run.json").read_text())["run_id"]
     assert run_id in md and run_id in html
+    assert md.index("## Verdicts") < md.index("## Runs")  # the lead
+    assert "(single seed)" in md.split("## Runs")[0] and "arXiv 2004.10694" in md
     assert "## Data" in md and "## Dense pretraining" in md and "## Dynamic and sparse models" in md
     assert "## Threshold and budget search" in md and "## Downstream transfer" in md and "## Latency" in md
     stages = [f"convert/{m}" for m in METHODS] + [f"search/{m}" for m in SEARCHED] + [f"transfer/{m}" for m in TRANSFERRED]
@@ -246,3 +248,26 @@ def test_dvc_experiment_in_a_temp_copy_logs_to_the_repository_store(repro):
     assert not list((root / ".dvc" / "tmp").glob("exps/*/mlflow.db"))
     shown = _sh(["dvc", "exp", "show", "--json"], root, env).stdout
     assert "e2e-exp" in shown
+
+
+def test_study_of_an_ablation_renders_the_values_of_its_mlflow_runs(repro):
+    """A 2 x 2 grid (K = 1, 2; training seeds 0, 1) as DVC experiments, then the study report."""
+    root, env = repro[0], repro[1]
+    t0 = time.perf_counter()
+    _sh([sys.executable, "-m", "stages.study", "run", "abl", "--seeds", "0,1", "-S", "convert.dynet.num_kernels=1,2",
+         "--stage", "convert@dynet"], root, env, timeout=1500)
+    print(f"tiny study of 4 experiments: {time.perf_counter() - t0:.1f}s")
+    runs = _runs(root)
+    mine = runs[(runs["params.tracking.study"] == "abl") & (runs["tags.stage"] == "convert@dynet")]
+    assert len(mine) == 4 and mine["params.train_seed"].nunique() == 2
+    md = (root / "reports/study.md").read_text()
+    section = md.split("## Ablation: convert.dynet.num_kernels", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ") and "---" not in line}
+    for k, group in mine.groupby("params.convert.dynet.num_kernels"):
+        assert len(group) == 2
+        assert f"{group['metrics.final.test_acc'].astype(float).mean():.4f}" in rows[k]
+    assert "## Verdicts: convert.dynet.num_kernels=1" in md and "(n = 2)" in md
+    assert (root / "reports/study.html").stat().st_size > 5_000
+    assert list((root / "reports/study_figures").glob("ablation_*.png"))
+    shown = _sh(["dvc", "exp", "show", "--json"], root, env).stdout
+    assert "train_seed" in shown

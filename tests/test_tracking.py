@@ -45,14 +45,14 @@ def test_stage_runs_are_nested_under_one_pipeline_run(workdir, monkeypatch):
 
 
 def test_other_params_make_another_pipeline_and_failures_are_recorded(workdir):
-    with stage_run("prepare", config({"seed": 1})):
+    with stage_run("prepare", config({"train_seed": 1})):
         pass
     with pytest.raises(RuntimeError):
-        with stage_run("prepare", config({"seed": 2})):
+        with stage_run("prepare", config({"train_seed": 2})):
             raise RuntimeError("boom")
     runs = _runs()
     assert (runs["tags.kind"] == "pipeline").sum() == 2
-    stages = runs[runs["tags.kind"] == "stage"].set_index("params.seed")
+    stages = runs[runs["tags.kind"] == "stage"].set_index("params.train_seed")
     assert stages.loc["1", "status"] == "FINISHED" and stages.loc["2", "status"] == "FAILED"
 
 

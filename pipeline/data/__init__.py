@@ -65,8 +65,8 @@ def build_task(cfg: Config, name: str) -> Task:
     stream = TASKS.index(name) + 1
     if ds.source == "digits":
         source = digits.load_source()
-        pools = digits.split_pools(source.labels, cfg.data.digit_pools, cfg.seed)
-        rendered = digits.render_task(source, pools, ds.renders, ds.style, cfg.seed, stream, ds.max_train)
+        pools = digits.split_pools(source.labels, cfg.data.digit_pools, cfg.data.seed)
+        rendered = digits.render_task(source, pools, ds.renders, ds.style, cfg.data.seed, stream, ds.max_train)
         task = Task(
             name,
             {s: (x, y) for s, (x, y, _) in rendered.items()},
@@ -75,7 +75,7 @@ def build_task(cfg: Config, name: str) -> Task:
             {"source_digits_per_split": {s: sorted(set(idx.tolist())) for s, (_, _, idx) in rendered.items()}},
         )
         return task
-    rng = np.random.default_rng([cfg.seed, stream, 99])
+    rng = np.random.default_rng([cfg.data.seed, stream, 99])
     root = _resolve_root(ds.root or "")
     if ds.source in ("cifar10", "cifar100"):
         official, classes = real.load_cifar(ds.source, root, ds.download, key)
@@ -121,7 +121,7 @@ def task_card(task: Task, ds: DatasetCfg, files: dict[str, str]) -> dict:
 
 def write_prepared(tasks: dict[str, Task], cfg: Config, out: Path = PREPARED) -> dict:
     """Write arrays and card.json; return the card."""
-    card: dict = {"seed": cfg.seed, "tasks": {}}
+    card: dict = {"seed": cfg.data.seed, "tasks": {}}
     for name, task in tasks.items():
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ depends on every method module (dvc.yaml lists ``pipeline/methods`` and
 - :func:`get` — the method of a name; an unknown name is an error, never
   another method's behaviour.
 - :func:`in_pipeline` — the baseline, then the methods of ``convert`` in
-  params order: what the latency stage times and the report shows.
+  params order: what the latency stage times and the report shows;
+  :func:`controls` — the controls of ``controls`` that run.
 - :func:`validate` — every method group of params.yaml against its schema.
 """
 
@@ -67,6 +68,19 @@ def in_pipeline(cfg: Config) -> list[Method]:
     return [baseline(), *converted(cfg)]
 
 
+def controls(cfg: Config) -> list[Method]:
+    """The controls that run (``controls`` in params order)."""
+    return [get(name, f"params.yaml: 'controls'") for name in cfg.controls]
+
+
+def with_controls(cfg: Config) -> list[Method]:
+    """The baseline, then every converted method followed by its controls that run."""
+    out = [baseline()]
+    for m in converted(cfg):
+        out += [m, *[c for c in controls(cfg) if c.control_of == m.name]]
+    return out
+
+
 def searched(cfg: Config) -> list[Method]:
     """The methods with a ``search`` group, in params order."""
     return [get(name, f"params.yaml: 'search.{name}'") for name in cfg.search.methods]
@@ -83,3 +97,21 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"params.yaml: 'search.{method.name}': searches start from the converted model; "
                               f"add convert.{method.name}")
         method.search_params(cfg)
+    for method in controls(cfg):
+        if method.control_of is None:
+            raise ConfigError(f"params.yaml: 'controls': {method.name} is a method, not a control; controls are "
+                              + ", ".join(m.name for m in registry().values() if m.control_of))
+        if method.control_of not in cfg.convert:
+            raise ConfigError(f"params.yaml: 'controls': {method.name} controls {method.control_of}, which has no "
+                              f"convert.{method.control_of} group")
+        method.params(cfg)
+    for method in in_pipeline(cfg):
+        expected = {c.name for c in method.claims()}
+        given = cfg.claims.get(method.name, {})
+        if expected and set(given) != expected:
+            missing, unknown = sorted(expected - set(given)), sorted(set(given) - expected)
+            key = f"claims.{method.name}." + (missing[0] if missing else unknown[0])
+            raise ConfigError(f"params.yaml: '{key}': " + ("missing; every claim needs its bound" if missing
+                                                            else f"unknown claim; {method.label} states {sorted(expected)}"))
+    for name in cfg.claims:
+        get(name, f"params.yaml: 'claims.{name}'")

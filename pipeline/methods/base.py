@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.claims import Claim
 from pipeline.complexity import count_macs, count_params
 from pipeline.config import Config, DistillCfg, SearchCommon, Section, TemperatureCfg, TrainCfg, parse_section
 from pipeline.errors import ConfigError
@@ -86,16 +87,24 @@ class Method:
     Params: ClassVar[type[MethodParams] | None] = None  # schema of convert.<name>; None: no convert stage
     search: ClassVar[SearchSpace | None] = None
     baseline: ClassVar[bool] = False  # the dense model every method is compared with
+    # A control runs its target method's recipe without the ingredient under test (e.g. DyNet's training
+    # without dynamic kernels); its params are the ones of convert.<control_of> its schema names.
+    control_of: ClassVar[str | None] = None
     columns: ClassVar[dict[str, str]] = {}  # report column -> metric of the convert stage
 
     # ------------------------------------------------------------------ params
     def params(self, cfg: Config) -> Any:
-        """``convert.<name>`` validated against :attr:`Params`."""
+        """``convert.<name>`` validated against :attr:`Params` (a control: the keys of its target's group
+        that its schema names)."""
         if self.Params is None:
             raise ConfigError(f"method '{self.name}' has no convert group")
-        if self.name not in cfg.convert:
-            raise ConfigError(f"params.yaml: 'convert.{self.name}': missing; the {self.label} method needs its group")
-        return parse_section(self.Params, cfg.convert[self.name], f"convert.{self.name}")
+        group = self.control_of or self.name
+        if group not in cfg.convert:
+            raise ConfigError(f"params.yaml: 'convert.{group}': missing; the {self.label} method needs its group")
+        raw = cfg.convert[group]
+        if self.control_of:
+            raw = {k: v for k, v in raw.items() if k in self.Params.model_fields}
+        return parse_section(self.Params, raw, f"convert.{group}")
 
     def search_params(self, cfg: Config) -> Any:
         """``search.<name>`` validated against the search space's schema."""
@@ -118,7 +127,7 @@ class Method:
     @property
     def stage(self) -> str:
         """The stage that writes :attr:`model_file`."""
-        return f"convert@{self.name}"
+        return f"control@{self.name}" if self.control_of else f"convert@{self.name}"
 
     def backbone(self, model_cfg: Any, p: Any) -> Any:
         """The backbone params the method builds on (default: the dense one)."""
@@ -144,6 +153,10 @@ class Method:
             else:
                 narrow_copy(dense, model)
         return model, self.convert(model, p, seed)
+
+    def warm_start(self, model: nn.Module, p: Any, cfg: Config, x: torch.Tensor) -> None:
+        """Set ``model`` (built with the dense weights) up for training from other stages' outputs; ``x`` is
+        a batch of training images. Controls use it (e.g. the trained DyNet model and SD-Conv's sparsity)."""
 
     def pack(self, model: nn.Module) -> tuple[dict, dict]:
         """(state dict, extra tensors) as the model file stores them."""
@@ -202,12 +215,9 @@ class Method:
         """How the method was trained, in a few words, for the report (e.g. which variants of the paper's recipe)."""
         return ""
 
-    def claims(self, converted: dict[str, dict[str, float]], cfg: Config) -> list[dict[str, str]]:
-        """The claims checked on the convert stages' final metrics (method name -> metrics)."""
-        return []
-
-    def latency_claims(self, rows: list[dict], accuracy: dict[str, dict], cfg: Config) -> list[dict[str, str]]:
-        """The speed claims checked on the latency rows (CPU, all cores)."""
+    def claims(self) -> list[Claim]:
+        """The papers' claims this method checks, as data (:mod:`pipeline.claims`); their bounds are params
+        ``claims.<name>.<claim>``."""
         return []
 
     def spatial_masks(self, model: nn.Module) -> list[tuple[str, torch.Tensor]] | None:
@@ -241,5 +251,3 @@ def distill_term(distill: DistillCfg, teacher: nn.Module | None, inputs: torch.T
     return {"distill": distill.weight * distill_loss(logits, t_logits, distill.temperature)}
 
 
-def verdict(ok: bool) -> str:
-    return "reproduced" if ok else "not reproduced"

@@ -30,7 +30,7 @@ def save_method_model(path: Path, model: nn.Module, method: Method, p, cfg: Conf
         "method": method.name,
         "model_cfg": to_dict(cfg.model),
         "method_cfg": to_dict(p),
-        "seed": cfg.seed,
+        "seed": cfg.train_seed,
         "in_channels": dense_record["in_channels"],
         "num_classes": dense_record["num_classes"],
         "state_dict": state,

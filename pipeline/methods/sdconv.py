@@ -28,7 +28,8 @@ from torch import nn
 
 from pipeline.config import Config, Float, RangeCfg, SearchCommon, Section, TemperatureCfg
 from pipeline.methods import dynet
-from pipeline.methods.base import SearchSpace, temperature_at, verdict
+from pipeline.claims import Claim, RunMetrics, difference, metric, ratio
+from pipeline.methods.base import SearchSpace, temperature_at
 from pipeline.methods.dynet import DyNet, DyNetParams, dynamic_layers
 from pipeline.ops.sd_conv import ESTIMATORS, GRANULARITIES, SDConv2d
 from pipeline.train import Hooks
@@ -198,21 +199,36 @@ class SDConv(DyNet):
         return {**before, "kept_weights_after": after}
 
     # ------------------------------------------------------------------ report
-    def claims(self, converted, cfg):
-        d, s = converted.get(dynet.METHOD.name), converted.get(self.name)
-        if d is None or s is None:
-            return []
-        dp, sp = dynet.METHOD.params(cfg), self.params(cfg)
-        same = d["width"] == s["width"] and dp.num_kernels == sp.num_kernels
-        ratio = s["nonzero_params"] / d["nonzero_params"]
-        note = "" if same else " (not at the same K and width: not comparable)"
+    def claims(self) -> list[Claim]:
+        me, dyn = self.stage, dynet.METHOD.stage
+
+        def same_backbone(r: RunMetrics) -> bool:  # comparable with DyNet: same K and width
+            return all(metric(r, me, k) is not None and metric(r, me, k) == metric(r, dyn, k)
+                       for k in ("num_kernels", "width"))
+
         return [
-            {"claim": "SD-Conv: nonzero params at most 0.5 x DyNet's at the same K",
-             "measured": f"{ratio:.3f} x{note}", "verdict": verdict(same and ratio <= 0.5)},
-            {"claim": "SD-Conv: test accuracy at least DyNet's minus 1 point",
-             "measured": f"{100 * (s['test_acc'] - d['test_acc']):+.2f} points vs DyNet{note}",
-             "verdict": verdict(same and s["test_acc"] >= d["test_acc"] - 0.01)},
+            Claim(self.name, "params_vs_dynet", PAPER, "abstract (tables unconfirmed)",
+                  "Sparse dynamic kernels need fewer parameters than dynamic convolution (DY-Conv) at the same K.",
+                  "nonzero parameters, SD-Conv / DyNet (same K and width)", "at_most",
+                  lambda r: ratio(r, (me, "nonzero_params"), (dyn, "nonzero_params")) if same_backbone(r) else None,
+                  "DyNet", 1, " x"),
+            Claim(self.name, "acc_vs_dynet", PAPER, "abstract (tables unconfirmed)",
+                  "With fewer parameters SD-Conv is at least as accurate as DY-Conv.",
+                  "test accuracy, SD-Conv minus DyNet (same K and width)", "at_least",
+                  lambda r: difference(r, (me, "test_acc"), (dyn, "test_acc")) if same_backbone(r) else None,
+                  "DyNet", 100, " points"),
+            Claim(self.name, "acc_vs_magnitude", PAPER, "Sec. 3 (learnable thresholds)",
+                  "Learned thresholds find better masks than pruning the dynamic kernels by magnitude.",
+                  "test accuracy, SD-Conv minus DyNet pruned by |W| to SD-Conv's sparsity (same fine-tuning)",
+                  "at_least", lambda r: difference(r, (me, "test_acc"), ("control@magnitude", "test_acc")),
+                  "magnitude control", 100, " points", control="magnitude"),
+            Claim(self.name, "transfer_vs_dynet", PAPER, "abstract (tables unconfirmed)",
+                  "SD-Conv's pretrained models transfer better to downstream tasks.",
+                  "downstream test accuracy, SD-Conv minus DyNet", "at_least",
+                  lambda r: difference(r, (f"transfer@{self.name}", "test_acc"),
+                                       (f"transfer@{dynet.METHOD.name}", "test_acc")), "DyNet", 100, " points"),
         ]
 
 
+PAPER = "He et al., SD-Conv: Towards the Parameter-Efficiency of Dynamic Convolution, WACV 2023"
 METHOD = SDConv()

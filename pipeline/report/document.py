@@ -115,8 +115,8 @@ def to_html(title: str, sections: list[Section], root: Path) -> str:
             elif isinstance(b, Table):
                 shown = b.frame.copy()
                 for col in shown.columns:
-                    shown[col] = [_fmt(v, b.fmt(str(col))) for v in shown[col]]
-                body = shown.to_html(index=False, border=0, na_rep="")
+                    shown[col] = [_inline(_fmt(v, b.fmt(str(col)))) for v in shown[col]]
+                body = shown.to_html(index=False, border=0, na_rep="", escape=False)
                 if b.caption:
                     body = body.replace(">\n  <thead>", f">\n<caption>{html.escape(b.caption)}</caption>\n  <thead>", 1)
                 parts.append(body)

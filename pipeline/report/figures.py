@@ -135,3 +135,22 @@ def latency_vs_macs(rows: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.margins(0.2)
     return _save(fig, path)
+
+
+def ablation(table: pd.DataFrame, param: str, path: Path, metric: str = "test_acc") -> Path:
+    """One line per stage: the metric's mean against the param's values, 95 % CI as error bars."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    labels = [str(v) for v in table[param]]
+    x = np.arange(len(labels))
+    for col in [c for c in table.columns if c.endswith(f" {metric}")]:
+        stage = col.removesuffix(f" {metric}")
+        mean = table[col].to_numpy(dtype=float)
+        low = table.get(f"{stage} CI low", pd.Series([np.nan] * len(x))).to_numpy(dtype=float)
+        high = table.get(f"{stage} CI high", pd.Series([np.nan] * len(x))).to_numpy(dtype=float)
+        err = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)])
+        ax.errorbar(x, mean, yerr=err, fmt="o-", capsize=4, ms=5, label=stage)
+    ax.set_xticks(x, labels)
+    ax.set(xlabel=param, ylabel=f"{metric.replace('_', ' ')} (mean, 95 % CI)", title=f"Ablation: {param}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -6,7 +6,6 @@ import json
 
 import pandas as pd
 
-from pipeline import methods
 from pipeline.paths import RESULTS
 from pipeline.report import figures
 from pipeline.report.document import Figure, Section, Table, Text
@@ -31,8 +30,6 @@ def latency_section(ctx: Context) -> Section | None:
     cpu = rows[rows["device"] == "cpu"]
     most = cpu["threads"].max()
     fig = figures.latency_vs_macs(cpu[cpu["threads"] == most], ctx.figures / "latency_vs_macs.png")
-    on_cpu = [r for r in result["rows"] if r["device"] == "cpu" and r["threads"] == most]
-    claim = pd.DataFrame([row for m in methods.converted(ctx.cfg) for row in m.latency_claims(on_cpu, acc, ctx.cfg)])
     gpu = f", GPU {result['cuda']}" if result["cuda"] else ", no GPU present (CUDA rows absent)"
     build = result.get("native_kernels")
     kernels = (f"On the CPU, DyNet / SD-Conv layers and the sparse DynConv blocks ran the compiled kernels ({build})."
@@ -53,8 +50,6 @@ def latency_section(ctx: Context) -> Section | None:
         Table(table, "Latency per setting; speed-ups against the best dense layout of the same setting.", "{:.4f}", fmt),
         Figure(fig, f"Latency per image against MACs per image (CPU, {most} threads)."),
     ]
-    if len(claim):
-        blocks.append(Table(claim, "The speed claims checked on the numbers above."))
     return Section("Latency", blocks)
 
 

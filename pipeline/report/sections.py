@@ -18,6 +18,8 @@ from pipeline.paths import PREPARED
 from pipeline.report import figures
 from pipeline.report.collect import Evidence
 from pipeline.report.document import Figure, Section, Table, Text
+from pipeline.report.verdicts import INTRO, verdict_rows
+from pipeline.tracking import run_url
 
 
 @dataclass
@@ -30,7 +32,7 @@ class Context:
 
 def stage_order(cfg: Config) -> list[str]:
     """The pipeline's stages in the order they run."""
-    return ["prepare", "pretrain", *[f"convert@{m.name}" for m in methods.converted(cfg)],
+    return ["prepare", "pretrain", *[m.stage for m in methods.with_controls(cfg)[1:]],
             *[f"search@{m.name}" for m in methods.searched(cfg)],
             *[f"transfer@{m.name}" for m in methods.in_pipeline(cfg)], "latency"]
 
@@ -130,7 +132,31 @@ def pretrain_section(ctx: Context) -> Section | None:
     return Section("Dense pretraining", blocks)
 
 
-SECTIONS: list[Callable[[Context], Section | None]] = [overview, data_section, pretrain_section]
+def run_metrics(ev: Evidence) -> dict[str, dict[str, float]]:
+    """stage -> final metrics of the runs behind the current outputs (one pipeline execution)."""
+    return {stage: _final(ev, stage) for stage in ev.runs.index}
+
+
+def link(ev: Evidence, stage: str) -> str:
+    """A Markdown link to the MLflow UI page of a stage's run."""
+    if not ev.has(stage):
+        return ""
+    row = ev.runs.loc[stage]
+    return f"[{row['run_id'][:8]}]({run_url(row['experiment_id'], row['run_id'])})"
+
+
+def verdicts_section(ctx: Context) -> Section | None:
+    """The lead: every claim, its source, the measured effect, what it is judged against, the verdict."""
+    ev = ctx.evidence
+    table = verdict_rows(ctx.cfg, [run_metrics(ev)], lambda stage: link(ev, stage))
+    if not len(table):
+        return None
+    text = (INTRO + " This report covers one pipeline execution, so every verdict is a **single seed**; "
+            "a seed study (README, \"Seed studies and ablations\") gives the intervals.")
+    return Section("Verdicts", [Text(text), Table(table, "The papers' claims judged on this run.")])
+
+
+SECTIONS: list[Callable[[Context], Section | None]] = [verdicts_section, overview, data_section, pretrain_section]
 
 
 def _final(ev: Evidence, stage: str) -> dict[str, float]:
@@ -138,14 +164,9 @@ def _final(ev: Evidence, stage: str) -> dict[str, float]:
     return {k.removeprefix("metrics.final."): v for k, v in row.items() if str(k).startswith("metrics.final.") and pd.notna(v)}
 
 
-def claims(converted: dict[str, dict[str, float]], cfg: Config) -> pd.DataFrame:
-    """Every method's claims checked on the measured numbers (test accuracy measured once, never tuned on)."""
-    return pd.DataFrame([row for m in methods.converted(cfg) for row in m.claims(converted, cfg)])
-
-
 def methods_section(ctx: Context) -> Section | None:
     ev = ctx.evidence
-    done = [m for m in methods.converted(ctx.cfg) if ev.has(m.stage)]
+    done = [m for m in methods.with_controls(ctx.cfg)[1:] if ev.has(m.stage)]
     if not done or not ev.has("pretrain"):
         return None
     dense = _final(ev, "pretrain")
@@ -158,7 +179,8 @@ def methods_section(ctx: Context) -> Section | None:
              "MLflow run": ev.run_ids["pretrain"]}]
     for m in done:
         f = converted[m.name]
-        rows.append({"model": f"{m.label} (width {f['width']:g})", "test_acc": f["test_acc"],
+        label = f"{m.label} (width {f['width']:g})" if not m.control_of else f"control: {m.label}"
+        rows.append({"model": label, "test_acc": f["test_acc"],
                      "val_acc": f["val_acc"], "MMACs/image": f["macs_per_image"] / 1e6, "MAC ratio": f["mac_ratio"],
                      "params": f["params"], "nonzero params": f["nonzero_params"],
                      **{col: f.get(metric, float("nan")) for col, metric in columns.items()},
@@ -182,9 +204,6 @@ def methods_section(ctx: Context) -> Section | None:
         Figure(fig_macs, "Test accuracy against MACs per image."),
         Figure(fig_params, "Test accuracy against nonzero parameters."),
     ]
-    verdicts = claims(converted, ctx.cfg)
-    if len(verdicts):
-        blocks.append(Table(verdicts, "Claims checked on the numbers above (not tuned on the test split)."))
     for m in done:
         heat = mask_heatmaps(ctx, m)
         if heat is not None:
