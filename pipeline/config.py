@@ -340,6 +340,10 @@ class SearchCfg(Section):
     # null: a journal file per method under <repo>/optuna/ (or the URL in $OPTUNA_STORAGE); or an RDB URL
     # (postgresql://user@host/db) without a password: it comes from PGPASSWORD, ~/.pgpass or $OPTUNA_STORAGE.
     storage: Str | None
+    # RDB storages: a running trial records a heartbeat every heartbeat_interval s; one without a heartbeat for
+    # grace_period s belongs to a dead worker (any host) and is reclaimed: marked FAIL, its params run again.
+    heartbeat_interval: Annotated[Int, Field(ge=1, le=3600)]
+    grace_period: Annotated[Int, Field(ge=2, le=86400)]
 
     @field_validator("storage")
     @classmethod
@@ -356,6 +360,9 @@ class SearchCfg(Section):
 
     @model_validator(mode="after")
     def _groups(self) -> "SearchCfg":
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"grace_period ({self.grace_period} s) must exceed heartbeat_interval "
+                             f"({self.heartbeat_interval} s): a live worker would look dead")
         for name, group in (self.model_extra or {}).items():
             if not isinstance(group, dict):
                 raise ValueError(f"{name}: expected the mapping of search.{name}, got {type(group).__name__}")

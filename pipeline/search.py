@@ -11,12 +11,20 @@ Pareto front and the selection rule.
 - Study name = method + a hash of everything a trial's result depends on
   (search params, seed, model params, the converted checkpoint), so a changed
   param starts a new study in the same store instead of mixing trials.
-- Workers (:func:`run_worker`) stop when the study has ``n_trials`` trials
-  complete or running. Counting and asking happen under one file lock, so two
-  workers on one store never overshoot; the lock also serialises the
-  reclaiming of trials whose worker process died (state RUNNING forever):
-  they are marked FAIL and their parameters queued again, so a killed search
-  resumes where it was and ends with exactly ``n_trials`` complete trials.
+- Workers (:func:`run_worker`) ask for trials while fewer than ``n_trials``
+  are complete or running, and wait (reclaiming dead workers' trials) until
+  ``n_trials`` are complete. Counting, reclaiming and asking happen under one
+  lock (:func:`worker_lock`), so workers never overshoot: for an RDB storage a
+  database lock (PostgreSQL ``pg_advisory_lock``, MySQL ``GET_LOCK``) held on its
+  own connection, which workers on any host share and the database releases
+  when the holder dies; for the journal file an fcntl lock (one host).
+- A dead worker's trial (state RUNNING forever) is reclaimed: marked FAIL and
+  its parameters queued again, so the study ends with exactly ``n_trials``
+  complete trials. With an RDB storage every running trial records a heartbeat
+  every ``search.heartbeat_interval`` seconds (Optuna's heartbeat table); a trial
+  without one for ``search.grace_period`` seconds is stale, whichever host ran
+  it. With the journal file a trial is stale when its worker's pid is gone
+  from this host.
 - Sampler: passed explicitly with every argument and seeded (Optuna 5
   changed the defaults: TPE is multivariate with constant liar and is the
   default multi-objective sampler). A sequential search with the same seed
@@ -26,9 +34,12 @@ Pareto front and the selection rule.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +50,10 @@ from pipeline.config import SamplerCfg
 from pipeline.errors import UserError
 from pipeline.paths import repo_root
 from pipeline.redact import redact
+
+# Heartbeats with ask/tell are deliberate (Optuna documents them for optimize()): not news at every ask.
+warnings.filterwarnings("ignore", message=".*heartbeat_interval.*experimental", category=Warning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 STORAGE_ENV = "OPTUNA_STORAGE"  # an RDB URL, password included if need be; wins over search.storage
 
@@ -55,14 +70,15 @@ def storage_url(configured: str | None) -> str | None:
     return os.environ.get(STORAGE_ENV) or configured
 
 
-def make_storage(url: str | None, method: str):
-    """Journal file under ``store_dir(method)`` when ``url`` is None, else an RDB storage at ``url``."""
+def make_storage(url: str | None, method: str, heartbeat_interval: int = 10, grace_period: int = 60):
+    """Journal file under ``store_dir(method)`` when ``url`` is None, else an RDB storage at ``url`` whose
+    running trials record heartbeats every ``heartbeat_interval`` s and are stale after ``grace_period`` s."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     if url is not None:
         try:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         except Exception as err:  # noqa: BLE001 - driver and connection errors: one line, no credentials
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"search storage {redact(url)} cannot be opened: {redact(first)}") from None
@@ -112,21 +128,104 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reclaim_stale(study) -> list[int]:
-    """Mark RUNNING trials of dead workers on this host as FAIL and queue their params again.
+def _is_rdb(storage) -> bool:
+    return getattr(storage, "engine", None) is not None
 
-    Returns the numbers of the reclaimed trials. Trials of workers on other
-    hosts are left alone (their liveness cannot be checked from here).
+
+def _backend(study):
+    """The study's storage itself (Optuna wraps an RDB storage in a caching layer)."""
+    return getattr(study._storage, "_backend", study._storage)
+
+
+@contextmanager
+def worker_lock(study, lock_path: Path) -> Iterator[None]:
+    """Mutual exclusion of the workers of one study while they count, reclaim and ask.
+
+    RDB storage: a database lock on its own connection, keyed by the study name
+    (PostgreSQL ``pg_advisory_lock``, MySQL ``GET_LOCK``): shared by workers on
+    every host, released by the database when the holder's connection dies.
+    Journal file: an fcntl lock on ``lock_path`` (one host).
     """
+    storage = _backend(study)
+    if not _is_rdb(storage):
+        with file_lock(lock_path):
+            yield
+        return
+    from sqlalchemy import text
+
+    engine = storage.engine
+    key = int.from_bytes(hashlib.sha256(study.study_name.encode()).digest()[:8], "big", signed=True)
+    if engine.dialect.name == "postgresql":
+        take, give = "SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)"
+    elif engine.dialect.name in ("mysql", "mariadb"):
+        take, give, key = "SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)", f"optuna-{key}"
+    else:
+        raise UserError(f"parallel search workers need PostgreSQL or MySQL, not {engine.dialect.name}")
+    with engine.connect() as conn:
+        conn.execute(text(take), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(text(give), {"k": key})
+
+
+class Heartbeat:
+    """Records the trial's heartbeat every ``heartbeat_interval`` s while it runs (RDB storages; for the
+    journal file nothing). Optuna's heartbeat thread serves ``optimize()`` only; workers ask and tell."""
+
+    def __init__(self, study, trial):
+        self.storage, self.trial_id = _backend(study), trial._trial_id
+        interval = self.storage.get_heartbeat_interval() if _is_rdb(self.storage) else None
+        self.interval = interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True) if interval else None
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # noqa: BLE001 - a missed beat only risks a reclaim after the grace period
+                pass
+
+    def __enter__(self):
+        if self.thread:
+            self.storage.record_heartbeat(self.trial_id)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread:
+            self.thread.join()
+
+
+def _stale_trials(study) -> list:
+    """RUNNING trials whose worker is gone: no heartbeat for the grace period (RDB), or a dead pid on this host
+    (journal; trials of other hosts cannot be checked from here)."""
     from optuna.trial import TrialState
 
+    storage = _backend(study)
+    if _is_rdb(storage):
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id in stale]
     host = socket.gethostname()
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get(HOST_ATTR) == host and t.user_attrs.get(PID_ATTR) is not None
+            and not _alive(int(t.user_attrs[PID_ATTR]))]
+
+
+def reclaim_stale(study) -> list[int]:
+    """Mark RUNNING trials of dead workers as FAIL and queue their params again; returns their numbers."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
     reclaimed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get(PID_ATTR)
-        if t.user_attrs.get(HOST_ATTR) != host or pid is None or _alive(int(pid)):
+    for t in _stale_trials(study):
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # its worker told it after all
             continue
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         if t.params:  # killed after sampling: run that configuration again (else a fresh trial replaces it)
             study.enqueue_trial(t.params, user_attrs={REQUEUED_ATTR: t.number}, skip_if_exists=False)
         reclaimed.append(t.number)
@@ -158,14 +257,19 @@ def run_worker(
     timeout: float | None = None,
     on_start: Callable[[Any], None] | None = None,
     on_end: Callable[[Any, str, Sequence[float] | None, float], None] | None = None,
+    poll: float = 1.0,
 ) -> WorkerReport:
-    """Ask, evaluate and tell trials until ``n_trials`` are complete or running, or ``timeout`` seconds passed.
+    """Ask, evaluate and tell trials until ``n_trials`` are complete, or ``timeout`` seconds passed.
 
-    ``on_start(trial)`` runs after the trial is created, ``on_end(trial, state,
-    values, seconds)`` after it is told. An objective that raises marks its
-    trial FAIL; after ``MAX_CONSECUTIVE_FAILURES`` in a row the worker re-raises.
-    Interrupting (Ctrl-C) marks the running trial FAIL before re-raising.
+    While the other workers' running trials would complete the study, wait
+    (``poll`` seconds) and reclaim the trials of dead workers, so the study
+    finishes even when a worker dies last. ``on_start(trial)`` runs after the
+    trial is created, ``on_end(trial, state, values, seconds)`` after it is told.
+    An objective that raises marks its trial FAIL; after
+    ``MAX_CONSECUTIVE_FAILURES`` in a row the worker re-raises. Interrupting
+    (Ctrl-C) marks the running trial FAIL before re-raising.
     """
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     start = time.monotonic()
@@ -174,21 +278,27 @@ def run_worker(
     reclaimed: list[int] = []
     streak = 0
     while True:
-        with file_lock(lock_path):
+        trial = None
+        with worker_lock(study, lock_path):
             reclaimed += reclaim_stale(study)
             counts = count_trials(study)
-            if counts["complete"] + counts["running"] >= n_trials:
+            if counts["complete"] >= n_trials:
                 return WorkerReport(ran, failed, reclaimed, "n_trials")
             if timeout is not None and time.monotonic() - start >= timeout:
                 return WorkerReport(ran, failed, reclaimed, "timeout")
-            trial = study.ask()
-            trial.set_user_attr(HOST_ATTR, socket.gethostname())
-            trial.set_user_attr(PID_ATTR, os.getpid())
+            if counts["complete"] + counts["running"] < n_trials:
+                trial = study.ask()
+                trial.set_user_attr(HOST_ATTR, socket.gethostname())
+                trial.set_user_attr(PID_ATTR, os.getpid())
+        if trial is None:
+            time.sleep(poll)
+            continue
         if on_start:
             on_start(trial)
         t0 = time.perf_counter()
         try:
-            values = [float(v) for v in objective(trial)]
+            with Heartbeat(study, trial):
+                values = [float(v) for v in objective(trial)]
         except KeyboardInterrupt:
             study.tell(trial, state=TrialState.FAIL)
             if on_end:
@@ -204,7 +314,12 @@ def run_worker(
                 raise
             continue
         streak = 0
-        study.tell(trial, values)
+        try:
+            study.tell(trial, values)
+        except UpdateFinishedTrialError:  # reclaimed as stale meanwhile (no heartbeat for the grace period)
+            if on_end:
+                on_end(trial, "FAIL", None, time.perf_counter() - t0)
+            continue
         ran.append(trial.number)
         if on_end:
             on_end(trial, "COMPLETE", values, time.perf_counter() - t0)

@@ -41,7 +41,6 @@ from pipeline.search import (
     count_trials,
     reclaim_stale,
     describe_storage,
-    file_lock,
     make_sampler,
     make_storage,
     pareto_trials,
@@ -70,7 +69,8 @@ def open_study(ctx: SearchContext, sampler_seed: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = make_storage(storage_url(ctx.cfg.search.storage), ctx.method.name)
+    search = ctx.cfg.search
+    storage = make_storage(storage_url(search.storage), ctx.method.name, search.heartbeat_interval, search.grace_period)
     directions = ["maximize"] + ["minimize"] * (len(ctx.objectives) - 1)
     study = optuna.create_study(storage=storage, study_name=f"{ctx.method.name}-{ctx.study_key[:12]}",
                                 directions=directions, load_if_exists=True)  # fmt: skip
@@ -121,16 +121,6 @@ def _kill_reclaimed_runs(client, study, numbers: list[int]) -> None:
         run_id = t.user_attrs.get("mlflow_run_id")
         if t.number in numbers and run_id:
             client.set_terminated(run_id, "KILLED")
-
-
-def _wait_for_other_workers(study, method: str, poll: float = 2.0) -> None:
-    """Return once no trial is RUNNING (other workers' trials finish or their workers are found dead)."""
-    while True:
-        with file_lock(lock_path(method)):
-            reclaim_stale(study)
-            if count_trials(study)["running"] == 0:
-                return
-        time.sleep(poll)
 
 
 def _study_run(client, exp_id: str, study, ctx: SearchContext, parent_tags: dict[str, str],
@@ -203,7 +193,6 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
         report = run_worker(study, objective(ctx), sp.n_trials, lock_path(name), sp.timeout,
                             logger.on_start, logger.on_end)  # fmt: skip
         _kill_reclaimed_runs(run.client, study, report.reclaimed)
-        _wait_for_other_workers(study, name)
         search_seconds = time.perf_counter() - t0
         counts = count_trials(study)
         if counts["complete"] == 0:

@@ -1,6 +1,8 @@
 """A search worker on a cheap objective, run as its own process by tests/test_search.py.
 
-    python tests/search_worker.py JOURNAL STUDY N_TRIALS SLEEP SEED OUT_JSON
+    python tests/search_worker.py STORE STUDY N_TRIALS SLEEP SEED OUT_JSON [HEARTBEAT GRACE]
+
+STORE is a journal file, or an RDB URL (heartbeats every HEARTBEAT s, stale after GRACE s).
 """
 
 from __future__ import annotations
@@ -16,16 +18,22 @@ import optuna  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 
 from pipeline.config import TPESamplerCfg  # noqa: E402
-from pipeline.search import make_sampler, run_worker  # noqa: E402
+from pipeline.search import make_sampler, make_storage, run_worker  # noqa: E402
 
 TPE_3 = TPESamplerCfg(name="tpe", n_startup_trials=3, multivariate=True, constant_liar=True, group=False,
                       n_ei_candidates=24)
 
 
 def main() -> None:
-    journal, name, n_trials, pause, seed, out = sys.argv[1:7]
+    store, name, n_trials, pause, seed, out = sys.argv[1:7]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.JournalStorage(JournalFileBackend(journal))
+    if "://" in store:
+        heartbeat, grace = (int(v) for v in sys.argv[7:9])
+        storage = make_storage(store, "test", heartbeat, grace)
+        lock = Path(out).with_suffix(".lock")  # unused: the database holds the lock
+    else:
+        storage = optuna.storages.JournalStorage(JournalFileBackend(store))
+        lock = Path(store).with_suffix(".lock")
     study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
                                 load_if_exists=True, sampler=make_sampler(TPE_3, int(seed)))
 
@@ -35,7 +43,7 @@ def main() -> None:
         time.sleep(float(pause))
         return x, (1 - x) ** 2 + y
 
-    report = run_worker(study, objective, int(n_trials), Path(journal).with_suffix(".lock"))
+    report = run_worker(study, objective, int(n_trials), lock, poll=0.2)
     Path(out).write_text(json.dumps({"ran": report.ran, "reclaimed": report.reclaimed, "stopped_by": report.stopped_by}))
 
 
