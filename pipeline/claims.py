@@ -46,6 +46,8 @@ class Claim:
     scale: float = 1.0  # shown effect = effect * scale (100 for accuracy points)
     unit: str = ""
     control: str | None = None  # the control method judged against, if any
+    comparable: Callable[[RunMetrics], bool] | None = None  # runs where the claim applies (e.g. the same width)
+    condition: str = ""  # when it applies, in words
 
     @property
     def id(self) -> str:
@@ -124,9 +126,11 @@ def decide(compare: Compare, low: float, high: float, bound: float) -> str:
 
 def judge(claim: Claim, runs: list[RunMetrics], bound: float) -> Judgement:
     """The claim judged on the runs (one per training seed) against its bound from params."""
-    values = [v for v in (claim.effect(r) for r in runs) if v is not None and math.isfinite(v)]
+    applicable = [r for r in runs if claim.comparable is None or claim.comparable(r)]
+    values = [v for v in (claim.effect(r) for r in applicable) if v is not None and math.isfinite(v)]
     if not values:
-        return Judgement(claim, (), bound, math.nan, math.nan, math.nan, "not run")
+        verdict = f"not comparable ({claim.condition})" if runs and not applicable else "not run"
+        return Judgement(claim, (), bound, math.nan, math.nan, math.nan, verdict)
     mean, low, high = confidence_interval(values)
     return Judgement(claim, tuple(values), bound, mean, low, high, decide(claim.compare, low, high, bound))
 
@@ -141,6 +145,11 @@ def difference(run: RunMetrics, a: tuple[str, str], b: tuple[str, str]) -> float
     """``a - b`` for two (stage, metric) pairs of the same run."""
     x, y = metric(run, *a), metric(run, *b)
     return None if x is None or y is None else x - y
+
+
+def same(run: RunMetrics, a: str, b: str, names: tuple[str, ...]) -> bool:
+    """Whether stages ``a`` and ``b`` of a run measured equal values of every metric in ``names`` (comparability)."""
+    return all(metric(run, a, n) is not None and metric(run, a, n) == metric(run, b, n) for n in names)
 
 
 def ratio(run: RunMetrics, a: tuple[str, str], b: tuple[str, str]) -> float | None:

@@ -8,6 +8,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from pipeline import distributed
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.redact import redact
@@ -19,6 +20,7 @@ def run_stage(
     description: str,
     methods: Callable[[], list[str]] | None = None,
     options: Callable[[argparse.ArgumentParser], None] | None = None,
+    data_parallel: bool = False,
 ) -> None:
     """Parse ``--params`` (and a method name when ``methods`` gives the accepted ones), validate
     the config, then run ``main(cfg)`` or ``main(cfg, method)``; ``options`` adds stage-specific
@@ -27,6 +29,8 @@ def run_stage(
     Validation happens before ``main`` touches any output. A :class:`UserError`
     anywhere prints ``<stage>: error: <message>`` and exits 2; anything else is
     a bug and keeps its traceback (exit 1). Both show URLs without credentials.
+    ``data_parallel`` stages run themselves under torchrun when params ask
+    (``distributed.nproc_per_node`` > 1, :mod:`pipeline.distributed`).
     """
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +47,8 @@ def run_stage(
         if methods and args.method not in methods():
             raise UserError(f"unknown method {args.method!r}; this stage takes one of: {', '.join(methods())}")
         cfg = load_config(args.params)
+        if data_parallel:
+            distributed.launch(cfg.distributed.nproc_per_node, cfg.distributed.backend, sys.argv[1:])
         main(cfg, args.method, **extra) if methods else main(cfg, **extra)
     except UserError as err:
         print(redact(f"{label}: error: {err}"), file=sys.stderr)

@@ -396,6 +396,14 @@ class LatencyCfg(Section):
     eval_batch_size: Annotated[Int, Field(ge=1, le=8192)]  # accuracy of every timed variant
 
 
+# ---------------------------------------------------------------------- distributed
+class DistributedCfg(Section):
+    """Data-parallel training of pretrain, convert and transfer (pipeline/distributed.py)."""
+
+    nproc_per_node: Annotated[Int, Field(ge=1, le=1024)]  # > 1: the stage runs itself under torchrun
+    backend: Literal["auto", "gloo", "nccl"]  # auto: NCCL with CUDA, else gloo
+
+
 # -------------------------------------------------------------------------- report
 class ReportCfg(Section):
     samples_per_dataset: Annotated[Int, Field(ge=1, le=64)]
@@ -414,6 +422,7 @@ class Config(Section):
     data: DataCfg
     model: ModelCfg
     pretrain: TrainCfg
+    distributed: DistributedCfg
     convert: MethodGroups  # convert.<method>: validated by the method's schema (pipeline/methods/)
     controls: list[Str]  # the controls that run (pipeline/methods/: static, magnitude, random_mask, uniform_mask)
     search: SearchCfg

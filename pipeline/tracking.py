@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline import distributed
 from pipeline.config import Config, fingerprint, flatten, to_dict
 from pipeline.paths import repo_root
 from pipeline.redact import redact, redact_value
@@ -41,7 +42,8 @@ def tracking_uri() -> str:
 
 
 def quiet_logs() -> None:
-    for name in ("alembic", "mlflow", "mlflow.store", "mlflow.tracking"):
+    for name in ("alembic", "mlflow", "mlflow.store", "mlflow.tracking", "mlflow.pytorch", "mlflow.models",
+                 "mlflow.tracking._model_registry"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
@@ -108,19 +110,107 @@ class StageRun:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, redact(str(v)))
 
+    def log_dataset(self, task: str, card: dict, context: str) -> None:
+        """A prepared task as the run's MLflow dataset input (the runs table's Dataset column): name, digest
+        of its arrays (from the data card), source, shape, counts; ``context`` is training, evaluation, ..."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        tc = card["tasks"][task]
+        digest = hashlib.sha256(json.dumps(tc["sha256"], sort_keys=True).encode()).hexdigest()[:16]
+        dataset = Dataset(
+            name=task, digest=digest, source_type="local",
+            source=json.dumps({"uri": f"data/prepared/{task}", "description": tc["source"], "seed": card["seed"]}),
+            schema=json.dumps({"image_shape": tc["image_shape"], "classes": tc["classes"]}),
+            profile=json.dumps({"counts": tc["counts"]}),
+        )  # fmt: skip
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def log_model(self, model, example, registered_name: str | None = None) -> None:
+        """The trained model logged to this run with its signature (the runs table's Model column), and
+        registered under ``registered_name`` when the store has a model registry. Loading it needs this
+        project installed (its modules define the layers)."""
+        import copy
+
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.exceptions import MlflowException
+        from mlflow.models import infer_signature
+
+        quiet_logs()  # mlflow.pytorch warns about pickled models at every save: chosen here (masks do not trace)
+        model = copy.deepcopy(model).cpu().eval()
+        with torch.no_grad():
+            output = model(example)
+        signature = infer_signature(example.numpy(), output.numpy())
+        mlflow.set_tracking_uri(tracking_uri())
+        mlflow.start_run(run_id=self.run_id)  # the fluent API logs models to the active run
+        try:
+            try:
+                mlflow.pytorch.log_model(model, name="model", signature=signature, pip_requirements=requirements(),
+                                         registered_model_name=registered_name, await_registration_for=0,
+                                         serialization_format="pickle")  # masks and plans do not trace (pt2)
+            except MlflowException:  # a store without a model registry: the logged model stays
+                if registered_name is None:
+                    raise
+                mlflow.pytorch.log_model(model, name="model", signature=signature, pip_requirements=requirements(),
+                                         serialization_format="pickle")
+        finally:
+            mlflow.end_run(status="RUNNING")  # the stage's context ends the run
+
+
+# The MLflow UI opens an experiment on its GenAI traces unless it is tagged as model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def requirements() -> list[str]:
+    """The pinned dependencies of this project, for logged models."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        return [r.split(";")[0].strip() for r in requires("dynconv-ablation") or [] if "extra ==" not in r]
+    except PackageNotFoundError:
+        return []
+
+
+class NullRun(StageRun):
+    """The run handle of a rank other than 0: logs nothing."""
+
+    def __init__(self):
+        super().__init__(None, "")
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_dataset(self, task: str, card: dict, context: str) -> None:
+        pass
+
+    def log_model(self, model, example, registered_name: str | None = None) -> None:
+        pass
+
 
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         # next to the default store, not inside the working directory (a dvc exp temp copy)
         location = (repo_root() / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # noqa: BLE001 - created concurrently by a parallel experiment
         return client.get_experiment_by_name(name).experiment_id
 
@@ -143,8 +233,12 @@ def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = Non
     """Open the MLflow run of one stage execution, nested in its pipeline's parent run.
 
     All params are logged flattened (``pretrain.optimizer.lr``); the run ends
-    FINISHED, or FAILED if the stage raised.
+    FINISHED, or FAILED if the stage raised. Under data parallelism only rank 0
+    has a run; the other ranks get a handle that logs nothing.
     """
+    if not distributed.is_main():
+        yield NullRun()
+        return
     quiet_logs()
     from mlflow.tracking import MlflowClient
 

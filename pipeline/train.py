@@ -11,6 +11,12 @@
   epoch and removed when training ends; it is reused only if its fingerprint
   (config, data, starting weights, and the code itself) matches the current run.
 - Validation every epoch, test once at the end; progress through tqdm.
+- Data-parallel under torchrun (:mod:`pipeline.distributed`): the model is
+  wrapped in DDP and each rank trains on its share ``[rank::world]`` of every
+  global batch (``batch_size`` stays the global batch; the permutation and the
+  augmentation are drawn for the whole batch, from the same seeds), so the
+  steps match the single-process run but for batch statistics and summation
+  order. Rank 0 writes the resume state.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.checkpoint import load_resume, resume_fingerprint, save_resume
 from pipeline.config import TrainCfg
 from pipeline.data import TensorTask
+from pipeline.errors import ConfigError
 
 # Extra loss terms a method adds to the task loss:
 # (model, inputs, logits, targets, progress in [0, 1]) -> {name: scalar tensor}.
@@ -179,7 +187,10 @@ def fit(
     ``test=False`` never touches the test split (searches select on validation).
     """
     hooks = hooks or Hooks()
-    threads = set_threads(cfg.threads)
+    ranks, me = distributed.world_size(), distributed.rank()
+    if cfg.batch_size % ranks:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {ranks} data-parallel processes")
+    threads = set_threads(distributed.local_threads(cfg.threads) if ranks > 1 else cfg.threads)
     torch.manual_seed(seed)
     norm = Normalizer(data.mean, data.std)
     x_train, y_train = data.splits["train"]
@@ -187,6 +198,11 @@ def fit(
     steps = max(1, n // cfg.batch_size)  # drop the last partial batch: BN needs > 1 sample
     named = [(n, p) for n, p in model.named_parameters() if params is None or any(p is q for q in params)]
     optimizer = make_optimizer(cfg, named, no_weight_decay(model))
+    net = model
+    if ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=None)
 
     history: list[dict[str, float]] = []
     start = 0
@@ -197,7 +213,8 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         history = [dict(h) for h in state["history"]]
         start = int(state["epoch"]) + 1
-        tqdm.write(f"{desc}: resuming after epoch {start} from {resume_path}")
+        if distributed.is_main():
+            tqdm.write(f"{desc}: resuming after epoch {start} from {resume_path}")
         if on_epoch:
             for h in history:
                 on_epoch(int(h["epoch"]), h)
@@ -205,7 +222,7 @@ def fit(
     t_train = 0.0
     for epoch in range(start, cfg.epochs):
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-        torch.manual_seed(epoch_seed(seed, epoch) + 1)
+        torch.manual_seed(epoch_seed(seed, epoch) + 1 + me)  # e.g. Gumbel noise: each rank its own
         model.train()
         if hooks.epoch_start:  # after train(): a hook may put parts of the model back in eval mode
             hooks.epoch_start(epoch)
@@ -213,7 +230,8 @@ def fit(
         loss_sum = correct = seen = 0
         extras_sum: dict[str, float] = {}
         t0 = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0)
+        bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, mininterval=1.0,
+                   disable=not distributed.is_main())
         for step in bar:
             lr = learning_rate(cfg, epoch, step, steps)
             for group in optimizer.param_groups:
@@ -221,8 +239,10 @@ def fit(
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb = augment(x_train[idx], cfg.augment.crop_padding, cfg.augment.hflip, gen)
             yb = y_train[idx]
+            if ranks > 1:
+                xb, yb = xb[me::ranks], yb[me::ranks]
             inputs = norm(xb)
-            logits = model(inputs)
+            logits = net(inputs)
             loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
             total = loss
             if hooks.extra_loss is not None:
@@ -239,6 +259,11 @@ def fit(
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
         bar.close()
         t_train += time.perf_counter() - t0
+        if ranks > 1:  # the epoch's numbers over the global batches
+            keys = sorted(extras_sum)
+            totals = distributed.sum_across_ranks([loss_sum, correct, seen, *(extras_sum[k] for k in keys)])
+            loss_sum, correct, seen = totals[:3]
+            extras_sum = dict(zip(keys, totals[3:]))
         val = evaluate(model, *data.splits["val"], norm, cfg.eval_batch_size)
         record = {
             "epoch": float(epoch),
@@ -252,12 +277,14 @@ def fit(
         if hooks.epoch_metrics:
             record.update(hooks.epoch_metrics(model))
         history.append(record)
-        tqdm.write(
-            f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
-            f"train acc {record['train_acc']:.4f} val acc {record['val_acc']:.4f} ({time.perf_counter() - t0:.1f}s)"
-        )
-        save_resume(resume_path, fingerprint, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    history=history)
+        if distributed.is_main():
+            tqdm.write(
+                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
+                f"train acc {record['train_acc']:.4f} val acc {record['val_acc']:.4f} ({time.perf_counter() - t0:.1f}s)"
+            )
+            save_resume(resume_path, fingerprint, epoch=epoch, model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), history=history)
+        distributed.barrier()
         if on_epoch:
             on_epoch(epoch, record)
 
@@ -271,7 +298,9 @@ def fit(
     if test:
         measured = evaluate(model, *data.splits["test"], norm, cfg.eval_batch_size)
         final = {"test_acc": measured["acc"], "test_loss": measured["loss"], **final}
-    resume_path.unlink(missing_ok=True)  # finished: a later run starts afresh
+    distributed.barrier()
+    if distributed.is_main():
+        resume_path.unlink(missing_ok=True)  # finished: a later run starts afresh
     timing = {"train_seconds": t_train, "threads": float(threads)}
     if t_train > 0:
         timing["train_images_per_second"] = (cfg.epochs - start) * steps * cfg.batch_size / t_train

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 
-from pipeline import methods
+from pipeline import distributed, methods
 from pipeline.cli import run_stage
 from pipeline.complexity import count_macs
 from pipeline.config import Config, fingerprint, to_dict
-from pipeline.data import load_task, sha256_file
+from pipeline.data import load_task, read_card, sha256_file
 from pipeline.methods.files import load_any_model, save_method_model
 from pipeline.metrics import write_history, write_metrics
 from pipeline.paths import CHECKPOINTS, RESULTS
@@ -45,6 +45,8 @@ def main(cfg: Config, name: str) -> None:
     with stage_run(method.stage, cfg) as run:
         result = fit(model, data, p.train, cfg.train_seed, CHECKPOINTS / f"convert_{name}.pt", resume_key,
                      on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=name)
+        if not distributed.is_main():
+            return
         test_x = normalized(data, "test")
         measured, layers = method.measure_all(model, test_x, p)
         dense_macs = count_macs(dense, test_x)
@@ -68,6 +70,8 @@ def main(cfg: Config, name: str) -> None:
         for kind, values in layers.items():
             run.log_metrics(values, prefix=f"layer.{kind}.")
         run.log_metrics(result.timing, prefix="timing.")
+        run.log_dataset("upstream", read_card(), "training")
+        run.log_model(model, test_x[:1], name)
         run.set_tags({"method": name, "control_of": method.control_of or "", "resumed_from_epoch": result.resumed_from,
                       "backbone_width": method.width(p) * model_width})
         for f in ("metrics.json", "timing.json", "history.csv", "layers.json"):
@@ -79,4 +83,5 @@ def main(cfg: Config, name: str) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("convert", main, __doc__, methods=lambda: [m.name for m in methods.registry().values() if m.Params])
+    run_stage("convert", main, __doc__, methods=lambda: [m.name for m in methods.registry().values() if m.Params],
+              data_parallel=True)

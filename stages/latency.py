@@ -30,7 +30,7 @@ from pipeline import methods
 from pipeline.cli import run_stage
 from pipeline.complexity import count_macs, count_params
 from pipeline.config import Config
-from pipeline.data import load_task
+from pipeline.data import load_task, read_card
 from pipeline.errors import UserError
 from pipeline.fold import fold_batchnorm
 from pipeline.methods.base import Variant
@@ -169,6 +169,7 @@ def main(cfg: Config) -> None:
         run.log_metrics(summary, prefix="final.")
         run.set_tags({"cpu": cpu, "cuda": result["cuda"] or "none", "native_kernels": result["native_kernels"] or "none"})
         run.log_artifact(RESULTS / "latency.json")
+        run.log_dataset("upstream", read_card(), "evaluation")
         write_run_info(OUT / "run.json", run, "latency")
     print("latency: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
 

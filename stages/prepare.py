@@ -28,6 +28,8 @@ def main(cfg: Config) -> None:
             run.log_metrics({f"{name}.{s}_images": n for s, n in tc["counts"].items()})
             run.log_metrics({f"{name}.classes": len(tc["classes"])})
         run.log_artifact(PREPARED / "card.json")
+        for name in TASKS:
+            run.log_dataset(name, card, "prepared")
         write_run_info(RESULTS / "prepare" / "run.json", run, "prepare")
     for name, tc in card["tasks"].items():
         counts = ", ".join(f"{s} {n}" for s, n in tc["counts"].items())

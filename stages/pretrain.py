@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline import distributed
 from pipeline.cli import run_stage
 from pipeline.config import Config, fingerprint, to_dict
 from pipeline.data import load_task, read_card
@@ -10,7 +11,7 @@ from pipeline.complexity import count_params
 from pipeline.models import build_model, save_model
 from pipeline.paths import CHECKPOINTS, MODELS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
-from pipeline.train import fit, seed_everything
+from pipeline.train import fit, normalized, seed_everything
 
 OUT = RESULTS / "pretrain"
 
@@ -19,15 +20,16 @@ def main(cfg: Config) -> None:
     data = load_task("upstream")
     seed_everything(cfg.train_seed)
     model = build_model(cfg.model, data.in_channels, data.num_classes)
-    card = read_card()["tasks"]["upstream"]
-    resume_key = fingerprint(
-        {"seed": cfg.train_seed, "model": to_dict(cfg.model), "train": to_dict(cfg.pretrain), "data": card["sha256"]}
-    )
+    card = read_card()
+    resume_key = fingerprint({"seed": cfg.train_seed, "model": to_dict(cfg.model), "train": to_dict(cfg.pretrain),
+                              "data": card["tasks"]["upstream"]["sha256"]})
     with stage_run("pretrain", cfg) as run:
         result = fit(
             model, data, cfg.pretrain, cfg.train_seed, CHECKPOINTS / "pretrain.pt", resume_key,
             on_epoch=lambda epoch, m: run.log_metrics(m, step=epoch), desc="pretrain",
         )
+        if not distributed.is_main():
+            return
         metrics = {**result.final, "params": count_params(model)["params"]}
         save_model(MODELS / "dense.pt", model, cfg.model, data.in_channels, data.num_classes,
                    mean=data.mean, std=data.std, classes=data.classes, metrics=metrics)
@@ -37,6 +39,8 @@ def main(cfg: Config) -> None:
         run.log_metrics(metrics, prefix="final.")
         run.log_metrics(result.timing, prefix="timing.")
         run.set_tags({"resumed_from_epoch": result.resumed_from})
+        run.log_dataset("upstream", card, "training")
+        run.log_model(model, normalized(data, "val")[:1], "dense")
         for f in ("metrics.json", "timing.json", "history.csv"):
             run.log_artifact(OUT / f)
         write_run_info(OUT / "run.json", run, "pretrain")
@@ -44,4 +48,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("pretrain", main, __doc__)
+    run_stage("pretrain", main, __doc__, data_parallel=True)

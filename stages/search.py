@@ -33,6 +33,7 @@ from pipeline import methods
 from pipeline.cli import run_stage
 from pipeline.complexity import count_macs, count_params
 from pipeline.config import Config
+from pipeline.data import read_card
 from pipeline.errors import UserError
 from pipeline.methods.files import load_any_model, save_method_model
 from pipeline.metrics import write_metrics
@@ -255,6 +256,8 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
         study_handle.end("FINISHED")
         for f in ("trials.csv", "pareto.csv", "best.json", "metrics.json"):
             run.log_artifact(out / f)
+        run.log_dataset("upstream", read_card(), "training")
+        run.log_model(model, test_x[:1], f"{name}-searched")
         write_run_info(out / "run.json", run, f"search@{name}")
     print(f"search@{name}: {counts['complete']} complete trials ({counts['fail']} failed) in {search_seconds:.0f}s, "
           f"{len(pareto)} Pareto-optimal; chose trial {chosen.number} {dict(chosen.params)}; final model: "

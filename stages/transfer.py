@@ -16,11 +16,11 @@ head for the downstream classes.
 
 from __future__ import annotations
 
-from pipeline import methods
+from pipeline import distributed, methods
 from pipeline.cli import run_stage
 from pipeline.complexity import count_macs, count_params
 from pipeline.config import Config, fingerprint, to_dict
-from pipeline.data import load_task, sha256_file
+from pipeline.data import load_task, read_card, sha256_file
 from pipeline.errors import UserError
 from pipeline.methods.files import load_any_model
 from pipeline.metrics import write_history, write_metrics
@@ -59,6 +59,8 @@ def main(cfg: Config, name: str) -> None:
         result = fit(model, data, tcfg.train, cfg.train_seed, CHECKPOINTS / f"transfer_{name}.pt", resume_key,
                      on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=f"transfer {name}",
                      params=params)  # fmt: skip
+        if not distributed.is_main():
+            return
         model.eval()
         metrics = {**result.final, "macs_per_image": count_macs(model, test_x), **count_params(model)}
         metrics["flops_per_image"] = 2 * metrics["macs_per_image"]
@@ -69,6 +71,8 @@ def main(cfg: Config, name: str) -> None:
         write_history(out / "history.csv", result.history)
         run.log_metrics(metrics, prefix="final.")
         run.log_metrics(result.timing, prefix="timing.")
+        run.log_dataset("downstream", read_card(), "training")
+        run.log_model(model, test_x[:1], f"{name}-transfer")
         run.set_tags({"method": name, "protocol": tcfg.protocol, "source": str(source),
                       "resumed_from_epoch": result.resumed_from})
         for f in ("metrics.json", "timing.json", "history.csv"):
@@ -79,4 +83,4 @@ def main(cfg: Config, name: str) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("transfer", main, __doc__, methods=methods.names)
+    run_stage("transfer", main, __doc__, methods=methods.names, data_parallel=True)

@@ -72,6 +72,12 @@ def test_a_claim_without_its_runs_is_not_run():
     assert j.verdict == "not run" and j.shown() == "not measured"
 
 
+def test_a_claim_that_does_not_apply_says_so():
+    claim = Claim("m", "acc", "P", "T", "S.", "e", "at_least", lambda r: 0.0, comparable=lambda r: False,
+                  condition="at width 1")
+    assert judge(claim, RUNS, 0.0).verdict == "not comparable (at width 1)"
+
+
 def test_student_t_against_known_quantiles():
     mean, low, high = confidence_interval([1.0, 2.0])  # sd 0.7071, t(0.975, 1) = 12.7062
     assert (low, high) == pytest.approx((1.5 - 12.7062 * 0.5, 1.5 + 12.7062 * 0.5), abs=1e-3)

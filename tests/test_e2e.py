@@ -1,17 +1,22 @@
-"""End to end: copy the repository, commit it, shrink params, run `dvc repro`,
-then check every stage ran, the metrics, the MLflow runs and the report."""
+"""End to end: copy the repository, commit it, shrink params, run `dvc repro` against a real MLflow
+tracking server (PostgreSQL backend store, artifacts served by the server, on 127.0.0.1), then check every
+stage ran, the metrics, the MLflow runs, datasets and models, and the report built from the server."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
+import mlflow.models
+import mlflow.pytorch
 import pytest
 import yaml
 
@@ -39,8 +44,39 @@ def _sh(args, cwd, env, timeout=900):
     return proc
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def tracking_server(postgres, tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with a PostgreSQL backend store and served artifacts."""
+    postgres.add_role("mlflow_e2e", "mlflow-pw", "mlflow_e2e")
+    port, folder = _free_port(), tmp_path_factory.mktemp("mlflow-server")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.url("mlflow_e2e", "mlflow-pw", "mlflow_e2e"),
+         "--host", "127.0.0.1", "--port", str(port), "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
+        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, cwd=folder)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    else:
+        raise RuntimeError("mlflow server did not come up: " + (folder / "server.log").read_text()[-3000:])
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tracking_server):
     """A committed copy of the repository (tracked and non-ignored files) with a tiny profile."""
     root = tmp_path_factory.mktemp("e2e") / "project"
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
@@ -67,7 +103,8 @@ def project(tmp_path_factory):
     params["report"]["samples_per_dataset"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    env.update(GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               MLFLOW_TRACKING_URI=tracking_server)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "e2e"]):
         _sh(cmd, root, env)
     return root, env
@@ -81,8 +118,8 @@ def repro(project):
     return root, env, proc.stdout, time.perf_counter() - t0
 
 
-def _runs(root: Path, experiment: str = "dynconv-ablation"):
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+def _runs(env: dict, experiment: str = "dynconv-ablation"):
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
 
 
@@ -114,7 +151,7 @@ def test_metrics_are_sane(repro):
 
 def test_mlflow_holds_the_runs(repro):
     root = repro[0]
-    runs = _runs(root)
+    runs = _runs(repro[1])
     stages = runs[runs["tags.kind"] == "stage"]
     assert sorted(stages["tags.stage"]) == sorted(set(STAGES) - {"validate"})
     assert stages["tags.pipeline_id"].nunique() == 1
@@ -126,9 +163,41 @@ def test_mlflow_holds_the_runs(repro):
     assert json.loads((root / "results/pretrain/run.json").read_text())["run_id"] == pre["run_id"]
 
 
+def test_runs_show_their_datasets_and_models_in_the_tracking_server(repro):
+    """What the MLflow UI's runs table shows in its Dataset and Model columns, through the client API."""
+    from mlflow.tracking import MlflowClient
+
+    env = repro[1]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("dynconv-ablation")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the training runs
+    runs = _runs(env)
+    stages = runs[runs["tags.kind"] == "stage"].set_index("tags.stage")
+    card = json.loads((repro[0] / "data/prepared/card.json").read_text())
+    trained = ["pretrain", *[f"convert@{m}" for m in METHODS], *[f"control@{c}" for c in CFG.controls],
+               *[f"search@{m}" for m in SEARCHED], *[f"transfer@{m}" for m in TRANSFERRED]]
+    for stage in [*trained, "prepare", "latency"]:
+        run = client.get_run(stages.loc[stage, "run_id"])
+        names = {d.dataset.name for d in run.inputs.dataset_inputs}
+        task = "downstream" if stage.startswith("transfer@") else "upstream"
+        assert task in names, stage
+        ds = next(d.dataset for d in run.inputs.dataset_inputs if d.dataset.name == task)
+        assert task in json.loads(ds.source)["uri"] and json.loads(ds.profile)["counts"] == card["tasks"][task]["counts"]
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    by_run = {m.source_run_id: m for m in models}
+    for stage in trained:
+        model = by_run[stages.loc[stage, "run_id"]]
+        info = mlflow.models.get_model_info(model.model_uri)
+        assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"])[1:] == [1, 32, 32], stage
+    registered = {m.name for m in client.search_registered_models()}
+    assert {"dense", *METHODS, *CFG.controls, *[f"{m}-transfer" for m in TRANSFERRED]} <= registered
+    loaded = mlflow.pytorch.load_model(by_run[stages.loc["convert@dynconv", "run_id"]].model_uri)
+    assert sum(1 for _ in loaded.modules()) > 10
+
+
 def test_search_outputs_and_trial_runs(repro):
     root = repro[0]
-    runs = _runs(root)
+    runs = _runs(repro[1])
     for method in SEARCHED:
         out = root / "results/search" / method
         best = json.loads((out / "best.json").read_text())
@@ -236,7 +305,7 @@ def test_invalid_param_stops_at_validate_and_keeps_outputs(repro):
 def test_dvc_experiment_in_a_temp_copy_logs_to_the_repository_store(repro):
     root, env = repro[0], repro[1]
     _sh(["dvc", "exp", "run", "--temp", "-n", "e2e-exp", "-S", "report.samples_per_dataset=4"], root, env)
-    runs = _runs(root)
+    runs = _runs(repro[1])
     exp_runs = runs[runs["tags.dvc_exp_name"] == "e2e-exp"]
     # The stage the param feeds runs; the searches rerun because their store is not in the DVC
     # cache (they resume from the repository's store; the dynconv study holds an extra trial from
@@ -255,9 +324,9 @@ def test_study_of_an_ablation_renders_the_values_of_its_mlflow_runs(repro):
     root, env = repro[0], repro[1]
     t0 = time.perf_counter()
     _sh([sys.executable, "-m", "stages.study", "run", "abl", "--seeds", "0,1", "-S", "convert.dynet.num_kernels=1,2",
-         "--stage", "convert@dynet"], root, env, timeout=1500)
+         "-S", "pretrain.epochs=1", "--stage", "convert@dynet"], root, env, timeout=1500)
     print(f"tiny study of 4 experiments: {time.perf_counter() - t0:.1f}s")
-    runs = _runs(root)
+    runs = _runs(repro[1])
     mine = runs[(runs["params.tracking.study"] == "abl") & (runs["tags.stage"] == "convert@dynet")]
     assert len(mine) == 4 and mine["params.train_seed"].nunique() == 2
     md = (root / "reports/study.md").read_text()

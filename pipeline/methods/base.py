@@ -68,6 +68,11 @@ class SearchSpace:
         """Sample one configuration (parameter names as stored in the study)."""
         raise NotImplementedError
 
+    @staticmethod
+    def draw(trial: Any, name: str, r: Any) -> float:
+        """One float from a :class:`~pipeline.config.RangeCfg` (log scale if it says so)."""
+        return trial.suggest_float(name, r.low, r.high, log=r.log)
+
     def apply(self, model: nn.Module, sample: dict[str, float], stages: list[int], p: Any, sp: Any, *,
               teacher: nn.Module | None, val_x: torch.Tensor) -> Hooks:
         """Apply ``sample`` to ``model`` and return the hooks its fine-tune trains with."""

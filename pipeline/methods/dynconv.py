@@ -125,12 +125,10 @@ class DynConvSearch(SearchSpace):
         return named_blocks(model)
 
     def suggest(self, trial, n_stages, space):
-        def draw(name: str, r: RangeCfg) -> float:
-            return trial.suggest_float(name, r.low, r.high, log=r.log)
-
-        params = {"budget": draw("budget", space.budget)}
-        params.update({f"offset_stage{i}": draw(f"offset_stage{i}", space.stage_offset) for i in range(n_stages)})
-        params["gumbel_temperature"] = draw("gumbel_temperature", space.gumbel_temperature)
+        params = {"budget": self.draw(trial, "budget", space.budget)}
+        params.update({f"offset_stage{i}": self.draw(trial, f"offset_stage{i}", space.stage_offset)
+                       for i in range(n_stages)})
+        params["gumbel_temperature"] = self.draw(trial, "gumbel_temperature", space.gumbel_temperature)
         return params
 
     def apply(self, model, sample, stages, p, sp, *, teacher, val_x):

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import Float, Int, TemperatureCfg
 from pipeline.methods import dynet
-from pipeline.claims import Claim, RunMetrics, difference, metric
+from pipeline.claims import Claim, RunMetrics, difference, metric, same
 from pipeline.methods.base import MethodParams
 from pipeline.methods.dynet import DyNet, Layers
 from pipeline.ops.odconv import ATTENTIONS, ODConv2d
@@ -77,21 +77,20 @@ class ODConv(DyNet):
         me, dyn = self.stage, dynet.METHOD.stage
 
         def same_as_dycov(r: RunMetrics) -> bool:  # DyNet with softmax coefficients at the same n and width is DY-Conv
-            return metric(r, dyn, "softmax_coefficients") == 1.0 and all(
-                metric(r, me, k) is not None and metric(r, me, k) == metric(r, dyn, k) for k in ("num_kernels", "width"))
+            return metric(r, dyn, "softmax_coefficients") == 1.0 and same(r, me, dyn, ("num_kernels", "width"))
 
         return [
             Claim(self.name, "acc_vs_dyconv", PAPER, "abstract; Table 1 (numbers unconfirmed)",
                   "Attending over all four dimensions of the kernel space beats kernel-only attention (DY-Conv) "
                   "at the same number of kernels.",
-                  "test accuracy, ODConv minus DyNet with softmax coefficients (same n and width)", "at_least",
-                  lambda r: difference(r, (me, "test_acc"), (dyn, "test_acc")) if same_as_dycov(r) else None,
-                  "DyNet (DY-Conv)", 100, " points"),
+                  "test accuracy, ODConv minus DyNet with softmax coefficients", "at_least",
+                  lambda r: difference(r, (me, "test_acc"), (dyn, "test_acc")), "DyNet (DY-Conv)", 100, " points",
+                  comparable=same_as_dycov, condition="DyNet with softmax coefficients at the same n and width"),
             Claim(self.name, "acc_vs_dense", PAPER, "official README (ResNet-18: 70.25 % -> 74.19 % with 4 kernels)",
                   "ODConv improves the accuracy of the static network it replaces (same width).",
-                  "test accuracy, ODConv minus dense (only at width 1)", "at_least",
-                  lambda r: difference(r, (me, "test_acc"), ("pretrain", "test_acc"))
-                  if metric(r, me, "width") == 1.0 else None, "dense", 100, " points"),
+                  "test accuracy, ODConv minus dense", "at_least",
+                  lambda r: difference(r, (me, "test_acc"), ("pretrain", "test_acc")), "dense", 100, " points",
+                  comparable=lambda r: metric(r, me, "width") == 1.0, condition="ODConv at width 1"),
         ]
 
 

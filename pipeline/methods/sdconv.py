@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline.config import Config, Float, RangeCfg, SearchCommon, Section, TemperatureCfg
 from pipeline.methods import dynet
-from pipeline.claims import Claim, RunMetrics, difference, metric, ratio
+from pipeline.claims import Claim, RunMetrics, difference, ratio, same
 from pipeline.methods.base import SearchSpace, temperature_at
 from pipeline.methods.dynet import DyNet, DyNetParams, dynamic_layers
 from pipeline.ops.sd_conv import ESTIMATORS, GRANULARITIES, SDConv2d
@@ -110,11 +110,9 @@ class SDConvSearch(SearchSpace):
         return dynamic_layers(model)
 
     def suggest(self, trial, n_stages, space):
-        def draw(name: str, r: RangeCfg) -> float:
-            return trial.suggest_float(name, r.low, r.high, log=r.log)
-
-        params = {f"sparsity_stage{i}": draw(f"sparsity_stage{i}", space.stage_sparsity) for i in range(n_stages)}
-        params["reg_weight"] = draw("reg_weight", space.reg_weight)
+        params = {f"sparsity_stage{i}": self.draw(trial, f"sparsity_stage{i}", space.stage_sparsity)
+                  for i in range(n_stages)}
+        params["reg_weight"] = self.draw(trial, "reg_weight", space.reg_weight)
         return params
 
     def apply(self, model, sample, stages, p, sp, *, teacher, val_x):
@@ -203,20 +201,19 @@ class SDConv(DyNet):
         me, dyn = self.stage, dynet.METHOD.stage
 
         def same_backbone(r: RunMetrics) -> bool:  # comparable with DyNet: same K and width
-            return all(metric(r, me, k) is not None and metric(r, me, k) == metric(r, dyn, k)
-                       for k in ("num_kernels", "width"))
+            return same(r, me, dyn, ("num_kernels", "width"))
 
         return [
             Claim(self.name, "params_vs_dynet", PAPER, "abstract (tables unconfirmed)",
                   "Sparse dynamic kernels need fewer parameters than dynamic convolution (DY-Conv) at the same K.",
-                  "nonzero parameters, SD-Conv / DyNet (same K and width)", "at_most",
-                  lambda r: ratio(r, (me, "nonzero_params"), (dyn, "nonzero_params")) if same_backbone(r) else None,
-                  "DyNet", 1, " x"),
+                  "nonzero parameters, SD-Conv / DyNet", "at_most",
+                  lambda r: ratio(r, (me, "nonzero_params"), (dyn, "nonzero_params")), "DyNet", 1, " x",
+                  comparable=same_backbone, condition="SD-Conv and DyNet at the same K and width"),
             Claim(self.name, "acc_vs_dynet", PAPER, "abstract (tables unconfirmed)",
                   "With fewer parameters SD-Conv is at least as accurate as DY-Conv.",
-                  "test accuracy, SD-Conv minus DyNet (same K and width)", "at_least",
-                  lambda r: difference(r, (me, "test_acc"), (dyn, "test_acc")) if same_backbone(r) else None,
-                  "DyNet", 100, " points"),
+                  "test accuracy, SD-Conv minus DyNet", "at_least",
+                  lambda r: difference(r, (me, "test_acc"), (dyn, "test_acc")), "DyNet", 100, " points",
+                  comparable=same_backbone, condition="SD-Conv and DyNet at the same K and width"),
             Claim(self.name, "acc_vs_magnitude", PAPER, "Sec. 3 (learnable thresholds)",
                   "Learned thresholds find better masks than pruning the dynamic kernels by magnitude.",
                   "test accuracy, SD-Conv minus DyNet pruned by |W| to SD-Conv's sparsity (same fine-tuning)",

@@ -44,6 +44,19 @@ def _positive_float(value: float, name: str) -> float:
     return value
 
 
+def conv_output_hw(h: int, w: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """Output height and width of a conv with these (pair) settings on an ``h`` x ``w`` input."""
+    return tuple(  # type: ignore[return-value]
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip((h, w), padding, dilation, kernel_size, stride)
+    )
+
+
+def check_input(x: torch.Tensor, channels: int) -> None:
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"input must have shape [B, {channels}, H, W], got {list(x.shape)}")
+
+
 def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
     """Constructor arguments of ``DynamicConv2d`` that reproduce ``conv``'s shape and sampling."""
     if not isinstance(conv, nn.Conv2d):
@@ -247,14 +260,10 @@ class DynamicConv2d(nn.Module):
         return self.weight
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
-        return tuple(  # type: ignore[return-value]
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)
-        )
+        return conv_output_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"input must have shape [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        check_input(x, self.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

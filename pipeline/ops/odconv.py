@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.ops.dynamic_conv import check_input, conv_output_hw
+
 ATTENTIONS = ("spatial", "channel", "filter", "kernel")
 
 
@@ -126,14 +128,10 @@ class ODConv2d(nn.Module):
         return out
 
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
-        return tuple(  # type: ignore[return-value]
-            (size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride)
-        )
+        return conv_output_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"input must have shape [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        check_input(x, self.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

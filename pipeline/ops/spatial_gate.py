@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.distributed import mean_across_ranks
 from pipeline.models.cifar_mobilenetv2 import InvertedResidual
 from pipeline.models.cifar_resnet import BasicBlock
 
@@ -436,7 +437,8 @@ class BudgetLoss(nn.Module):
         if len(targets) != len(blocks):
             raise ValueError(f"BudgetLoss has {len(targets)} block budgets for {len(blocks)} blocks")
         bounds = torch.tensor([self.bounds(progress, b) for b in targets])
-        executed = torch.stack([b.executed_cost().mean() for b in blocks])
+        # over the global batch under data parallelism: every rank computes the same criterion
+        executed = mean_across_ranks(torch.stack([b.executed_cost().mean() for b in blocks]))
         dense = torch.tensor([float(b.dense_cost_per_image) for b in blocks], dtype=executed.dtype)
         fractions = executed / dense
         network = (executed.sum() / dense.sum() - self.budget) ** 2

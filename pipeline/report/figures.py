@@ -64,14 +64,17 @@ def training_curves(history: pd.DataFrame, title: str, path: Path) -> Path:
 
 
 def tradeoff(points: pd.DataFrame, x: str, xlabel: str, title: str, path: Path) -> Path:
-    """Test accuracy against a cost column, one labelled point per model."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for _, row in points.iterrows():
-        ax.scatter(row[x], row["test_acc"], s=40)
-        ax.annotate(row["model"], (row[x], row["test_acc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    """Test accuracy against a cost column, one marker per model named in the legend (controls hollow)."""
+    fig, ax = plt.subplots(figsize=(7.6, 3.8))
+    markers = "os^Dvp<>h*"
+    for i, (_, row) in enumerate(points.iterrows()):
+        control = str(row["model"]).startswith("control:")
+        ax.scatter(row[x], row["test_acc"], s=46, marker=markers[i % len(markers)], label=row["model"],
+                   facecolors="none" if control else None, edgecolors=f"C{i % 10}", c=None if control else f"C{i % 10}")
     ax.set(xlabel=xlabel, ylabel="test accuracy", title=title)
     ax.grid(alpha=0.3)
-    ax.margins(0.15)
+    ax.margins(0.1)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, path)
 
 

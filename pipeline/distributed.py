@@ -1,0 +1,98 @@
+"""Data-parallel training with ``torch.distributed``: one process per device (``torchrun``), gradients averaged.
+
+- :func:`launch`: a stage whose params ask for ``distributed.nproc_per_node`` > 1
+  re-runs itself under ``torchrun --nproc_per_node=N`` (gloo on CPU, NCCL on
+  CUDA); under ``torchrun`` already (several nodes: ``--nnodes``,
+  ``--rdzv-endpoint``) it joins the process group instead.
+- The training engine (:func:`pipeline.train.fit`) wraps the model in DDP and
+  gives each rank its share of every global batch; checkpoints, metrics files
+  and MLflow runs are written by rank 0 only (:func:`is_main`).
+- Loss terms that are not a mean over samples (DynConv's budget term) average
+  their inputs across ranks first (:func:`mean_across_ranks`), so every rank
+  computes the loss of the global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import UserError
+
+UNDER_TORCHRUN = "LOCAL_RANK"
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launch(nproc_per_node: int, backend: str, argv: list[str]) -> None:
+    """Re-run this stage under torchrun when ``nproc_per_node`` > 1; join the process group under torchrun."""
+    if UNDER_TORCHRUN in os.environ:
+        setup(backend)
+        return
+    if nproc_per_node <= 1:
+        return
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        raise UserError("distributed.nproc_per_node > 1 needs torchrun (it comes with torch) on PATH")
+    module = sys.modules["__main__"].__spec__.name
+    os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={nproc_per_node}", "-m", module, *argv])
+
+
+def setup(backend: str) -> None:
+    """Join the process group torchrun describes (gloo on CPU, NCCL with CUDA unless told)."""
+    if active():
+        return
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ[UNDER_TORCHRUN]))
+
+
+def local_threads(threads: int) -> int:
+    """Intra-op threads per rank: the configured count, or this host's cores shared by its ranks (0)."""
+    if threads:
+        return threads
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // local)
+
+
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over the ranks, differentiable (every rank's gradient reaches every rank)."""
+    if not active():
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t) / world_size()
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Plain numbers summed over the ranks (bookkeeping, no gradient)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
