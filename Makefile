@@ -20,7 +20,7 @@ repro: venv
 	dvc repro
 
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf data/prepared models results checkpoints reports/figures reports/report.md reports/report.html

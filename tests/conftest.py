@@ -23,6 +23,16 @@ from . import pg_server
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest modules first (end to end, then the ones marked slow), so that with pytest-xdist
+    (`make test`: two workers, one module per worker at a time) they start at once and the short modules
+    fill the other worker; the order within a module is kept."""
+    def rank(item):
+        return 0 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)
+
+
 def merge(base: dict, overrides: dict) -> dict:
     """``base`` with ``overrides`` merged in, mapping by mapping (a copy)."""
     out = copy.deepcopy(base)

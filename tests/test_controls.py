@@ -20,6 +20,8 @@ from stages import convert, prepare, pretrain, report
 
 from .conftest import TINY, config, merge
 
+pytestmark = pytest.mark.slow
+
 ONE_EPOCH = {"train": {"epochs": 1, "threads": 1}}
 CFG = merge(TINY, {"convert": {"dynet": {**ONE_EPOCH, "temperature": {"epochs": 0}},
                                "sdconv": {**ONE_EPOCH, "temperature": {"epochs": 0}},

@@ -15,6 +15,8 @@ import yaml
 
 from .conftest import REPO, TINY, merge, params
 
+pytestmark = pytest.mark.slow
+
 PROFILE = merge(TINY, {"data": {"upstream": {"renders": {"train": 2, "val": 1, "test": 1}}},
                        "model": {"width": 1.0},
                        "pretrain": {"epochs": 8, "threads": 0}})

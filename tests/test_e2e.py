@@ -5,14 +5,8 @@ stage ran, the metrics, the MLflow runs, datasets and models, and the report bui
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import mlflow
 import mlflow.models
@@ -20,94 +14,11 @@ import mlflow.pytorch
 import pytest
 import yaml
 
-from pipeline import methods
-from pipeline.config import load_config
-
-from .conftest import REPO
+from .e2e_project import (CFG, METHODS, N_TRIALS, SEARCHED, STAGES, TRANSFERRED, VARIANTS, _runs, _sh, project,
+                          tracking_server)
 
 pytestmark = pytest.mark.e2e
-CFG = load_config(REPO / "params.yaml")
-METHODS = list(CFG.convert)
-SEARCHED = list(CFG.search.methods)
-TRANSFERRED = [m.name for m in methods.in_pipeline(CFG)]
-VARIANTS = {v.name for m in methods.in_pipeline(CFG) for v in m.latency_variants()}
-STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], *[f"control@{c}" for c in CFG.controls],
-          *[f"search@{m}" for m in SEARCHED], *[f"transfer@{m}" for m in TRANSFERRED], "latency", "report"]
-N_TRIALS = 3
-GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
-           "GIT_COMMITTER_EMAIL": "test@localhost"}
-
-
-def _sh(args, cwd, env, timeout=900):
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tracking_server(postgres, tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with a PostgreSQL backend store and served artifacts."""
-    postgres.add_role("mlflow_e2e", "mlflow-pw", "mlflow_e2e")
-    port, folder = _free_port(), tmp_path_factory.mktemp("mlflow-server")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.url("mlflow_e2e", "mlflow-pw", "mlflow_e2e"),
-         "--host", "127.0.0.1", "--port", str(port), "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
-        stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, cwd=folder)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-    else:
-        raise RuntimeError("mlflow server did not come up: " + (folder / "server.log").read_text()[-3000:])
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, tracking_server):
-    """A committed copy of the repository (tracked and non-ignored files) with a tiny profile."""
-    root = tmp_path_factory.mktemp("e2e") / "project"
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["upstream"]["renders"] = {"train": 2, "val": 1, "test": 1}
-    params["data"]["downstream"]["max_train"] = 200
-    params["model"].update(depth=8, width=1.0)
-    params["pretrain"].update(epochs=4, threads=2)
-    for method in METHODS:
-        params["convert"][method]["train"]["epochs"] = 1
-        if "temperature" in params["convert"][method]:
-            params["convert"][method]["temperature"]["epochs"] = 0
-    for method in SEARCHED:
-        params["search"][method].update(n_trials=N_TRIALS, steps=2, final_steps=2)
-        params["search"][method]["sampler"]["n_startup_trials"] = 2
-    params["transfer"]["train"]["epochs"] = 1
-    params["latency"].update(batch_size=4, threads=[1], warmup=1)
-    params["report"]["samples_per_dataset"] = 8
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               MLFLOW_TRACKING_URI=tracking_server)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "e2e"]):
-        _sh(cmd, root, env)
-    return root, env
+__all__ = ["project", "tracking_server"]  # fixtures, used by name
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +27,6 @@ def repro(project):
     t0 = time.perf_counter()
     proc = _sh(["dvc", "repro"], root, env)
     return root, env, proc.stdout, time.perf_counter() - t0
-
-
-def _runs(env: dict, experiment: str = "dynconv-ablation"):
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
 
 
 def test_every_stage_ran(repro):
@@ -226,7 +132,13 @@ def test_search_outputs_and_trial_runs(repro):
 def test_latency_times_every_variant(repro):
     root = repro[0]
     result = json.loads((root / "results/latency.json").read_text())
-    assert {(r["variant"], r["batch"]) for r in result["rows"]} == {(v, b) for v in VARIANTS for b in (1, 4)}
+    dense = {"dense_pytorch", *[f"dense_{rt}" for rt in CFG.latency.runtimes]}
+    assert {(r["variant"], r["batch"]) for r in result["rows"]} == {(v, b) for v in VARIANTS | dense for b in (1, 4)}
+    assert set(result["runtimes"]) == set(CFG.latency.runtimes)
+    assert all(c["max_abs_diff"] < 1e-3 for c in result["runtimes"].values())
+    for r in result["rows"]:  # every speed-up is against the fastest dense runtime of its setting
+        fastest = min(d["median_ms"] for d in result["rows"] if d["variant"] in dense and d["batch"] == r["batch"])
+        assert r["speedup_vs_dense"] == pytest.approx(fastest / r["median_ms"])
     assert all(r["iterations"] == 30 and 0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in result["rows"])
     assert abs(result["accuracy"]["dynconv_sparse"]["acc_change"]) < 0.01  # same masks, same function
     macs = result["complexity"]
@@ -300,43 +212,3 @@ def test_invalid_param_stops_at_validate_and_keeps_outputs(repro):
     assert proc.returncode != 0
     assert "validate: error: params.yaml: 'pretrain.epochs'" in proc.stderr + proc.stdout
     assert (root / "models/dense.pt").read_bytes() == before
-
-
-def test_dvc_experiment_in_a_temp_copy_logs_to_the_repository_store(repro):
-    root, env = repro[0], repro[1]
-    _sh(["dvc", "exp", "run", "--temp", "-n", "e2e-exp", "-S", "report.samples_per_dataset=4"], root, env)
-    runs = _runs(repro[1])
-    exp_runs = runs[runs["tags.dvc_exp_name"] == "e2e-exp"]
-    # The stage the param feeds runs; the searches rerun because their store is not in the DVC
-    # cache (they resume from the repository's store; the dynconv study holds an extra trial from
-    # the test above, which may change its choice and what follows). Data preparation, pretraining
-    # and conversion are restored from the cache.
-    ran = set(exp_runs["tags.stage"].dropna())
-    assert "report" in ran
-    assert not ran & {"prepare", "pretrain", *[f"convert@{m}" for m in METHODS]}
-    assert not list((root / ".dvc" / "tmp").glob("exps/*/mlflow.db"))
-    shown = _sh(["dvc", "exp", "show", "--json"], root, env).stdout
-    assert "e2e-exp" in shown
-
-
-def test_study_of_an_ablation_renders_the_values_of_its_mlflow_runs(repro):
-    """A 2 x 2 grid (K = 1, 2; training seeds 0, 1) as DVC experiments, then the study report."""
-    root, env = repro[0], repro[1]
-    t0 = time.perf_counter()
-    _sh([sys.executable, "-m", "stages.study", "run", "abl", "--seeds", "0,1", "-S", "convert.dynet.num_kernels=1,2",
-         "-S", "pretrain.epochs=2", "--stage", "convert@dynet"], root, env, timeout=1500)
-    print(f"tiny study of 4 experiments: {time.perf_counter() - t0:.1f}s")
-    runs = _runs(repro[1])
-    mine = runs[(runs["params.tracking.study"] == "abl") & (runs["tags.stage"] == "convert@dynet")]
-    assert len(mine) == 4 and mine["params.train_seed"].nunique() == 2
-    md = (root / "reports/study.md").read_text()
-    section = md.split("## Ablation: convert.dynet.num_kernels", 1)[1].split("\n## ", 1)[0]
-    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ") and "---" not in line}
-    for k, group in mine.groupby("params.convert.dynet.num_kernels"):
-        assert len(group) == 2
-        assert f"{group['metrics.final.test_acc'].astype(float).mean():.4f}" in rows[k]
-    assert "## Verdicts: convert.dynet.num_kernels=1" in md and "(n = 2)" in md
-    assert (root / "reports/study.html").stat().st_size > 5_000
-    assert list((root / "reports/study_figures").glob("ablation_*.png"))
-    shown = _sh(["dvc", "exp", "show", "--json"], root, env).stdout
-    assert "train_seed" in shown

@@ -26,6 +26,8 @@ from pipeline.errors import UserError
 
 from .conftest import REPO, TINY, config, merge, params
 
+pytestmark = pytest.mark.slow
+
 PASSWORD = "Pw-7c1d@x!"  # an "@" inside, as real passwords have
 FORMS = (PASSWORD, quote(PASSWORD, safe=""))  # as typed, and as it appears in a URL
 
