@@ -3,11 +3,16 @@
 Usage: python -m stages.latency
 
 Variants (all with BatchNorm folded, ``pipeline/fold.py``): the dense model,
-timed in NCHW and in channels-last (the faster layout is the baseline,
-``dense`` rows name the layout used), then every method's variants
-(``Method.latency_variants``: e.g. DynConv computing densely and masking, the
-same model with gather-scatter blocks, the searched model), methods in the
-order of ``convert`` in params.yaml.
+timed in PyTorch in NCHW and in channels-last and, on the CPU, in the runtimes
+of ``latency.runtimes`` (ONNX Runtime, OpenVINO: ``pipeline/runtimes.py``, on
+its ONNX export, outputs checked against PyTorch), then every method's
+variants (``Method.latency_variants``: e.g. DynConv computing densely and
+masking, the same model with gather-scatter blocks, the searched model),
+methods in the order of ``convert`` in params.yaml.
+
+Per setting the fastest dense runtime is the baseline (the ``dense`` row names
+it): every speed-up is against it; the speed-up against PyTorch eager (its
+faster layout, row ``dense_pytorch``) is kept beside it.
 
 Per device (CPU; CUDA when present), thread count and batch size (1 and
 ``latency.batch_size``) the variants are timed interleaved on the same test
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,6 +45,7 @@ from pipeline.methods.files import load_any_model
 from pipeline.metrics import write_metrics
 from pipeline.ops import native
 from pipeline.paths import RESULTS
+from pipeline.runtimes import Compiled, compile_dense, export_onnx, max_abs_diff
 from pipeline.timing import resolve_threads, time_interleaved, torch_threads, tune_malloc
 from pipeline.tracking import stage_run, write_run_info
 from pipeline.train import Normalizer, evaluate, normalized
@@ -78,18 +86,24 @@ def _inputs(images: torch.Tensor, batch: int, iterations: int, device: torch.dev
     return out
 
 
-def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Tensor) -> list[dict]:
-    """Rows of timings per (device, threads, batch, variant); the baseline also in channels-last."""
+def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Tensor,
+                    onnx: Path | None = None) -> tuple[list[dict], dict[str, dict]]:
+    """Rows of timings per (device, threads, batch, variant); the baseline also in channels-last and, on the
+    CPU, in every runtime of ``latency.runtimes`` (compiled from ``onnx``). Also each runtime's largest
+    deviation from PyTorch's logits on the timed inputs, per thread count."""
     lcfg = cfg.latency
     base = methods.baseline().name
     devices = [d for d in lcfg.devices if d == "cpu" or torch.cuda.is_available()]
-    rows = []
+    rows, checks = [], {}
     for device_name in devices:
         device = torch.device(device_name)
         on_device = {k: m.to(device) for k, m in models.items()}
         threads_list = lcfg.threads if device_name == "cpu" else [0]
         for threads in dict.fromkeys(threads_list):
             with torch_threads(threads) as used:
+                compiled: dict[str, Compiled] = {}
+                if device_name == "cpu" and onnx is not None:
+                    compiled = {rt: compile_dense(rt, onnx, used) for rt in lcfg.runtimes}
                 for batch in (1, lcfg.batch_size):
                     n = lcfg.iterations + lcfg.warmup
                     nchw = _inputs(images, batch, n, device)
@@ -97,6 +111,12 @@ def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Ten
                     calls = {name: (lambda i, m=m: m(nchw[i])) for name, m in on_device.items()}
                     dense_cl = on_device[base].to(memory_format=torch.channels_last)
                     calls[f"{base}_channels_last"] = lambda i: dense_cl(last[i])
+                    arrays = [x.numpy() for x in nchw] if compiled else []
+                    for rt, c in compiled.items():
+                        calls[f"{base}_{rt}"] = lambda i, run=c.run: run(arrays[i])
+                        diff = max_abs_diff(c, on_device[base], nchw[:3])
+                        check = checks.setdefault(rt, {"version": c.version, **c.settings, "max_abs_diff": 0.0})
+                        check["max_abs_diff"] = max(check["max_abs_diff"], diff)
                     timings = time_interleaved(calls, lcfg.iterations, lcfg.warmup, device)
                     on_device[base].to(memory_format=torch.contiguous_format)
                     for name, t in timings.items():
@@ -106,28 +126,42 @@ def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Ten
                           + ", ".join(f"{k} {v.median_ms:.2f} ms" for k, v in timings.items()), flush=True)
         for m in models.values():
             m.to("cpu")
-    return rows
+    return rows, checks
 
 
-def add_speedups(rows: list[dict], complexity: dict[str, dict]) -> list[dict]:
-    """Per (device, threads, batch): the best layout of the baseline becomes its row; speedups against it."""
+def add_speedups(rows: list[dict], complexity: dict[str, dict], runtimes: list[str] = ()) -> list[dict]:
+    """Per (device, threads, batch): the fastest dense runtime becomes the ``dense`` row (``runtime`` and
+    ``layout`` name it) and every speed-up is against it; ``dense_pytorch`` (PyTorch eager in its faster
+    layout) and ``dense_<runtime>`` stay as rows, and ``speedup_vs_eager`` is the speed-up against
+    PyTorch eager."""
     name = methods.baseline().name
     out = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["device"], r["threads"], r["batch"]), []).append(r)
-    for key, group in groups.items():
+    for group in groups.values():
         nchw = next(r for r in group if r["variant"] == name)
         cl = next(r for r in group if r["variant"] == f"{name}_channels_last")
-        best = min((nchw, cl), key=lambda r: r["median_ms"])
-        base = {**best, "variant": name, "layout": "channels_last" if best is cl else "nchw"}
-        for r in [base, *[r for r in group if r is not nchw and r is not cl]]:
-            c = complexity[r["variant"]]
+        eager = min((nchw, cl), key=lambda r: r["median_ms"])
+        layout = "channels_last" if eager is cl else "nchw"
+        dense = [{**eager, "variant": f"{name}_pytorch", "runtime": "pytorch", "layout": layout}]
+        for rt in runtimes:
+            found = next((r for r in group if r["variant"] == f"{name}_{rt}"), None)
+            if found is not None:
+                dense.append({**found, "runtime": rt, "layout": "nchw"})
+        best = min(dense, key=lambda r: r["median_ms"])
+        baseline = {**best, "variant": name}
+        timed_dense = {r["variant"] for r in dense} | {name, f"{name}_channels_last"}
+        methods_rows = [{**r, "runtime": "pytorch", "layout": "nchw"} for r in group if r["variant"] not in timed_dense]
+        for r in [baseline, *dense, *methods_rows]:
+            c = complexity[name if r["variant"] in timed_dense else r["variant"]]
             mac_speedup = complexity[name]["macs_per_image"] / c["macs_per_image"]
-            speedup = base["median_ms"] / r["median_ms"]
-            out.append({**r, "layout": r.get("layout", "nchw"), **c, "speedup_vs_dense": speedup,
+            speedup = baseline["median_ms"] / r["median_ms"]
+            out.append({**r, **c, "speedup_vs_dense": speedup, "speedup_vs_eager": eager["median_ms"] / r["median_ms"],
                         "mac_speedup": mac_speedup, "realized_over_ideal": speedup / mac_speedup,
-                        "dense_nchw_ms": nchw["median_ms"], "dense_channels_last_ms": cl["median_ms"]})  # fmt: skip
+                        "best_dense": best["runtime"], "dense_nchw_ms": nchw["median_ms"],
+                        "dense_channels_last_ms": cl["median_ms"],
+                        **{f"dense_{d['runtime']}_ms": d["median_ms"] for d in dense}})  # fmt: skip
     return out
 
 
@@ -143,15 +177,28 @@ def main(cfg: Config) -> None:
         acc = evaluate(m, *data.splits["test"], norm, cfg.latency.eval_batch_size)["acc"]
         accuracy[name] = {"test_acc": acc, "stage_test_acc": recorded[name], "acc_change": acc - recorded[name]}
     compiled = native.load()  # the CPU inference kernels the timed modules use (None: PyTorch paths)
-    with stage_run("latency", cfg) as run:
-        rows = add_speedups(measure_latency(cfg, models, test_x), complexity)
+    base = methods.baseline().name
+    with stage_run("latency", cfg) as run, tempfile.TemporaryDirectory() as tmp:
+        onnx = None
+        if cfg.latency.runtimes and "cpu" in cfg.latency.devices:
+            onnx = export_onnx(models[base], Path(tmp) / f"{base}.onnx", test_x[:1])
+            for rt in cfg.latency.runtimes:
+                runtime_model = compile_dense(rt, onnx, resolve_threads(0))
+                acc = runtime_accuracy(runtime_model, data.splits["test"], norm, cfg.latency.eval_batch_size)
+                accuracy[f"{base}_{rt}"] = {"test_acc": acc, "stage_test_acc": recorded[base],
+                                            "acc_change": acc - recorded[base]}  # fmt: skip
+        accuracy[f"{base}_pytorch"] = accuracy[base]
+        for name in [f"{base}_pytorch", *[f"{base}_{rt}" for rt in cfg.latency.runtimes]]:
+            complexity[name] = complexity[base]
+        timed, checks = measure_latency(cfg, models, test_x, onnx)
+        rows = add_speedups(timed, complexity, cfg.latency.runtimes)
         cpu = platform.processor() or platform.machine()
         result = {
             "torch": torch.__version__, "cpu": cpu, "cores": resolve_threads(0),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "iterations": cfg.latency.iterations, "warmup": cfg.latency.warmup, "malloc_tuned": malloc_tuned,
             "native_kernels": compiled.__name__ if compiled is not None else None,
-            "rows": rows, "accuracy": accuracy, "complexity": complexity,
+            "runtimes": checks, "rows": rows, "accuracy": accuracy, "complexity": complexity,
         }  # fmt: skip
         OUT.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -159,7 +206,8 @@ def main(cfg: Config) -> None:
         for r in rows:
             key = f"{r['variant']}.{r['device']}.t{r['threads']}.b{r['batch']}"
             flat.update({f"{key}.median_ms": r["median_ms"], f"{key}.iqr_ms": r["iqr_ms"],
-                         f"{key}.speedup_vs_dense": r["speedup_vs_dense"]})  # fmt: skip
+                         f"{key}.speedup_vs_dense": r["speedup_vs_dense"],
+                         f"{key}.speedup_vs_eager": r["speedup_vs_eager"]})  # fmt: skip
         for name, a in accuracy.items():
             flat.update({f"{name}.test_acc": a["test_acc"], f"{name}.acc_change": a["acc_change"],
                          f"{name}.macs_per_image": complexity[name]["macs_per_image"]})  # fmt: skip
@@ -167,7 +215,9 @@ def main(cfg: Config) -> None:
         write_metrics(OUT / "metrics.json", summary)
         run.log_metrics(flat, prefix="latency.")
         run.log_metrics(summary, prefix="final.")
-        run.set_tags({"cpu": cpu, "cuda": result["cuda"] or "none", "native_kernels": result["native_kernels"] or "none"})
+        run.log_metrics({f"{rt}.max_abs_diff": c["max_abs_diff"] for rt, c in checks.items()}, prefix="latency.")
+        run.set_tags({"cpu": cpu, "cuda": result["cuda"] or "none", "native_kernels": result["native_kernels"] or "none",
+                      **{f"runtime.{rt}": c["version"] for rt, c in checks.items()}})  # fmt: skip
         run.log_artifact(RESULTS / "latency.json")
         run.log_dataset("upstream", read_card(), "evaluation")
         write_run_info(OUT / "run.json", run, "latency")
@@ -175,17 +225,30 @@ def main(cfg: Config) -> None:
 
 
 def headline(rows: list[dict], accuracy: dict[str, dict]) -> dict[str, float]:
-    """The numbers the claims are checked on: CPU, all cores, batch 1 (and the batch size)."""
+    """The numbers the claims are checked on: CPU, all cores, batch 1 (and the batch size), against the
+    fastest dense runtime (``_speedup_``) and against PyTorch eager (``_speedup_vs_eager_``)."""
     base = methods.baseline().name
     cpu = [r for r in rows if r["device"] == "cpu"]
     most = max(r["threads"] for r in cpu)
     out = {}
     for r in cpu:
-        if r["threads"] == most and r["variant"] != base:
+        if r["threads"] == most and r["variant"] != base and not r["variant"].startswith(f"{base}_"):
             out[f"{r['variant']}_speedup_b{r['batch']}"] = r["speedup_vs_dense"]
+            out[f"{r['variant']}_speedup_vs_eager_b{r['batch']}"] = r["speedup_vs_eager"]
     out.update({f"{name}_acc_change": a["acc_change"] for name, a in accuracy.items() if name != base})
     out["threads"] = float(most)
     return out
+
+
+def runtime_accuracy(model: Compiled, split: tuple[torch.Tensor, torch.Tensor], norm: Normalizer,
+                     batch_size: int) -> float:
+    """Test accuracy of the dense model as a runtime computes it."""
+    images, labels = split
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = norm(images[i : i + batch_size]).contiguous().numpy()
+        correct += int((torch.from_numpy(model.run(x)).argmax(1) == labels[i : i + batch_size]).sum())
+    return correct / len(images)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ import time
 import pytest
 import torch
 
+from pipeline.errors import UserError
 from pipeline.fold import fold_batchnorm
 from pipeline.models import build_model
+from pipeline.runtimes import compile_dense, export_onnx, max_abs_diff
 from pipeline.timing import resolve_threads, summarize, time_interleaved, torch_threads
 from stages.latency import add_speedups
 
@@ -102,7 +104,47 @@ def test_speedups_use_the_faster_dense_layout():
     complexity = {"dense": {"macs_per_image": 100.0}, "sparse": {"macs_per_image": 25.0}}
     rows = add_speedups([row("dense", 10.0), row("dense_channels_last", 8.0), row("sparse", 4.0)], complexity)
     by = {r["variant"]: r for r in rows}
-    assert set(by) == {"dense", "sparse"} and by["dense"]["layout"] == "channels_last"
+    assert set(by) == {"dense", "dense_pytorch", "sparse"} and by["dense"]["layout"] == "channels_last"
     assert by["sparse"]["speedup_vs_dense"] == pytest.approx(2.0)
     assert by["sparse"]["mac_speedup"] == pytest.approx(4.0)
     assert by["sparse"]["realized_over_ideal"] == pytest.approx(0.5)
+
+
+def test_speedups_are_against_the_fastest_dense_runtime_and_eager_is_kept():
+    def row(variant, ms, batch=1):
+        return {"variant": variant, "device": "cpu", "threads": 2, "batch": batch, "median_ms": ms}
+
+    complexity = {"dense": {"macs_per_image": 100.0}, "sparse": {"macs_per_image": 25.0}}
+    timed = [row("dense", 10.0), row("dense_channels_last", 8.0), row("dense_onnxruntime", 2.0),
+             row("dense_openvino", 4.0), row("sparse", 4.0),
+             row("dense", 40.0, 8), row("dense_channels_last", 50.0, 8), row("dense_onnxruntime", 60.0, 8),
+             row("dense_openvino", 45.0, 8), row("sparse", 20.0, 8)]
+    rows = add_speedups(timed, complexity, ["onnxruntime", "openvino"])
+    by = {(r["variant"], r["batch"]): r for r in rows}
+    assert by[("dense", 1)]["runtime"] == "onnxruntime" and by[("dense", 1)]["median_ms"] == 2.0
+    assert by[("sparse", 1)]["speedup_vs_dense"] == pytest.approx(0.5)  # 2 ms / 4 ms: slower than ORT
+    assert by[("sparse", 1)]["speedup_vs_eager"] == pytest.approx(2.0)  # 8 ms (channels-last) / 4 ms
+    assert by[("dense_openvino", 1)]["speedup_vs_dense"] == pytest.approx(0.5)
+    assert by[("dense", 8)]["runtime"] == "pytorch" and by[("dense", 8)]["layout"] == "nchw"
+    assert by[("sparse", 8)]["speedup_vs_dense"] == pytest.approx(2.0)
+    assert by[("dense_pytorch", 8)]["macs_per_image"] == 100.0
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_runs_the_function_of_the_folded_dense_model(runtime, tmp_path):
+    """ONNX export of a BN-folded model in each runtime against PyTorch, random inputs, batch 1 and 5:
+    max abs difference below 1e-4 x the largest logit (f32, not OpenVINO's bf16 default)."""
+    torch.manual_seed(0)
+    model = fold_batchnorm(randomize_bn(build_model(model_cfg(arch="cifar_resnet", depth=8), 1, 10)))[0]
+    onnx = export_onnx(model, tmp_path / "dense.onnx", torch.randn(1, 1, 32, 32))
+    compiled = compile_dense(runtime, onnx, 1)
+    inputs = [torch.randn(1, 1, 32, 32), torch.randn(5, 1, 32, 32)]
+    with torch.inference_mode():
+        scale = max(float(model(x).abs().max()) for x in inputs)
+    assert max_abs_diff(compiled, model, inputs) < 1e-4 * scale
+    assert compiled.threads == 1 and compiled.version
+
+
+def test_unknown_runtime_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="unknown runtime 'tvm'"):
+        compile_dense("tvm", tmp_path / "dense.onnx", 1)

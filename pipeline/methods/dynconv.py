@@ -245,8 +245,9 @@ class DynConv(Method):
                   lambda r: difference(r, (me, "test_acc"), ("pretrain", "test_acc")), "dense", 100, " points"),
             Claim(self.name, "speedup", PAPER, "abstract (MPII pose: 60 % faster inference)",
                   "Sparse execution of the gated blocks makes inference faster than the dense network.",
-                  "realized speed-up over the dense model, batch 1, CPU (latency stage)", "at_least",
-                  lambda r: metric(r, "latency", f"{sparse}_speedup_b1"), "dense", 1, " x"),
+                  "realized speed-up over the fastest dense runtime (PyTorch eager, ONNX Runtime, OpenVINO; "
+                  "latency.runtimes), batch 1, CPU (latency stage)", "at_least",
+                  lambda r: metric(r, "latency", f"{sparse}_speedup_b1"), "fastest dense runtime", 1, " x"),
             Claim(self.name, "acc_vs_random", PAPER, "Sec. 3 (trained masks)",
                   "Trained mask units choose where to compute better than chance.",
                   "test accuracy, DynConv minus random masks at its executed fraction", "at_least",

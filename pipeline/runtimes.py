@@ -1,0 +1,108 @@
+"""The dense model in the runtimes a user deploys on a CPU: ONNX Runtime and OpenVINO.
+
+A speed-up is only worth reporting against the fastest dense model a user could
+run, and on a CPU that is rarely PyTorch eager: both runtimes fuse the folded
+conv + ReLU + residual graph and pick their own kernels. Each runtime runs the
+ONNX export of the BN-folded dense model (``torch.onnx.export``, the TorchScript
+exporter) in f32 with the thread count being measured.
+
+Fairness, because the latency stage times every variant in one process, call by
+call:
+
+- ONNX Runtime's intra-op threads spin after each run by default
+  (``session.intra_op.allow_spinning``) and take the cores from whatever runs
+  next; spinning is switched off here, and inter-op parallelism is 1.
+- OpenVINO picks bf16 on CPUs with bf16/AMX instructions unless
+  ``INFERENCE_PRECISION_HINT`` is ``f32`` (then it computes another function);
+  it is set to f32, with one stream and the latency hint.
+- Every runtime's output on the timed inputs is compared with PyTorch's
+  (``max_abs_diff``), so a baseline never computes a different function.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+@dataclass
+class Compiled:
+    """One dense model compiled by a runtime: ``run(x)`` maps an NCHW float32 array to the logits."""
+
+    runtime: str
+    version: str
+    threads: int
+    run: Callable[[np.ndarray], np.ndarray]
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+def export_onnx(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
+    """``model`` (eval mode, BN folded) as an ONNX file with a dynamic batch dimension."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)  # fmt: skip
+    return path
+
+
+def onnxruntime_model(path: Path, threads: int) -> Compiled:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return Compiled("onnxruntime", ort.__version__, threads, lambda x: session.run(None, {name: x})[0],
+                    {"allow_spinning": "0", "graph_optimization": "all", "provider": "CPUExecutionProvider"})  # fmt: skip
+
+
+def openvino_model(path: Path, threads: int) -> Compiled:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+              "PERFORMANCE_HINT": "LATENCY"}  # fmt: skip
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+    if precision != "f32":
+        raise RuntimeError(f"OpenVINO compiled the dense model in {precision}, not f32")
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return request.infer({0: x})[0]
+
+    return Compiled("openvino", ov.get_version(), threads, run,
+                    {"precision": precision, "streams": "1", "hint": "LATENCY"})  # fmt: skip
+
+
+COMPILERS: dict[str, Callable[[Path, int], Compiled]] = {"onnxruntime": onnxruntime_model, "openvino": openvino_model}
+
+
+def compile_dense(name: str, path: Path, threads: int) -> Compiled:
+    """The ONNX file at ``path`` compiled by runtime ``name`` for ``threads`` intra-op threads."""
+    if name not in COMPILERS:
+        raise UserError(f"latency.runtimes: unknown runtime {name!r}; known: {', '.join(COMPILERS)}")
+    return COMPILERS[name](path, threads)
+
+
+def max_abs_diff(compiled: Compiled, model: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Largest absolute difference of the runtime's logits from PyTorch's on ``inputs``."""
+    worst = 0.0
+    with torch.inference_mode():
+        for x in inputs:
+            ref = model(x).numpy()
+            worst = max(worst, float(np.abs(compiled.run(x.numpy()) - ref).max()))
+    return worst
