@@ -5,7 +5,7 @@
 Needs the models of a `dvc repro` (models/*.pt) and data/prepared. Every
 variant of the latency stage (BN-folded, the same compiled kernels) and the
 dense model in PyTorch eager (NCHW and channels-last), ONNX Runtime and
-OpenVINO (``pipeline/runtimes.py``: f32, spinning off) runs in a process of
+OpenVINO (``pipeline/runtimes.py``: f32, settings as in the stage) runs in a process of
 its own, at batch 1 and ``latency.batch_size``, for each thread count (0 = all
 cores); ``--processes`` processes per variant, and the table shows the median
 of their medians. Nothing else runs in the process, so no runtime's threads can
