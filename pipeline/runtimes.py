@@ -6,8 +6,9 @@ conv + ReLU + residual graph and pick their own kernels. Each runtime runs the
 ONNX export of the BN-folded dense model (``torch.onnx.export``, the TorchScript
 exporter) in f32 with the thread count being measured.
 
-Fairness, because the latency stage times every variant in one process, call by
-call:
+Fairness (the latency stage times every variant in one process; the runtimes
+each in a block of their own, because their thread pools stay busy for a while
+after a call returns and slow whatever runs next):
 
 - ONNX Runtime's intra-op threads spin after each run by default
   (``session.intra_op.allow_spinning``) and take the cores from whatever runs

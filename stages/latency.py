@@ -14,9 +14,17 @@ Per setting the fastest dense runtime is the baseline (the ``dense`` row names
 it): every speed-up is against it; the speed-up against PyTorch eager (its
 faster layout, row ``dense_pytorch``) is kept beside it.
 
+Each variant is timed in a block of its own (warm-up, then the timed calls) on
+the same inputs, one variant after the other, as a deployed model runs: call
+by call interleaving evicted each model's weights and buffers from the caches
+between its calls (DyNet at batch 1, 2 threads: about 1.08 ms interleaved
+against 0.59 ms alone in a process), and a runtime's thread pool stays busy
+after its call returns and slowed whatever ran next (OpenVINO in the rounds:
+PyTorch's dense model 1.30 -> 1.65 ms, ONNX Runtime 0.31 -> 0.51 ms).
+
 Per device (CPU; CUDA when present), thread count and batch size (1 and
-``latency.batch_size``) the variants are timed interleaved on the same test
-images (iteration i uses the i-th batch), after a warm-up. Each variant's
+``latency.batch_size``) the variants are timed on the same test images
+(iteration i uses the i-th batch), after a warm-up. Each variant's
 test accuracy is measured too, so a speed-up never hides an accuracy change.
 On the CPU the dynamic-conv layers and the sparse blocks run the compiled
 inference kernels (``pipeline/ops/native.py``); which build ran is recorded
@@ -113,11 +121,13 @@ def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Ten
                     calls[f"{base}_channels_last"] = lambda i: dense_cl(last[i])
                     arrays = [x.numpy() for x in nchw] if compiled else []
                     for rt, c in compiled.items():
-                        calls[f"{base}_{rt}"] = lambda i, run=c.run: run(arrays[i])
                         diff = max_abs_diff(c, on_device[base], nchw[:3])
                         check = checks.setdefault(rt, {"version": c.version, **c.settings, "max_abs_diff": 0.0})
                         check["max_abs_diff"] = max(check["max_abs_diff"], diff)
-                    timings = time_interleaved(calls, lcfg.iterations, lcfg.warmup, device)
+                        calls[f"{base}_{rt}"] = lambda i, run=c.run: run(arrays[i])
+                    timings = {}
+                    for name, call in calls.items():  # one block per variant (see the module docstring)
+                        timings.update(time_interleaved({name: call}, lcfg.iterations, lcfg.warmup, device))
                     on_device[base].to(memory_format=torch.contiguous_format)
                     for name, t in timings.items():
                         rows.append({"variant": name, "device": device_name, "threads": used, "batch": batch,

@@ -49,8 +49,8 @@ def latency_section(ctx: Context) -> Section | None:
         runtimes = (
             f"The dense model also ran, on the CPU, as its ONNX export in {named}: f32 (OpenVINO's default on "
             "CPUs with bf16 instructions is bf16, another function), intra-op threads = the thread count of the "
-            "row, ONNX Runtime's threads spinning during a call only, so that they leave the cores to the next "
-            "variant of the interleaved rounds. The `dense` row is the fastest dense runtime of its setting (columns "
+            "row, each runtime timed in a block of its own after the interleaved PyTorch rounds (a runtime's "
+            "thread pool stays busy after a call and slows whatever runs next). The `dense` row is the fastest dense runtime of its setting (columns "
             "runtime and layout); `dense_pytorch` is PyTorch eager in its faster layout (NCHW or channels-last)."
         )
     else:
