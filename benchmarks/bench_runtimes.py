@@ -43,7 +43,7 @@ def worker(variant: str, threads_list: list[int], iterations: int, warmup: int) 
     from pipeline.config import load_config
     from pipeline.data import load_task
     from pipeline.runtimes import compile_dense, export_onnx, max_abs_diff
-    from pipeline.timing import time_interleaved, torch_threads, tune_malloc
+    from pipeline.timing import time_blocks, torch_threads, tune_malloc
     from pipeline.train import normalized
     from stages.latency import _inputs, build_variants
 
@@ -73,7 +73,7 @@ def worker(variant: str, threads_list: list[int], iterations: int, warmup: int) 
                     else:
                         model = models[variant]
                         call = lambda i: model(xs[i])  # noqa: E731
-                    t = time_interleaved({variant: call}, iterations, warmup, torch.device("cpu"))[variant]
+                    t = time_blocks({variant: call}, iterations, warmup, torch.device("cpu"))[variant]
                     out["timings"][f"{used},{batch}"] = t.median_ms
     return out
 

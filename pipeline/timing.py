@@ -1,8 +1,11 @@
-"""Timing harness: warm-up, interleaved repetitions, median and inter-quartile range.
+"""Timing harness: warm-up, repetitions, median and inter-quartile range.
 
-Variants compared with each other are timed in the same process and take
-turns call by call (``A B C A B C ...``), so a change in machine load hits
-all of them alike. On CUDA every call is synchronised before the clock stops.
+``time_interleaved`` lets variants take turns call by call (``A B C A B C
+...``), so a change in machine load hits all of them alike; ``time_blocks``
+times each variant in a block of its own (``A A A B B B ...``), as a deployed
+model runs, with its weights in the caches and no other thread pool waking up
+between its calls (the latency stage's choice). On CUDA every call is
+synchronised before the clock stops.
 """
 
 from __future__ import annotations
@@ -118,3 +121,17 @@ def time_interleaved(
                     torch.cuda.synchronize(device)
                 times[name].append(time.perf_counter() - start)
     return {name: summarize(t) for name, t in times.items()}
+
+
+def time_blocks(
+    calls: dict[str, Callable[[int], object]],
+    iterations: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, Timing]:
+    """Time every ``calls[name](i)`` in a block of its own: ``warmup`` untimed calls, then ``iterations``
+    timed ones, variant after variant."""
+    out: dict[str, Timing] = {}
+    for name, fn in calls.items():
+        out.update(time_interleaved({name: fn}, iterations, warmup, device))
+    return out

@@ -54,7 +54,7 @@ from pipeline.metrics import write_metrics
 from pipeline.ops import native
 from pipeline.paths import RESULTS
 from pipeline.runtimes import Compiled, compile_dense, export_onnx, max_abs_diff
-from pipeline.timing import resolve_threads, time_interleaved, torch_threads, tune_malloc
+from pipeline.timing import resolve_threads, time_blocks, torch_threads, tune_malloc
 from pipeline.tracking import stage_run, write_run_info
 from pipeline.train import Normalizer, evaluate, normalized
 
@@ -125,9 +125,7 @@ def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Ten
                         check = checks.setdefault(rt, {"version": c.version, **c.settings, "max_abs_diff": 0.0})
                         check["max_abs_diff"] = max(check["max_abs_diff"], diff)
                         calls[f"{base}_{rt}"] = lambda i, run=c.run: run(arrays[i])
-                    timings = {}
-                    for name, call in calls.items():  # one block per variant (see the module docstring)
-                        timings.update(time_interleaved({name: call}, lcfg.iterations, lcfg.warmup, device))
+                    timings = time_blocks(calls, lcfg.iterations, lcfg.warmup, device)  # see the module docstring
                     on_device[base].to(memory_format=torch.contiguous_format)
                     for name, t in timings.items():
                         rows.append({"variant": name, "device": device_name, "threads": used, "batch": batch,

@@ -11,7 +11,7 @@ from pipeline.errors import UserError
 from pipeline.fold import fold_batchnorm
 from pipeline.models import build_model
 from pipeline.runtimes import compile_dense, export_onnx, max_abs_diff
-from pipeline.timing import resolve_threads, summarize, time_interleaved, torch_threads
+from pipeline.timing import resolve_threads, summarize, time_blocks, time_interleaved, torch_threads
 from stages.latency import add_speedups
 
 from .conftest import build_method, model_cfg
@@ -48,6 +48,22 @@ def test_time_interleaved_takes_turns_and_measures():
                            device=torch.device("cpu"))
     assert order[:4] == [("a", 0), ("b", 0), ("a", 0), ("b", 0)]  # warm-up round, then timed rounds in turns
     assert len(order) == 2 * 7
+    assert 2.0 < out["b"].median_ms / out["a"].median_ms < 4.0
+
+
+def test_time_blocks_runs_each_variant_in_its_own_block():
+    order = []
+
+    def sleeper(name, seconds):
+        def call(i):
+            order.append((name, i))
+            time.sleep(seconds)
+        return call
+
+    out = time_blocks({"a": sleeper("a", 0.002), "b": sleeper("b", 0.006)}, iterations=5, warmup=1,
+                      device=torch.device("cpu"))
+    assert order == [("a", i) for i in (0, 0, 1, 2, 3, 4)] + [("b", i) for i in (0, 0, 1, 2, 3, 4)]
+    assert out["a"].iterations == out["b"].iterations == 5
     assert 2.0 < out["b"].median_ms / out["a"].median_ms < 4.0
 
 
