@@ -121,7 +121,7 @@ def main() -> None:
         diff = results[name][0].get("max_abs_diff")
         if diff is not None:
             print(f"{name}: {results[name][0]['version']}, max abs difference from PyTorch {diff:.1e}")
-    print(f"\n| threads | batch | variant | median (ms) | vs fastest dense | vs PyTorch eager |\n|---|---|---|---|---|---|")
+    print("\n| threads | batch | variant | median (ms) | vs fastest dense | vs PyTorch eager |\n|---|---|---|---|---|---|")
     for s in settings:
         used, batch = s.split(",")
         fastest = min(dense, key=lambda n: median[n][s])

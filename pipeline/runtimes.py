@@ -6,20 +6,20 @@ conv + ReLU + residual graph and pick their own kernels. Each runtime runs the
 ONNX export of the BN-folded dense model (``torch.onnx.export``, the TorchScript
 exporter) in f32 with the thread count being measured.
 
-Fairness (the latency stage times every variant in one process; the runtimes
-each in a block of their own, because their thread pools stay busy for a while
-after a call returns and slow whatever runs next):
+Fairness (the latency stage times every variant in one process, each in a
+block of its own, because a runtime's thread pool stays busy for a while after
+a call returns and slows whatever runs next):
 
 - ONNX Runtime's intra-op threads spin after each run by default
   (``session.intra_op.allow_spinning``) and take the cores from whatever runs
   next. Here they spin during a run and stop when it returns
-  (``session.force_spinning_stop``): the interleaved PyTorch model then times
-  as it does alone, while switching spinning off altogether made ONNX Runtime
+  (``session.force_spinning_stop``): a PyTorch model timed in turns with it
+  then times as it does alone, while switching spinning off altogether made ONNX Runtime
   itself about 1.7x slower at batch 1 (thread wake-ups between its ops).
   Inter-op parallelism is 1.
 - OpenVINO picks bf16 on CPUs with bf16/AMX instructions unless
-  ``INFERENCE_PRECISION_HINT`` is ``f32`` (then it computes another function);
-  it is set to f32, with one stream and the latency hint.
+  ``INFERENCE_PRECISION_HINT`` is ``f32``, and bf16 is another function; it is
+  set to f32 (and checked), with one stream and the latency hint.
 - Every runtime's output on the timed inputs is compared with PyTorch's
   (``max_abs_diff``), so a baseline never computes a different function.
 """
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+
 
 @dataclass
 class Compiled:
