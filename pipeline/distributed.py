@@ -45,6 +45,7 @@ def is_main() -> bool:
 def launch(nproc_per_node: int, backend: str, argv: list[str]) -> None:
     """Re-run this stage under torchrun when ``nproc_per_node`` > 1; join the process group under torchrun."""
     if UNDER_TORCHRUN in os.environ:
+        die_with_launcher()
         setup(backend)
         return
     if nproc_per_node <= 1:
@@ -54,6 +55,21 @@ def launch(nproc_per_node: int, backend: str, argv: list[str]) -> None:
         raise UserError("distributed.nproc_per_node > 1 needs torchrun (it comes with torch) on PATH")
     module = sys.modules["__main__"].__spec__.name
     os.execv(torchrun, [torchrun, "--standalone", f"--nproc_per_node={nproc_per_node}", "-m", module, *argv])
+
+
+def die_with_launcher() -> None:
+    """Make this worker end when its torchrun agent does (Linux). torchrun starts every worker in a session
+    of its own, so a kill -9 of the launcher (or of its process group) would otherwise leave the ranks
+    training and writing checkpoints and outputs on their own, racing a rerun."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
 
 
 def setup(backend: str) -> None:
