@@ -111,6 +111,35 @@ def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float
     return mean, mean - half, mean + half
 
 
+class _ReadRecorder(dict):
+    """An empty :data:`RunMetrics` that records which stages are asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages: set[str] = set()
+
+    def get(self, stage, default=None):
+        self.stages.add(stage)
+        return default
+
+    def __getitem__(self, stage):
+        self.stages.add(stage)
+        raise KeyError(stage)
+
+
+def stages_read(claims: list[Claim]) -> set[str]:
+    """The pipeline stages whose metrics the claims' effects (and applicability tests) read: what a seed
+    study must run to judge them."""
+    run = _ReadRecorder()
+    for claim in claims:
+        for fn in filter(None, (claim.effect, claim.comparable)):
+            try:
+                fn(run)
+            except (KeyError, TypeError):  # an effect that indexes directly still named its stage
+                pass
+    return run.stages
+
+
 def decide(compare: Compare, low: float, high: float, bound: float) -> str:
     """The verdict of an interval [low, high] against the bound (see the module docstring)."""
     if compare == "at_least":

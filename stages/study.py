@@ -9,9 +9,12 @@ Usage:
 -S tracking.study=NAME -S key=v ...`), then writes the study report. Every
 experiment reruns every stage it targets (-f), so each one is a complete set of
 MLflow runs tagged with the study; the experiments stay visible to `dvc exp show`.
-The controls are the ones params.yaml's `controls` lists. --stage limits the
-experiments to that stage and what it needs (repeatable; default: the whole
-pipeline). `report` rebuilds the report from MLflow alone.
+The controls are the ones params.yaml's `controls` lists. By default the
+experiments run the stages the verdicts read (the claims' effects of the methods
+in params.yaml: pretraining, the conversions, the controls, the transfers and the
+latency they compare) and what those need; --stage names the stages instead
+(repeatable), --all-stages runs the whole pipeline. `report` rebuilds the report
+from MLflow alone.
 
 Why DVC experiments: they are DVC's unit of a params variation, so each seed and
 grid point is reproducible (`dvc exp apply`), comparable in `dvc exp show`, and
@@ -27,6 +30,8 @@ import itertools
 import subprocess
 import time
 
+from pipeline import methods
+from pipeline.claims import stages_read
 from pipeline.cli import run_stage
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -60,14 +65,31 @@ def _dvc(cmd: list[str]) -> None:
         raise UserError(f"`{' '.join(cmd)}` failed (see its output above)")
 
 
+def verdict_stages(cfg: Config, pipeline_stages: list[str]) -> list[str]:
+    """The stages of the pipeline whose metrics the claims of the methods in params.yaml read."""
+    read = stages_read([c for m in methods.in_pipeline(cfg) for c in m.claims()])
+    return [s for s in pipeline_stages if s in read]
+
+
+def _pipeline_stages() -> list[str]:
+    proc = subprocess.run(["dvc", "stage", "list", "--name-only"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"`dvc stage list` failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout.split()
+
+
 def main(cfg: Config, action: str, name: str, seeds: str = "0,1,2", set: list[str] | None = None,
-         stage: list[str] | None = None) -> None:
+         stage: list[str] | None = None, all_stages: bool = False) -> None:
     if action == "run":
         points = grid(seeds, set or [])
+        if stage and all_stages:
+            raise UserError("--stage and --all-stages exclude each other")
+        targets = [] if all_stages else stage or verdict_stages(cfg, _pipeline_stages())
+        print(f"study {name}: stages {' '.join(targets) if targets else '(the whole pipeline)'}", flush=True)
         t0 = time.perf_counter()
         for i, point in enumerate(points):
             print(f"study {name}: experiment {i + 1}/{len(points)}: {' '.join(point)}", flush=True)
-            _dvc(experiment_command(name, i, point, stage or []))
+            _dvc(experiment_command(name, i, point, targets))
         print(f"study {name}: {len(points)} experiments ran in {time.perf_counter() - t0:.0f} s", flush=True)
     paths = build_study_report(name, cfg)
     client, exp_id = client_and_experiment(cfg)
@@ -91,7 +113,8 @@ def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-S", "--set", action="append", metavar="KEY=V1,V2",
                         help="a params grid, as for `dvc exp run -S` (repeatable)")
     parser.add_argument("--stage", action="append", metavar="STAGE",
-                        help="run only this stage and what it needs (repeatable; default: the whole pipeline)")
+                        help="run only this stage and what it needs (repeatable; default: the stages the verdicts read)")
+    parser.add_argument("--all-stages", action="store_true", help="run the whole pipeline in every experiment")
 
 
 if __name__ == "__main__":

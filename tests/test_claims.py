@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pipeline import methods
-from pipeline.claims import Claim, confidence_interval, decide, difference, judge
+from pipeline.claims import Claim, confidence_interval, decide, difference, judge, stages_read
 
 from .conftest import config
 
@@ -91,3 +91,26 @@ def test_every_claim_names_its_source_and_has_a_bound_in_params():
             assert claim.paper and claim.where and claim.statement and claim.effect_label
             assert math.isfinite(cfg.claims[m.name][claim.name])
             assert claim.control is None or methods.get(claim.control).control_of == m.name
+
+
+def test_a_seed_study_runs_the_stages_its_verdicts_read():
+    """The study's default targets: the stages the claims' effects read, nothing the verdicts ignore."""
+    from stages.study import verdict_stages
+
+    cfg = config()
+    pipeline = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in cfg.convert],
+                *[f"control@{c}" for c in cfg.controls], "control@unlisted", *[f"search@{m}" for m in cfg.search.methods],
+                "transfer@dense", "transfer@dynet", "transfer@sdconv", "latency", "report"]
+    chosen = verdict_stages(cfg, pipeline)
+    assert chosen == [s for s in pipeline if s in chosen]  # pipeline order
+    assert {"pretrain", "latency", "transfer@dynet", "transfer@sdconv"} <= set(chosen)
+    assert {f"convert@{m}" for m in cfg.convert} | {f"control@{c}" for c in cfg.controls} <= set(chosen)
+    assert not {"validate", "prepare", "report", "transfer@dense", "control@unlisted"} & set(chosen)
+    assert not any(s.startswith("search@") for s in chosen)
+
+
+def test_stages_read_follows_each_claims_effect():
+    claim = Claim("m", "x", "paper", "abstract", "s", "label", "at_least",
+                  lambda r: difference(r, ("convert@m", "test_acc"), ("control@c", "test_acc")),
+                  comparable=lambda r: r["pretrain"]["width"] == 1)
+    assert stages_read([claim]) == {"convert@m", "control@c", "pretrain"}
