@@ -40,7 +40,6 @@ from pipeline.metrics import write_metrics
 from pipeline.paths import RESULTS
 from pipeline.search import (
     count_trials,
-    reclaim_stale,
     describe_storage,
     make_sampler,
     make_storage,

@@ -84,11 +84,23 @@ def project(tmp_path_factory, tracking_server):
         if src.is_file():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["upstream"]["renders"] = {"train": 2, "val": 1, "test": 1}
+    params = tiny_profile(yaml.safe_load((root / "params.yaml").read_text()))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               MLFLOW_TRACKING_URI=tracking_server)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "e2e"]):
+        _sh(cmd, root, env)
+    return root, env
+
+
+def tiny_profile(params: dict) -> dict:
+    """params.yaml shrunk so that every stage runs in seconds, on one thread (two pytest workers share
+    two cores)."""
+    params["data"]["upstream"]["renders"] = {"train": 1, "val": 1, "test": 1}
     params["data"]["downstream"]["max_train"] = 200
-    params["model"].update(depth=8, width=1.0)
-    params["pretrain"].update(epochs=4, threads=2)
+    params["model"].update(depth=8, width=0.5)
+    params["pretrain"].update(epochs=5, batch_size=16, threads=1)
     for method in METHODS:
         params["convert"][method]["train"]["epochs"] = 1
         if "temperature" in params["convert"][method]:
@@ -99,14 +111,8 @@ def project(tmp_path_factory, tracking_server):
     params["transfer"]["train"]["epochs"] = 1
     params["latency"].update(batch_size=4, threads=[1], warmup=1)
     params["report"]["samples_per_dataset"] = 8
-    _one_thread(params)  # the suite runs two pytest workers on two cores
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               MLFLOW_TRACKING_URI=tracking_server)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "e2e"]):
-        _sh(cmd, root, env)
-    return root, env
+    _one_thread(params)
+    return params
 
 
 def _runs(env: dict, experiment: str = "dynconv-ablation"):

@@ -42,12 +42,12 @@ def test_metrics_are_sane(repro):
     root = repro[0]
     m = json.loads((root / "results/pretrain/metrics.json").read_text())
     assert 0.2 < m["test_acc"] <= 1.0  # chance is 0.1
-    assert m["epochs"] == 4 and m["params"] > 1000
+    assert m["epochs"] == 5 and m["params"] > 1000
     card = json.loads((root / "data/prepared/card.json").read_text())
     assert card["tasks"]["downstream"]["counts"]["train"] == 200
     assert (root / "models/dense.pt").stat().st_size > 10_000
     rows = (root / "results/pretrain/history.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("epoch,") and len(rows) == 5
+    assert rows[0].startswith("epoch,") and len(rows) == 6
     for method in METHODS:
         c = json.loads((root / f"results/convert/{method}/metrics.json").read_text())
         assert 0.0 <= c["test_acc"] <= 1.0 and 0.0 < c["mac_ratio"] < 1.2
@@ -204,7 +204,7 @@ def test_invalid_param_stops_at_validate_and_keeps_outputs(repro):
     root, env = repro[0], repro[1]
     before = (root / "models/dense.pt").read_bytes()
     text = (root / "params.yaml").read_text()
-    (root / "params.yaml").write_text(text.replace("  epochs: 4\n", "  epochs: four\n"))
+    (root / "params.yaml").write_text(text.replace("  epochs: 5\n", "  epochs: five\n"))
     try:
         proc = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     finally:

@@ -4,7 +4,6 @@ reproducibility, the Pareto front and the selection rule."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -70,7 +70,7 @@ def in_pipeline(cfg: Config) -> list[Method]:
 
 def controls(cfg: Config) -> list[Method]:
     """The controls that run (``controls`` in params order)."""
-    return [get(name, f"params.yaml: 'controls'") for name in cfg.controls]
+    return [get(name, "params.yaml: 'controls'") for name in cfg.controls]
 
 
 def with_controls(cfg: Config) -> list[Method]:

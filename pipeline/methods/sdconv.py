@@ -32,7 +32,6 @@ from pipeline.claims import Claim, RunMetrics, difference, ratio, same
 from pipeline.methods.base import SearchSpace, temperature_at
 from pipeline.methods.dynet import DyNet, DyNetParams, dynamic_layers
 from pipeline.ops.sd_conv import ESTIMATORS, GRANULARITIES, SDConv2d
-from pipeline.train import Hooks
 
 
 class SDConvParams(DyNetParams):
