@@ -35,16 +35,18 @@ def test_summarize_quartiles():
         summarize([0.1, 0.2])
 
 
+def _sleeper(order: list, name: str, seconds: float):
+    """A timed call that records its turn and sleeps."""
+    def call(i):
+        order.append((name, i))
+        time.sleep(seconds)
+    return call
+
+
 def test_time_interleaved_takes_turns_and_measures():
     order = []
 
-    def sleeper(name, seconds):
-        def call(i):
-            order.append((name, i))
-            time.sleep(seconds)
-        return call
-
-    out = time_interleaved({"a": sleeper("a", 0.002), "b": sleeper("b", 0.006)}, iterations=6, warmup=1,
+    out = time_interleaved({"a": _sleeper(order, "a", 0.002), "b": _sleeper(order, "b", 0.006)}, iterations=6, warmup=1,
                            device=torch.device("cpu"))
     assert order[:4] == [("a", 0), ("b", 0), ("a", 0), ("b", 0)]  # warm-up round, then timed rounds in turns
     assert len(order) == 2 * 7
@@ -54,13 +56,7 @@ def test_time_interleaved_takes_turns_and_measures():
 def test_time_blocks_runs_each_variant_in_its_own_block():
     order = []
 
-    def sleeper(name, seconds):
-        def call(i):
-            order.append((name, i))
-            time.sleep(seconds)
-        return call
-
-    out = time_blocks({"a": sleeper("a", 0.002), "b": sleeper("b", 0.006)}, iterations=5, warmup=1,
+    out = time_blocks({"a": _sleeper(order, "a", 0.002), "b": _sleeper(order, "b", 0.006)}, iterations=5, warmup=1,
                       device=torch.device("cpu"))
     assert order == [("a", i) for i in (0, 0, 1, 2, 3, 4)] + [("b", i) for i in (0, 0, 1, 2, 3, 4)]
     assert out["a"].iterations == out["b"].iterations == 5
