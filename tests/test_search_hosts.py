@@ -55,7 +55,8 @@ def test_workers_on_two_hosts_finish_exactly_n_trials_after_one_is_killed(postgr
     while time.monotonic() < deadline and victim is None:
         time.sleep(0.1)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        victim = next((t for t in running if t.user_attrs.get("worker_host") == OTHER_HOST and t.params), None)
+        victim = next((t for t in running if t.user_attrs.get("worker_host") == OTHER_HOST and len(t.params) == 2),
+                      None)  # both params sampled: the worker is inside the objective
     assert victim is not None, "the worker on the other host never ran a trial"
     remote.send_signal(signal.SIGKILL)  # mid-trial: sampled, sleeping in the objective
     remote.wait(timeout=10)
@@ -69,7 +70,7 @@ def test_workers_on_two_hosts_finish_exactly_n_trials_after_one_is_killed(postgr
     killed = next(t for t in trials if t.number == victim.number)
     assert killed.state == TrialState.FAIL
     reruns = [t for t in complete if t.user_attrs.get(REQUEUED_ATTR) == victim.number]
-    assert len(reruns) == 1 and reruns[0].params == victim.params  # the dead worker's configuration, once
+    assert len(reruns) == 1 and reruns[0].params == killed.params == victim.params  # the dead worker's, once
     configs = [tuple(sorted(t.params.items())) for t in complete]
     assert len(set(configs)) == N  # no other configuration ran twice
     hosts = {t.user_attrs["worker_host"] for t in trials}
