@@ -3,9 +3,10 @@
     python -m benchmarks.bench_runtimes [--processes 3] [--iterations 60] [--warmup 10] [--threads 1,0]
 
 Needs the models of a `dvc repro` (models/*.pt) and data/prepared. Every
-variant of the latency stage (BN-folded, the same compiled kernels) and the
-dense model in PyTorch eager (NCHW and channels-last), ONNX Runtime and
-OpenVINO (``pipeline/runtimes.py``: f32, settings as in the stage) runs in a process of
+variant of the latency stage (BN-folded; in the compiled whole-model plan where
+it supports the model, as in the stage) and the dense model in PyTorch eager
+(NCHW and channels-last), ONNX Runtime, OpenVINO and the compiled plan
+(``pipeline/runtimes.py``: f32, settings as in the stage) runs in a process of
 its own, at batch 1 and ``latency.batch_size``, for each thread count (0 = all
 cores); ``--processes`` processes per variant, and the table shows the median
 of their medians. Nothing else runs in the process, so no runtime's threads can
@@ -55,10 +56,12 @@ def worker(variant: str, threads_list: list[int], iterations: int, warmup: int) 
     out: dict = {"variant": variant, "timings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         runtime = variant.removeprefix(f"{base}_") if variant.startswith(f"{base}_") else None
-        onnx = export_onnx(models[base], Path(tmp) / "dense.onnx", images[:1]) if runtime in cfg.latency.runtimes else None
+        if runtime not in cfg.latency.runtimes:
+            runtime = None
+        onnx = export_onnx(models[base], Path(tmp) / "dense.onnx", images[:1]) if runtime else None
         for threads in threads_list:
             with torch_threads(threads) as used:
-                compiled = compile_dense(runtime, onnx, used) if onnx else None
+                compiled = compile_dense(runtime, onnx, used, models[base]) if runtime else None
                 for batch in (1, cfg.latency.batch_size):
                     xs = _inputs(images, batch, iterations + warmup, torch.device("cpu"))
                     if compiled is not None:

@@ -394,7 +394,7 @@ class LatencyCfg(Section):
     warmup: Annotated[Int, Field(ge=0)]
     devices: Annotated[list[Literal["cpu", "cuda"]], Field(min_length=1)]  # cuda: when present
     eval_batch_size: Annotated[Int, Field(ge=1, le=8192)]  # accuracy of every timed variant
-    runtimes: list[Literal["onnxruntime", "openvino"]]  # dense baselines besides PyTorch (CPU; pipeline/runtimes.py)
+    runtimes: list[Literal["onnxruntime", "openvino", "native"]]  # dense baselines besides PyTorch (CPU; pipeline/runtimes.py)
 
 
 # ---------------------------------------------------------------------- distributed

@@ -1,4 +1,5 @@
-"""The dense model in the runtimes a user deploys on a CPU: ONNX Runtime and OpenVINO.
+"""The dense model in the runtimes a user deploys on a CPU: ONNX Runtime, OpenVINO and the project's own
+compiled plan.
 
 A speed-up is only worth reporting against the fastest dense model a user could
 run, and on a CPU that is rarely PyTorch eager: both runtimes fuse the folded
@@ -22,6 +23,12 @@ a call returns and slows whatever runs next):
   set to f32 (and checked), with one stream and the latency hint.
 - Every runtime's output on the timed inputs is compared with PyTorch's
   (``max_abs_diff``), so a baseline never computes a different function.
+- ``native`` runs the dense model through the same whole-model compiled plan
+  (``pipeline/ops/model_plan.py``) that runs the dynamic and sparse models, so
+  a method's speed-up is never an artefact of the plan beating the runtimes on
+  the dense model too: if the plan is the fastest dense runtime, it is the
+  baseline. Its threads are torch's intra-op threads (OpenMP, which sleeps
+  after a short spin).
 """
 
 from __future__ import annotations
@@ -94,13 +101,39 @@ def openvino_model(path: Path, threads: int) -> Compiled:
                     {"precision": precision, "streams": "1", "hint": "LATENCY"})  # fmt: skip
 
 
+def native_model(model: nn.Module, threads: int) -> Compiled:
+    """The dense model (eval mode, BN folded) as the compiled whole-model plan; runs with torch's intra-op
+    thread count, which the caller sets to ``threads``."""
+    from pipeline.ops import native
+    from pipeline.ops.model_plan import Unsupported, compile_model
+
+    try:
+        compile_model(model, (getattr(getattr(model, "stem", None), "in_channels", 1), 8, 8))
+    except Unsupported as err:
+        raise UserError(f"latency.runtimes: 'native' cannot run the dense model: {err}") from None
+    plans: dict[tuple[int, ...], object] = {}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        key = x.shape[1:]
+        if key not in plans:
+            plans[key] = compile_model(model, key)[0]
+        return plans[key].forward(torch.from_numpy(x)).numpy()
+
+    return Compiled("native", native.build_name(), threads, run, {"engine": "pipeline/ops/model_plan.py"})
+
+
+# Runtimes compiled from the ONNX export, and those built from the PyTorch model.
 COMPILERS: dict[str, Callable[[Path, int], Compiled]] = {"onnxruntime": onnxruntime_model, "openvino": openvino_model}
+MODEL_COMPILERS: dict[str, Callable[[nn.Module, int], Compiled]] = {"native": native_model}
 
 
-def compile_dense(name: str, path: Path, threads: int) -> Compiled:
-    """The ONNX file at ``path`` compiled by runtime ``name`` for ``threads`` intra-op threads."""
+def compile_dense(name: str, path: Path, threads: int, model: nn.Module) -> Compiled:
+    """The dense model compiled by runtime ``name`` for ``threads`` intra-op threads: from its ONNX export at
+    ``path`` or, for the runtimes of ``MODEL_COMPILERS``, from ``model`` itself."""
+    if name in MODEL_COMPILERS:
+        return MODEL_COMPILERS[name](model, threads)
     if name not in COMPILERS:
-        raise UserError(f"latency.runtimes: unknown runtime {name!r}; known: {', '.join(COMPILERS)}")
+        raise UserError(f"latency.runtimes: unknown runtime {name!r}; known: {', '.join([*COMPILERS, *MODEL_COMPILERS])}")
     return COMPILERS[name](path, threads)
 
 

@@ -52,6 +52,7 @@ from pipeline.methods.base import Variant
 from pipeline.methods.files import load_any_model
 from pipeline.metrics import write_metrics
 from pipeline.ops import native
+from pipeline.ops.model_plan import PlannedModel, planned
 from pipeline.paths import RESULTS
 from pipeline.runtimes import Compiled, compile_dense, export_onnx, max_abs_diff
 from pipeline.timing import resolve_threads, time_blocks, torch_threads, tune_malloc
@@ -67,9 +68,10 @@ def variants(cfg: Config) -> list[Variant]:
 
 
 def build_variants(cfg: Config) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, float]]:
-    """Eval-mode, BN-folded models by variant name; the models as their stage saved them (what the
-    MAC counters understand: a sparse variant executes what its dense-masked source counts);
-    and the test accuracy each had in its stage."""
+    """Eval-mode, BN-folded models by variant name, each method's variant in the compiled whole-model plan
+    where the plan supports it (``pipeline/ops/model_plan.py``; the dense model runs there as the ``native``
+    runtime instead); the models as their stage saved them (what the MAC counters understand: a sparse
+    variant executes what its dense-masked source counts); and the test accuracy each had in its stage."""
     models: dict[str, nn.Module] = {}
     sources: dict[str, nn.Module] = {}
     recorded: dict[str, float] = {}
@@ -79,7 +81,8 @@ def build_variants(cfg: Config) -> tuple[dict[str, nn.Module], dict[str, nn.Modu
         model, record, _ = load_any_model(v.file)
         sources[v.name] = model.eval()
         timed = v.transform(model) if v.transform else model
-        models[v.name] = fold_batchnorm(timed)[0]
+        folded = fold_batchnorm(timed)[0]
+        models[v.name] = folded if v.name == methods.baseline().name else planned(folded)
         recorded[v.name] = float(record["meta"]["metrics"]["test_acc"])
     return models, sources, recorded
 
@@ -111,7 +114,7 @@ def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Ten
             with torch_threads(threads) as used:
                 compiled: dict[str, Compiled] = {}
                 if device_name == "cpu" and onnx is not None:
-                    compiled = {rt: compile_dense(rt, onnx, used) for rt in lcfg.runtimes}
+                    compiled = {rt: compile_dense(rt, onnx, used, on_device[base]) for rt in lcfg.runtimes}
                 for batch in (1, lcfg.batch_size):
                     n = lcfg.iterations + lcfg.warmup
                     nchw = _inputs(images, batch, n, device)
@@ -128,8 +131,9 @@ def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Ten
                     timings = time_blocks(calls, lcfg.iterations, lcfg.warmup, device)  # see the module docstring
                     on_device[base].to(memory_format=torch.contiguous_format)
                     for name, t in timings.items():
+                        engine = "native" if isinstance(on_device.get(name), PlannedModel) else "pytorch"
                         rows.append({"variant": name, "device": device_name, "threads": used, "batch": batch,
-                                     **t.as_dict(), "per_image_ms": t.median_ms / batch})  # fmt: skip
+                                     "runtime": engine, **t.as_dict(), "per_image_ms": t.median_ms / batch})  # fmt: skip
                     print(f"latency: {device_name} threads {used} batch {batch}: "
                           + ", ".join(f"{k} {v.median_ms:.2f} ms" for k, v in timings.items()), flush=True)
         for m in models.values():
@@ -160,7 +164,7 @@ def add_speedups(rows: list[dict], complexity: dict[str, dict], runtimes: list[s
         best = min(dense, key=lambda r: r["median_ms"])
         baseline = {**best, "variant": name}
         timed_dense = {r["variant"] for r in dense} | {name, f"{name}_channels_last"}
-        methods_rows = [{**r, "runtime": "pytorch", "layout": "nchw"} for r in group if r["variant"] not in timed_dense]
+        methods_rows = [{"runtime": "pytorch", **r, "layout": "nchw"} for r in group if r["variant"] not in timed_dense]
         for r in [baseline, *dense, *methods_rows]:
             c = complexity[name if r["variant"] in timed_dense else r["variant"]]
             mac_speedup = complexity[name]["macs_per_image"] / c["macs_per_image"]
@@ -191,7 +195,7 @@ def main(cfg: Config) -> None:
         if cfg.latency.runtimes and "cpu" in cfg.latency.devices:
             onnx = export_onnx(models[base], Path(tmp) / f"{base}.onnx", test_x[:1])
             for rt in cfg.latency.runtimes:
-                runtime_model = compile_dense(rt, onnx, resolve_threads(0))
+                runtime_model = compile_dense(rt, onnx, resolve_threads(0), models[base])
                 acc = runtime_accuracy(runtime_model, data.splits["test"], norm, cfg.latency.eval_batch_size)
                 accuracy[f"{base}_{rt}"] = {"test_acc": acc, "stage_test_acc": recorded[base],
                                             "acc_change": acc - recorded[base]}  # fmt: skip

@@ -35,7 +35,7 @@ from types import ModuleType
 
 import torch
 
-SOURCES = ("module.cpp", "dynamic_conv.cpp", "dynamic_conv_grad.cpp", "sparse_blocks.cpp")
+SOURCES = ("module.cpp", "dynamic_conv.cpp", "dynamic_conv_grad.cpp", "sparse_blocks.cpp", "model_plan.cpp")
 HEADERS = ("native.h", "row_gemm.h", "direct_conv.h")
 STALE_LOCK_SECONDS = 15 * 60  # a build takes about 2 minutes; a lock this old belongs to a dead build
 CSRC = Path(__file__).resolve().parent / "csrc"

@@ -97,7 +97,9 @@ at::Tensor conv3x3_samples(const at::Tensor& x, int64_t co, bool dynamic, Kernel
   const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
   const bool rows_given = x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(rows_given || x.is_contiguous(), "input must be contiguous (NCHW or channels_last)");
-  auto out = at::empty({b, h, w, co}, x.options());
+  // [B, C_out, H, W] in channels_last memory (rows of C_out floats), not a permuted view of an NHWC tensor:
+  // autograd forbids in-place ops (an inplace ReLU) on a view a custom Function returned.
+  auto out = at::empty({b, co, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   std::vector<float> zero(c, 0.f);
@@ -153,7 +155,7 @@ at::Tensor conv3x3_samples(const at::Tensor& x, int64_t co, bool dynamic, Kernel
       }
     }
   }
-  return out.permute({0, 3, 1, 2});
+  return out;
 }
 
 }  // namespace direct

@@ -24,4 +24,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const at::Tensor&>())
       .def("forward", &native::InvertedResidualPlan::forward);
+  pybind11::class_<native::ModelPlan>(m, "ModelPlan")
+      .def(pybind11::init<int64_t, int64_t, int64_t>())
+      .def("buffer", &native::ModelPlan::buffer)
+      .def("gather", &native::ModelPlan::gather)
+      .def("static_conv", &native::ModelPlan::static_conv)
+      .def("dynamic_conv", &native::ModelPlan::dynamic_conv)
+      .def("head", &native::ModelPlan::head)
+      .def("gate", &native::ModelPlan::gate)
+      .def("restrict", &native::ModelPlan::restrict)
+      .def("forward", &native::ModelPlan::forward)
+      .def("kept_entries", &native::ModelPlan::kept_entries)
+      .def("watch", &native::ModelPlan::watch)
+      .def("current", &native::ModelPlan::current);
 }

@@ -8,6 +8,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <memory>
+#include <mutex>
 #include <vector>
 
 namespace native {
@@ -129,6 +131,109 @@ class InvertedResidualPlan {
   GatePlan gate_;
   int64_t channels_ = 0, hidden_ = 0;
   at::Tensor w1_, b1_, w2_, b2_, w3_, b3_, m1_, taps_, m3_;
+};
+
+// A whole network as one compiled call (model_plan.cpp): buffers of zero-padded planes, then ops in order
+// (convs with optional residual and ReLU, stride-2 tap gathers), then global average pooling and a linear
+// head. Buffer 0 is the input. Built op by op from Python (pipeline/ops/model_plan.py).
+class ModelPlan {
+ public:
+  // Conv modes: 3x3 stride 1 padding 1 on a buffer of the output's size; 1x1 stride 1; 3x3 stride 2 on a
+  // gathered tap buffer; 1x1 stride 2 on the centre tap of a gathered tap buffer.
+  static constexpr int64_t kConv3x3 = 0;
+  static constexpr int64_t kConv1x1 = 1;
+  static constexpr int64_t kTaps3x3 = 2;
+  static constexpr int64_t kTapsCentre = 3;
+
+  ModelPlan(int64_t channels, int64_t height, int64_t width);
+  ~ModelPlan();
+  int64_t buffer(int64_t channels, int64_t height, int64_t width);
+  // The nine taps of a 3x3, stride-2, padding-1 window of every channel of `in`, as planes (tap, c) of `out`.
+  int64_t gather(int64_t in, int64_t out);
+  // out = [relu](conv(in) + bias [+ res]); weight [C_out, C_in, kh, kw].
+  int64_t static_conv(int64_t in, int64_t out, int64_t res, bool relu, int64_t mode, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias);
+  // The same with the kernels [K, C_out, C_in, kh, kw] and bias [K, C_out] mixed per sample by
+  // act(fc2(relu(fc1(GAP(route))))) (activation codes as DynamicConvPlan).
+  int64_t dynamic_conv(int64_t in, int64_t route, int64_t out, int64_t res, bool relu, int64_t mode,
+                       const at::Tensor& kernels, const c10::optional<at::Tensor>& bias, const at::Tensor& fc1_weight,
+                       const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
+                       int64_t activation, double temperature);
+  void head(int64_t in, const at::Tensor& weight, const at::Tensor& bias);
+  // DynConv's mask unit of a gated block with input `in` (Verelst & Tuytelaars, CVPR 2020): logits
+  // conv3x3(in, stride s) + fc(GAP(in)) + biases at the block's output size (`read` is `in` for stride 1, its
+  // gathered taps for stride 2; mode kConv3x3 or kTaps3x3), mask = [logits >= 0] into buffer `mask`, its 3x3
+  // dilation into `dilated`, and the lists of 16-position vectors each holds an active position of.
+  int64_t gate(int64_t in, int64_t read, int64_t mask, int64_t dilated, int64_t mode, const at::Tensor& conv_weight,
+               const at::Tensor& conv_bias, const at::Tensor& fc_weight, const at::Tensor& fc_bias);
+  // Run conv op `op` only on the vectors of gate `gate`'s dilated mask (which 0: a gated block's conv1) or of
+  // its mask, multiplied by the mask, with relu(residual) passed on the other vectors (which 1: conv2).
+  void restrict(int64_t op, int64_t gate, int64_t which);
+  // Logits [B, classes] of a float32 input [B, C, H, W].
+  at::Tensor forward(const at::Tensor& input);
+  // Per conv: (nonzero (output channel, entry) pairs executed, dense pairs), flattened.
+  std::vector<int64_t> kept_entries() const;
+  bool watch(const std::vector<at::Tensor>& sources);
+  bool current() const;
+
+ private:
+  struct Geometry {
+    int64_t c = 0, h = 0, w = 0, wp = 0, plane = 0, offset = 0;
+  };
+  struct Block {
+    int64_t co0, cob, e0, ne, w0;
+  };
+  struct Conv {
+    int64_t in = -1, route = -1, out = -1, res = -1;
+    bool relu = false;
+    int64_t cin = 0, cout = 0, k = 1, ew = 0, hidden = 0, activation = 0, kept = 0, dense_entries = 0;
+    float inv_temperature = 1.f;
+    std::vector<Block> blocks;
+    std::vector<int32_t> off;
+    std::vector<float> w, bias, fc1, fc1_bias, fc2, fc2_bias;
+    std::vector<int64_t> work;
+    int64_t gate = -1, which = 0;
+  };
+  struct Gate {
+    int64_t in = -1, read = -1, mask = -1, dilated = -1, nvec = 0, lists = 0;  // lists: workspace offset
+    std::vector<int32_t> off;
+    std::vector<float> w, fc;
+    float bias = 0.f;
+  };
+  struct Gather {
+    int64_t in, out;
+  };
+  struct Op {
+    int64_t kind, index;
+  };
+  struct Workspace;
+  static constexpr int64_t kConv = 0;
+  static constexpr int64_t kGather = 1;
+  static constexpr int64_t kGate = 2;
+
+  const Geometry& geometry(int64_t id) const;
+  void add_conv(Conv conv, const at::Tensor& weight, int64_t mode);
+  void route(const Conv& c, const float* base, float* a, float* scratch) const;
+  void run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const;
+  void run_gather(const Gather& op, float* base, int64_t t, int64_t nt) const;
+  void run_gate(const Gate& g, float* base) const;
+  static void zero_pads(float* plane, const Geometry& g, int64_t nvec);
+  static int64_t vectors(const Geometry& g);
+  void run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const;
+
+  std::vector<Geometry> geometry_;
+  std::vector<Conv> convs_;
+  std::vector<Gather> gathers_;
+  std::vector<Gate> gates_;
+  std::vector<Op> ops_;
+  int64_t total_ = 0, head_in_ = -1, classes_ = 0;
+  int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_k_ = 1, max_route_ = 0;
+  std::vector<float> head_w_, head_b_;
+  std::vector<std::unique_ptr<Workspace>> work_, scratch_;
+  std::mutex mutex_;
+  std::vector<at::Tensor> watched_;
+  std::vector<int64_t> versions_;
+  std::vector<const void*> storage_;
 };
 
 }  // namespace native

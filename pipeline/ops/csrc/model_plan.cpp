@@ -1,0 +1,701 @@
+// Whole-model inference plan: a network of 3x3 / 1x1 convolutions (static, or dynamic kernel mixtures as in
+// DyNet / CondConv / DY-Conv and SD-Conv), residual additions, ReLUs, global average pooling and a linear
+// head, run as one call with every activation in preallocated buffers and no Python between layers.
+//
+// Layout. Every activation is a stack of zero-padded planes: channel c of an H x W map is (H + 2) x (W + 2)
+// floats at c * plane (plane a multiple of 16 floats, with slack after each plane), the map at rows and
+// columns 1..H, 1..W. A 3x3 conv with stride 1 and padding 1 is then, for every position p of the padded
+// plane, out[co][p] = bias[co] + sum_e w[e][co] * in[p + off[e]] with off[e] = ci * plane + (ky - 1) * (W + 2)
+// + (kx - 1): one "entry" per (input channel, tap). The positions from the first to the last interior one
+// are contiguous, so the conv runs over them in SIMD vectors of 16 positions (wasting the two pad columns
+// of each row, which are zeroed after each channel is stored). A stride-2 conv first gathers its nine taps
+// into planes of the output's geometry (`gather`) and is then a sum over entries at offset (tap, ci) * plane;
+// its 1x1 stride-2 shortcut reads the centre tap.
+//
+// Register tiles. Output channels in blocks of COB sharing one entry list, positions in tiles of P vectors:
+// COB x P accumulators, P loads and COB broadcasts per entry. Dense layers use COB = 4; a layer whose
+// weights are mostly zero (SD-Conv's pruned kernels: a weight is zero when it is zero in all K kernels)
+// gets one entry list per output channel (COB = 1) holding only its nonzero entries, so it executes the
+// nonzero MACs only.
+//
+// Dynamic convs: a(x) = act(fc2(relu(fc1(GAP(x))))) per sample, then each block's weights mixed,
+// w = sum_k a_k W_k (and the bias), right before the block is convolved (DyNet, Zhang et al., arXiv
+// 2004.10694; CondConv, Yang et al., NeurIPS 2019, Eq. 2; DY-Conv, Chen et al., CVPR 2020, Eqs. 1, 5;
+// SD-Conv, He et al., WACV 2023, W(x) = sum_k a_k (W_k * M_k) with the masks baked into W_k).
+//
+// Threads. With at least two samples per call each thread runs whole samples in its own workspace; with
+// one, the threads share each layer's output-channel blocks (balanced by entry count) and meet at a
+// barrier between layers. The Python builder (pipeline/ops/model_plan.py) maps a model onto these ops; the
+// model's own forward stays the reference the plan is tested against.
+
+#include "native.h"
+#include "row_gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace native {
+namespace {
+
+constexpr int L = direct::kWideLanes;
+using V = direct::Simd<L>::V;
+using U = direct::Simd<L>::U;
+
+constexpr int64_t kLinear = 0;
+constexpr int64_t kSigmoid = 1;
+constexpr int64_t kSoftmax = 2;
+
+// A layer whose nonzero (output channel, entry) share is below this runs per-channel entry lists (COB 1):
+// about half the FMA rate of the 4-channel blocks, so it pays off below roughly that density.
+constexpr double kSparseBelow = 0.5;
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Accumulate one tile of P vectors (starting at positions pos[0..P)) for COB output channels and store it
+// with the epilogue: [* mask] [+ residual] [ReLU].
+template <int COB, int P>
+inline void conv_tile(const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias,
+                      float* const* out, const float* const* res, const float* mask, bool relu, const int64_t* pos) {
+  V acc[COB][P];
+  for (int c = 0; c < COB; ++c)
+    for (int j = 0; j < P; ++j) acc[c][j] = V{} + bias[c];
+  for (int64_t e = 0; e < ne; ++e) {
+    const float* src = in + off[e];
+    V x[P];
+    for (int j = 0; j < P; ++j) x[j] = *reinterpret_cast<const U*>(src + pos[j]);
+    const float* we = w + e * COB;
+    for (int c = 0; c < COB; ++c) {
+      const float wc = we[c];
+      for (int j = 0; j < P; ++j) acc[c][j] += wc * x[j];
+    }
+  }
+  const V zero = V{};
+  for (int c = 0; c < COB; ++c) {
+    for (int j = 0; j < P; ++j) {
+      V v = acc[c][j];
+      if (mask != nullptr) v *= *reinterpret_cast<const U*>(mask + pos[j]);
+      if (res != nullptr) v += *reinterpret_cast<const U*>(res[c] + pos[j]);
+      if (relu) v = v > zero ? v : zero;
+      *reinterpret_cast<U*>(out[c] + pos[j]) = v;
+    }
+  }
+}
+
+// A tile of r < PMAX vectors: P = r, chosen at run time.
+template <int COB, int P>
+inline void conv_tail(int64_t r, const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias,
+                      float* const* out, const float* const* res, const float* mask, bool relu, const int64_t* pos) {
+  if constexpr (P > 0) {
+    if (r == P) {
+      conv_tile<COB, P>(in, off, w, ne, bias, out, res, mask, relu, pos);
+    } else {
+      conv_tail<COB, P - 1>(r, in, off, w, ne, bias, out, res, mask, relu, pos);
+    }
+  }
+}
+
+// The vectors starting at first + L * v for v in `vectors` (all nvec of them when null), in tiles of PMAX.
+template <int COB, int PMAX>
+void conv_block(const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias, float* const* out,
+                const float* const* res, const float* mask, bool relu, int64_t first, int64_t nvec,
+                const int32_t* vectors) {
+  int64_t pos[PMAX];
+  for (int64_t v = 0; v < nvec; v += PMAX) {
+    const int64_t n = std::min<int64_t>(PMAX, nvec - v);
+    for (int64_t j = 0; j < n; ++j) pos[j] = first + L * (vectors != nullptr ? vectors[v + j] : v + j);
+    if (n == PMAX) {
+      conv_tile<COB, PMAX>(in, off, w, ne, bias, out, res, mask, relu, pos);
+    } else {
+      conv_tail<COB, PMAX - 1>(n, in, off, w, ne, bias, out, res, mask, relu, pos);
+    }
+  }
+}
+
+// dst[i] = sum_j a[j] * bank[j * stride + i] for i < n, one vector of dst at a time.
+void mix(const float* a, int64_t k, const float* bank, int64_t stride, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    V acc = a[0] * *reinterpret_cast<const U*>(bank + i);
+    for (int64_t j = 1; j < k; ++j) acc += a[j] * *reinterpret_cast<const U*>(bank + j * stride + i);
+    *reinterpret_cast<U*>(dst + i) = acc;
+  }
+  for (; i < n; ++i) {
+    float acc = a[0] * bank[i];
+    for (int64_t j = 1; j < k; ++j) acc += a[j] * bank[j * stride + i];
+    dst[i] = acc;
+  }
+}
+
+float plane_sum(const float* x, int64_t n) {
+  V acc = V{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) acc += *reinterpret_cast<const U*>(x + i);
+  float total = 0.f;
+  for (int j = 0; j < L; ++j) total += acc[j];
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+
+}  // namespace
+
+// Zero-initialised, 64-byte aligned floats.
+struct ModelPlan::Workspace {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> data;
+  int64_t size = 0;
+  float* get(int64_t n) {
+    if (n > size) {
+      const int64_t bytes = round_up(std::max<int64_t>(n, 1) * 4, 64);
+      data.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(data != nullptr, "out of memory for a ", bytes, "-byte plan workspace");
+      std::memset(data.get(), 0, bytes);
+      size = n;
+    }
+    return data.get();
+  }
+};
+
+ModelPlan::ModelPlan(int64_t channels, int64_t height, int64_t width) { buffer(channels, height, width); }
+
+ModelPlan::~ModelPlan() = default;
+
+int64_t ModelPlan::buffer(int64_t channels, int64_t height, int64_t width) {
+  TORCH_CHECK(channels > 0 && height > 0 && width > 0, "buffer: sizes must be positive");
+  Geometry g;
+  g.c = channels;
+  g.h = height;
+  g.w = width;
+  g.wp = width + 2;
+  g.plane = round_up((height + 2) * g.wp + L, L);
+  g.offset = total_;
+  total_ += round_up(channels * g.plane, L);
+  geometry_.push_back(g);
+  return static_cast<int64_t>(geometry_.size()) - 1;
+}
+
+const ModelPlan::Geometry& ModelPlan::geometry(int64_t id) const {
+  TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(geometry_.size()), "no buffer ", id);
+  return geometry_[id];
+}
+
+int64_t ModelPlan::gather(int64_t in, int64_t out) {
+  const auto& gi = geometry(in);
+  const auto& go = geometry(out);
+  TORCH_CHECK(go.c == 9 * gi.c && go.h == (gi.h - 1) / 2 + 1 && go.w == (gi.w - 1) / 2 + 1,
+              "gather: the output buffer must hold the 9 taps of every input channel at stride 2");
+  ops_.push_back({kGather, static_cast<int64_t>(gathers_.size())});
+  gathers_.push_back({in, out});
+  return static_cast<int64_t>(ops_.size()) - 1;
+}
+
+// Entries of `weight` ([K, C_out, C_in, kh, kw]) for the given mode, grouped into output-channel blocks.
+void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
+  const auto& gi = geometry(conv.in);
+  const auto& go = geometry(conv.out);
+  const int64_t k = weight.size(0), cout = weight.size(1), cin = weight.size(2), kh = weight.size(3),
+                kw = weight.size(4);
+  TORCH_CHECK(go.c == cout, "conv: the output buffer has ", go.c, " channels, the weight ", cout);
+  if (conv.res >= 0) {
+    const auto& gr = geometry(conv.res);
+    TORCH_CHECK(gr.c == go.c && gr.h == go.h && gr.w == go.w, "conv: the residual must have the output's shape");
+  }
+  // (input channel, tap) -> offset of the entry relative to the output position.
+  std::vector<int32_t> entry_off;
+  if (mode == kConv3x3) {
+    TORCH_CHECK(kh == 3 && kw == 3 && gi.c == cin && gi.h == go.h && gi.w == go.w, "conv3x3: shape mismatch");
+    for (int64_t ci = 0; ci < cin; ++ci)
+      for (int64_t ky = 0; ky < 3; ++ky)
+        for (int64_t kx = 0; kx < 3; ++kx) entry_off.push_back(ci * gi.plane + (ky - 1) * gi.wp + (kx - 1));
+  } else if (mode == kConv1x1) {
+    TORCH_CHECK(kh == 1 && kw == 1 && gi.c == cin && gi.h == go.h && gi.w == go.w, "conv1x1: shape mismatch");
+    for (int64_t ci = 0; ci < cin; ++ci) entry_off.push_back(ci * gi.plane);
+  } else if (mode == kTaps3x3) {
+    TORCH_CHECK(kh == 3 && kw == 3 && gi.c == 9 * cin && gi.h == go.h && gi.w == go.w, "taps3x3: shape mismatch");
+    for (int64_t ci = 0; ci < cin; ++ci)
+      for (int64_t t = 0; t < 9; ++t) entry_off.push_back((t * cin + ci) * gi.plane);
+  } else if (mode == kTapsCentre) {
+    TORCH_CHECK(kh == 1 && kw == 1 && gi.c == 9 * cin && gi.h == go.h && gi.w == go.w, "taps centre: shape mismatch");
+    for (int64_t ci = 0; ci < cin; ++ci) entry_off.push_back((4 * cin + ci) * gi.plane);
+  } else {
+    TORCH_CHECK(false, "conv: unknown mode ", mode);
+  }
+  const int64_t taps = kh * kw, ne = cin * taps;
+  TORCH_CHECK(static_cast<int64_t>(entry_off.size()) == ne, "conv: entry count");
+  const auto wk = weight.reshape({k, cout, ne}).contiguous();  // entry e = ci * taps + tap, as entry_off
+  const float* pw = wk.data_ptr<float>();
+  auto nonzero = [&](int64_t co, int64_t e) {
+    for (int64_t j = 0; j < k; ++j)
+      if (pw[(j * cout + co) * ne + e] != 0.f) return true;
+    return false;
+  };
+  int64_t kept = 0;
+  for (int64_t co = 0; co < cout; ++co)
+    for (int64_t e = 0; e < ne; ++e) kept += nonzero(co, e);
+  const bool sparse = kept < kSparseBelow * static_cast<double>(cout * ne);
+  const int64_t cob = (sparse || cout % 4 != 0) ? 1 : 4;
+  // Entry lists per block (COB 4 keeps every entry some channel of the block uses).
+  std::vector<std::vector<float>> bank(k);
+  for (int64_t co0 = 0; co0 < cout; co0 += cob) {
+    Block b{co0, cob, static_cast<int64_t>(conv.off.size()), 0, static_cast<int64_t>(bank[0].size())};
+    for (int64_t e = 0; e < ne; ++e) {
+      bool used = false;
+      for (int64_t c = 0; c < cob; ++c) used = used || nonzero(co0 + c, e);
+      if (!used) continue;
+      conv.off.push_back(entry_off[e]);
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t c = 0; c < cob; ++c) bank[j].push_back(pw[(j * cout + co0 + c) * ne + e]);
+      ++b.ne;
+    }
+    conv.blocks.push_back(b);
+  }
+  conv.ew = static_cast<int64_t>(bank[0].size());
+  conv.cout = cout;
+  conv.cin = cin;
+  conv.k = k;
+  conv.kept = kept;
+  conv.dense_entries = cout * ne;
+  for (int64_t j = 0; j < k; ++j) conv.w.insert(conv.w.end(), bank[j].begin(), bank[j].end());
+  // Work prefix (entries x channels) for balancing blocks across threads.
+  conv.work.assign(1, 0);
+  for (const auto& b : conv.blocks) conv.work.push_back(conv.work.back() + std::max<int64_t>(1, b.ne * b.cob));
+  max_ew_ = std::max(max_ew_, conv.ew);
+  max_cout_ = std::max(max_cout_, cout);
+  ops_.push_back({kConv, static_cast<int64_t>(convs_.size())});
+  convs_.push_back(std::move(conv));
+}
+
+namespace {
+std::vector<float> floats(const at::Tensor& t, const char* name) {
+  check_float_cpu(t, name);
+  const auto c = t.contiguous();
+  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+}
+}  // namespace
+
+int64_t ModelPlan::static_conv(int64_t in, int64_t out, int64_t res, bool relu, int64_t mode, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias) {
+  check_float_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 4, "static conv: weight must be [C_out, C_in, kh, kw]");
+  Conv conv;
+  conv.in = in;
+  conv.out = out;
+  conv.res = res;
+  conv.relu = relu;
+  conv.bias = (bias.has_value() && bias->defined()) ? floats(*bias, "bias") : std::vector<float>(weight.size(0), 0.f);
+  TORCH_CHECK(static_cast<int64_t>(conv.bias.size()) == weight.size(0), "static conv: bias must be [C_out]");
+  add_conv(std::move(conv), weight.unsqueeze(0), mode);
+  return static_cast<int64_t>(ops_.size()) - 1;
+}
+
+int64_t ModelPlan::dynamic_conv(int64_t in, int64_t route, int64_t out, int64_t res, bool relu, int64_t mode,
+                                const at::Tensor& kernels, const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& fc1_weight, const at::Tensor& fc1_bias, const at::Tensor& fc2_weight,
+                                const at::Tensor& fc2_bias, int64_t activation, double temperature) {
+  check_float_cpu(kernels, "kernels");
+  TORCH_CHECK(kernels.dim() == 5, "dynamic conv: kernels must be [K, C_out, C_in, kh, kw]");
+  TORCH_CHECK(activation >= kLinear && activation <= kSoftmax, "activation code must be 0, 1 or 2");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  const int64_t k = kernels.size(0), cout = kernels.size(1);
+  Conv conv;
+  conv.in = in;
+  conv.route = route;
+  conv.out = out;
+  conv.res = res;
+  conv.relu = relu;
+  conv.activation = activation;
+  conv.inv_temperature = static_cast<float>(1.0 / temperature);
+  conv.bias = (bias.has_value() && bias->defined()) ? floats(*bias, "bias") : std::vector<float>(k * cout, 0.f);
+  TORCH_CHECK(static_cast<int64_t>(conv.bias.size()) == k * cout, "dynamic conv: bias must be [K, C_out]");
+  conv.fc1 = floats(fc1_weight, "fc1 weight");
+  conv.fc1_bias = floats(fc1_bias, "fc1 bias");
+  conv.fc2 = floats(fc2_weight, "fc2 weight");
+  conv.fc2_bias = floats(fc2_bias, "fc2 bias");
+  conv.hidden = fc1_weight.size(0);
+  const auto& gr = geometry(route);
+  TORCH_CHECK(fc1_weight.dim() == 2 && fc1_weight.size(1) == gr.c && fc1_bias.numel() == conv.hidden,
+              "dynamic conv: fc1 must be [hidden, C_in of the routed buffer]");
+  TORCH_CHECK(fc2_weight.dim() == 2 && fc2_weight.size(0) == k && fc2_weight.size(1) == conv.hidden &&
+                  fc2_bias.numel() == k, "dynamic conv: fc2 must be [K, hidden]");
+  max_hidden_ = std::max(max_hidden_, conv.hidden);
+  max_k_ = std::max(max_k_, k);
+  max_route_ = std::max(max_route_, gr.c);
+  add_conv(std::move(conv), kernels, mode);
+  return static_cast<int64_t>(ops_.size()) - 1;
+}
+
+void ModelPlan::head(int64_t in, const at::Tensor& weight, const at::Tensor& bias) {
+  const auto& g = geometry(in);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == g.c && bias.numel() == weight.size(0),
+              "head: weight must be [classes, C] and bias [classes]");
+  head_in_ = in;
+  head_w_ = floats(weight, "head weight");
+  head_b_ = floats(bias, "head bias");
+  classes_ = weight.size(0);
+}
+
+std::vector<int64_t> ModelPlan::kept_entries() const {
+  std::vector<int64_t> out;
+  for (const auto& c : convs_) {
+    out.push_back(c.kept);
+    out.push_back(c.dense_entries);
+  }
+  return out;
+}
+
+// Mixing coefficients of conv c for the sample in `base` into a (K floats); scratch holds pooled and hidden.
+void ModelPlan::route(const Conv& c, const float* base, float* a, float* scratch) const {
+  const auto& g = geometry_[c.route];
+  float* pooled = scratch;
+  float* hidden = scratch + max_route_;
+  const float* src = base + g.offset;
+  const float inv = 1.f / static_cast<float>(g.h * g.w);
+  for (int64_t ci = 0; ci < g.c; ++ci) pooled[ci] = plane_sum(src + ci * g.plane, (g.h + 2) * g.wp) * inv;
+  for (int64_t j = 0; j < c.hidden; ++j) {
+    float acc = c.fc1_bias[j];
+    for (int64_t ci = 0; ci < g.c; ++ci) acc += c.fc1[j * g.c + ci] * pooled[ci];
+    hidden[j] = std::max(acc, 0.f);
+  }
+  for (int64_t j = 0; j < c.k; ++j) {
+    float acc = c.fc2_bias[j];
+    for (int64_t h = 0; h < c.hidden; ++h) acc += c.fc2[j * c.hidden + h] * hidden[h];
+    a[j] = acc;
+  }
+  if (c.activation == kSigmoid) {
+    for (int64_t j = 0; j < c.k; ++j) a[j] = 1.f / (1.f + std::exp(-a[j]));
+  } else if (c.activation == kSoftmax) {
+    float top = a[0] * c.inv_temperature;
+    for (int64_t j = 1; j < c.k; ++j) top = std::max(top, a[j] * c.inv_temperature);
+    float total = 0.f;
+    for (int64_t j = 0; j < c.k; ++j) total += (a[j] = std::exp(a[j] * c.inv_temperature - top));
+    for (int64_t j = 0; j < c.k; ++j) a[j] /= total;
+  }
+}
+
+void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[c.in];
+  const auto& go = geometry_[c.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  const float* res = c.res >= 0 ? base + geometry_[c.res].offset : nullptr;
+  const bool dynamic = c.route >= 0;
+  float* a = scratch;                      // [K]
+  float* routing = a + round_up(max_k_, L);  // pooled and hidden
+  float* mixed = routing + round_up(max_route_ + max_hidden_, L);
+  float* mixed_bias = mixed + round_up(max_ew_, L);
+  if (dynamic) route(c, base, a, routing);
+  // This thread's blocks: a contiguous share of the work.
+  const int64_t nb = static_cast<int64_t>(c.blocks.size()), total = c.work.back();
+  int64_t b0 = 0, b1 = nb;
+  if (nt > 1) {
+    const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
+    b0 = std::lower_bound(c.work.begin(), c.work.end(), lo) - c.work.begin();
+    b1 = std::lower_bound(c.work.begin(), c.work.end(), hi) - c.work.begin();
+    if (t + 1 == nt) b1 = nb;
+    b0 = std::min(b0, nb);
+    b1 = std::min(b1, nb);
+  }
+  const int64_t first = go.wp + 1;
+  const int64_t nvec = vectors(go);
+  // Which vectors run: all, or those of a gate's dilated mask (conv1) or mask (conv2, times the mask, the
+  // residual passing elsewhere).
+  const int32_t* vectors_on = nullptr;
+  const int32_t* idle = nullptr;
+  const float* mask = nullptr;
+  int64_t count = nvec, n_idle = 0;
+  if (c.gate >= 0) {
+    const Gate& g = gates_[c.gate];
+    const int32_t* lists = reinterpret_cast<const int32_t*>(base + g.lists);
+    if (c.which == 0) {
+      count = lists[0];
+      vectors_on = lists + 16;
+    } else {
+      count = lists[1];
+      vectors_on = lists + 16 + g.nvec;
+      n_idle = lists[2];
+      idle = lists + 16 + 2 * g.nvec;
+      mask = base + geometry_[g.mask].offset;
+    }
+  }
+  for (int64_t bi = b0; bi < b1; ++bi) {
+    const Block& b = c.blocks[bi];
+    const float* w;
+    const float* bias;
+    if (dynamic) {
+      mix(a, c.k, c.w.data() + b.w0, c.ew, b.ne * b.cob, mixed);
+      for (int64_t co = 0; co < b.cob; ++co) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < c.k; ++j) acc += a[j] * c.bias[j * c.cout + b.co0 + co];
+        mixed_bias[co] = acc;
+      }
+      w = mixed;
+      bias = mixed_bias;
+    } else {
+      w = c.w.data() + b.w0;
+      bias = c.bias.data() + b.co0;
+    }
+    float* outs[4];
+    const float* ress[4];
+    for (int64_t co = 0; co < b.cob; ++co) {
+      outs[co] = out + (b.co0 + co) * go.plane;
+      ress[co] = res != nullptr ? res + (b.co0 + co) * go.plane : nullptr;
+    }
+    const int32_t* off = c.off.data() + b.e0;
+    const float* const* r = res != nullptr ? ress : nullptr;
+    if (b.cob == 4) {
+      conv_block<4, 6>(in, off, w, b.ne, bias, outs, r, mask, c.relu, first, count, vectors_on);
+    } else {
+      conv_block<1, 12>(in, off, w, b.ne, bias, outs, r, mask, c.relu, first, count, vectors_on);
+    }
+    // Vectors without an active position: the residual passes (through the ReLU).
+    const V zero = V{};
+    for (int64_t i = 0; i < n_idle; ++i) {
+      const int64_t p = first + L * idle[i];
+      for (int64_t co = 0; co < b.cob; ++co) {
+        V v = res != nullptr ? *reinterpret_cast<const U*>(ress[co] + p) : zero;
+        if (c.relu) v = v > zero ? v : zero;
+        *reinterpret_cast<U*>(outs[co] + p) = v;
+      }
+    }
+    for (int64_t co = 0; co < b.cob; ++co) zero_pads(outs[co], go, nvec);
+  }
+}
+
+// The pad columns between rows and what the last vector wrote past the map back to zero.
+void ModelPlan::zero_pads(float* o, const Geometry& g, int64_t nvec) {
+  const int64_t first = g.wp + 1, last = g.h * g.wp + g.w + 1, plane_end = (g.h + 2) * g.wp;
+  for (int64_t y = 1; y < g.h; ++y) o[(y + 1) * g.wp - 1] = o[(y + 1) * g.wp] = 0.f;
+  std::fill(o + last, o + std::min(plane_end, first + nvec * L), 0.f);
+}
+
+int64_t ModelPlan::vectors(const Geometry& g) {
+  const int64_t first = g.wp + 1, last = g.h * g.wp + g.w + 1;
+  return (last - first + L - 1) / L;
+}
+
+int64_t ModelPlan::gate(int64_t in, int64_t read, int64_t mask, int64_t dilated, int64_t mode,
+                        const at::Tensor& conv_weight, const at::Tensor& conv_bias, const at::Tensor& fc_weight,
+                        const at::Tensor& fc_bias) {
+  const auto& gi = geometry(in);
+  const auto& gr = geometry(read);
+  const auto& gm = geometry(mask);
+  const auto& gd = geometry(dilated);
+  check_float_cpu(conv_weight, "gate conv weight");
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == 1 && conv_weight.size(1) == gi.c &&
+                  conv_weight.size(2) == 3 && conv_weight.size(3) == 3 && conv_bias.numel() == 1,
+              "gate: conv weight must be [1, C, 3, 3] with one bias");
+  TORCH_CHECK(fc_weight.numel() == gi.c && fc_bias.numel() == 1, "gate: fc must be [1, C] with one bias");
+  TORCH_CHECK(gm.c == 1 && gd.c == 1 && gd.h == gm.h && gd.w == gm.w, "gate: mask buffers must be [1, H', W']");
+  Gate g;
+  g.in = in;
+  g.read = read;
+  g.mask = mask;
+  g.dilated = dilated;
+  const auto w = conv_weight.contiguous();
+  const float* pw = w.data_ptr<float>();
+  for (int64_t ci = 0; ci < gi.c; ++ci)
+    for (int64_t t = 0; t < 9; ++t) {
+      const int64_t ky = t / 3, kx = t % 3;
+      if (mode == kConv3x3) {
+        TORCH_CHECK(gr.c == gi.c && gm.h == gi.h && gm.w == gi.w, "gate: stride-1 mask must have the input's size");
+        g.off.push_back(ci * gr.plane + (ky - 1) * gr.wp + (kx - 1));
+      } else {
+        TORCH_CHECK(mode == kTaps3x3 && gr.c == 9 * gi.c && gr.h == gm.h && gr.w == gm.w, "gate: unknown mode or shape");
+        g.off.push_back((t * gi.c + ci) * gr.plane);
+      }
+      g.w.push_back(pw[ci * 9 + t]);
+    }
+  g.bias = floats(conv_bias, "gate conv bias")[0] + floats(fc_bias, "gate fc bias")[0];
+  g.fc = floats(fc_weight, "gate fc weight");
+  g.nvec = vectors(gm);
+  g.lists = total_;
+  total_ += round_up(16 + 3 * g.nvec, L);
+  ops_.push_back({kGate, static_cast<int64_t>(gates_.size())});
+  gates_.push_back(std::move(g));
+  return static_cast<int64_t>(gates_.size()) - 1;
+}
+
+void ModelPlan::restrict(int64_t op, int64_t gate, int64_t which) {
+  TORCH_CHECK(op >= 0 && op < static_cast<int64_t>(ops_.size()) && ops_[op].kind == kConv, "restrict: not a conv op");
+  TORCH_CHECK(gate >= 0 && gate < static_cast<int64_t>(gates_.size()), "restrict: no gate ", gate);
+  TORCH_CHECK(which == 0 || which == 1, "restrict: which must be 0 (dilated mask) or 1 (mask)");
+  Conv& c = convs_[ops_[op].index];
+  const auto& go = geometry_[c.out];
+  const auto& gm = geometry_[gates_[gate].mask];
+  TORCH_CHECK(go.h == gm.h && go.w == gm.w, "restrict: the conv's output and the mask differ in size");
+  c.gate = gate;
+  c.which = which;
+}
+
+void ModelPlan::run_gate(const Gate& g, float* base) const {
+  const auto& gi = geometry_[g.in];
+  const auto& gm = geometry_[g.mask];
+  const float* in = base + gi.offset;
+  const float inv = 1.f / static_cast<float>(gi.h * gi.w);
+  float bias = g.bias;
+  for (int64_t c = 0; c < gi.c; ++c) bias += g.fc[c] * (plane_sum(in + c * gi.plane, (gi.h + 2) * gi.wp) * inv);
+  float* m = base + gm.offset;
+  float* outs[1] = {m};
+  const int64_t first = gm.wp + 1, last = gm.h * gm.wp + gm.w + 1;
+  conv_block<1, 12>(base + geometry_[g.read].offset, g.off.data(), g.w.data(), static_cast<int64_t>(g.off.size()),
+                    &bias, outs, nullptr, nullptr, false, first, g.nvec, nullptr);
+  for (int64_t p = first; p < last; ++p) m[p] = m[p] >= 0.f ? 1.f : 0.f;
+  zero_pads(m, gm, g.nvec);
+  float* d = base + geometry_[g.dilated].offset;
+  for (int64_t y = 1; y <= gm.h; ++y)
+    for (int64_t x = 1; x <= gm.w; ++x) {
+      const float* c = m + y * gm.wp + x;
+      float v = 0.f;
+      for (int64_t dy = -1; dy <= 1; ++dy)
+        for (int64_t dx = -1; dx <= 1; ++dx) v = std::max(v, c[dy * gm.wp + dx]);
+      d[y * gm.wp + x] = v;
+    }
+  int32_t* lists = reinterpret_cast<int32_t*>(base + g.lists);
+  int32_t* on_d = lists + 16;
+  int32_t* on_m = on_d + g.nvec;
+  int32_t* off_m = on_m + g.nvec;
+  int32_t nd = 0, nm = 0, ni = 0;
+  for (int64_t v = 0; v < g.nvec; ++v) {
+    const int64_t p0 = first + L * v, p1 = std::min(last, p0 + L);
+    bool any_d = false, any_m = false;
+    for (int64_t p = p0; p < p1; ++p) {
+      any_d = any_d || d[p] > 0.f;
+      any_m = any_m || m[p] > 0.f;
+    }
+    if (any_d) on_d[nd++] = static_cast<int32_t>(v);
+    if (any_m) {
+      on_m[nm++] = static_cast<int32_t>(v);
+    } else {
+      off_m[ni++] = static_cast<int32_t>(v);
+    }
+  }
+  lists[0] = nd;
+  lists[1] = nm;
+  lists[2] = ni;
+}
+
+void ModelPlan::run_gather(const Gather& op, float* base, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[op.in];
+  const auto& go = geometry_[op.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  const int64_t planes = go.c, cin = gi.c;
+  for (int64_t q = planes * t / nt; q < planes * (t + 1) / nt; ++q) {
+    const int64_t tap = q / cin, ci = q % cin, ky = tap / 3, kx = tap % 3;
+    const float* src = in + ci * gi.plane;
+    float* dst = out + q * go.plane;
+    for (int64_t oy = 0; oy < go.h; ++oy) {
+      const float* row = src + (2 * oy + ky) * gi.wp + kx;
+      float* o = dst + (oy + 1) * go.wp + 1;
+      for (int64_t ox = 0; ox < go.w; ++ox) o[ox] = row[2 * ox];
+    }
+  }
+}
+
+void ModelPlan::run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const {
+  const auto& g0 = geometry_[0];
+  for (int64_t c = g0.c * t / nt; c < g0.c * (t + 1) / nt; ++c)
+    for (int64_t y = 0; y < g0.h; ++y)
+      std::memcpy(base + g0.offset + c * g0.plane + (y + 1) * g0.wp + 1, x + (c * g0.h + y) * g0.w, g0.w * 4);
+  for (const auto& op : ops_) {
+    if (nt > 1) {
+#pragma omp barrier
+    }
+    if (op.kind == kConv) {
+      run_conv(convs_[op.index], base, scratch, t, nt);
+    } else if (op.kind == kGather) {
+      run_gather(gathers_[op.index], base, t, nt);
+    } else if (t == 0) {  // a gate is one thread's: the others wait at the next barrier
+      run_gate(gates_[op.index], base);
+    }
+  }
+  if (nt > 1) {
+#pragma omp barrier
+  }
+  if (t == 0) {
+    const auto& g = geometry_[head_in_];
+    float* pooled = scratch;
+    const float inv = 1.f / static_cast<float>(g.h * g.w);
+    for (int64_t c = 0; c < g.c; ++c) pooled[c] = plane_sum(base + g.offset + c * g.plane, (g.h + 2) * g.wp) * inv;
+    for (int64_t j = 0; j < classes_; ++j) {
+      float acc = head_b_[j];
+      for (int64_t c = 0; c < g.c; ++c) acc += head_w_[j * g.c + c] * pooled[c];
+      logits[j] = acc;
+    }
+  }
+  if (nt > 1) {
+#pragma omp barrier  // the workspace is reused by the next sample
+  }
+}
+
+at::Tensor ModelPlan::forward(const at::Tensor& input) {
+  check_float_cpu(input, "input");
+  TORCH_CHECK(head_in_ >= 0, "plan has no head");
+  const auto& g0 = geometry_[0];
+  TORCH_CHECK(input.dim() == 4 && input.size(1) == g0.c && input.size(2) == g0.h && input.size(3) == g0.w,
+              "plan input must be [B, ", g0.c, ", ", g0.h, ", ", g0.w, "], got ", input.sizes());
+  const auto x = input.contiguous();
+  const int64_t b = x.size(0);
+  auto out = at::empty({b, classes_}, x.options());
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t per_image = g0.c * g0.h * g0.w;
+  const int64_t scratch_size =
+      round_up(max_k_, L) + round_up(max_route_ + max_hidden_, L) + round_up(max_ew_, L) + round_up(max_cout_, L) +
+      round_up(geometry_[head_in_].c, L) + L;
+  const int nt = std::max(1, at::get_num_threads());
+  std::lock_guard<std::mutex> guard(mutex_);  // the workspaces are the plan's
+  while (static_cast<int64_t>(work_.size()) < nt) work_.push_back(std::make_unique<Workspace>());
+  while (static_cast<int64_t>(scratch_.size()) < nt) scratch_.push_back(std::make_unique<Workspace>());
+  for (int i = 0; i < nt; ++i) {
+    work_[i]->get(total_ + L);
+    scratch_[i]->get(scratch_size);
+  }
+  if (b >= nt && nt > 1) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t n = 0; n < b; ++n) {
+      const int tid = omp_get_thread_num();
+      run_sample(px + n * per_image, po + n * classes_, work_[tid]->data.get(), scratch_[tid]->data.get(), 0, 1);
+    }
+  } else if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+      for (int64_t n = 0; n < b; ++n)
+        run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[tid]->data.get(), tid, team);
+    }
+  } else {
+    for (int64_t n = 0; n < b; ++n)
+      run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[0]->data.get(), 0, 1);
+  }
+  return out;
+}
+
+bool ModelPlan::watch(const std::vector<at::Tensor>& sources) {
+  watched_.clear();
+  versions_.clear();
+  storage_.clear();
+  for (const auto& t : sources) {
+    if (t.is_inference()) return false;
+    watched_.push_back(t);
+    versions_.push_back(t._version());
+    storage_.push_back(t.data_ptr());
+  }
+  return true;
+}
+
+bool ModelPlan::current() const {
+  for (size_t i = 0; i < watched_.size(); ++i)
+    if (watched_[i]._version() != versions_[i] || watched_[i].data_ptr() != storage_[i]) return false;
+  return true;
+}
+
+}  // namespace native

@@ -1,0 +1,214 @@
+"""Whole-model compiled plan (pipeline/ops/model_plan.py) against the model's own PyTorch forward on random
+inputs: static, dynamic (three coefficient activations) and SD-Conv (pruned) CIFAR ResNets, odd shapes and
+channel counts, batch sizes that run sample-parallel and thread-shared, rebuilds, and what it refuses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.fold import fold_batchnorm
+from pipeline.models.cifar_resnet import CifarResNet
+from pipeline.models.surgery import replace_module
+from pipeline.ops import native
+from pipeline.ops.dynamic_conv import DynamicConv2d
+from pipeline.ops.model_plan import PlannedModel, Unsupported, compile_model, planned
+from pipeline.ops.odconv import ODConv2d
+from pipeline.ops.sd_conv import SDConv2d
+from pipeline.ops.sparse_exec import to_sparse_execution
+from pipeline.ops.spatial_gate import GatedBasicBlock
+
+# Relative to the largest logit: the plan sums each output in another order than PyTorch's convs.
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    if not native.enabled():
+        pytest.skip("PIPELINE_NATIVE=0")
+    assert native.load() is not None, "the native kernels did not build (see the RuntimeWarning above)"
+
+
+def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+            m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+            m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+
+
+def resnet(kind: str, *, in_channels: int = 1, width: float = 0.5, activation: str = "softmax", k: int = 4,
+           sparsity: float = 0.0, seed: int = 0) -> nn.Module:
+    """A folded, eval-mode CIFAR ResNet-8 whose 3x3 convs (not the stem) are static, dynamic or SD-Conv."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = CifarResNet(depth=8, width=width, in_channels=in_channels, num_classes=7)
+    _randomize_bn(model, gen)
+    if kind != "static":
+        cls = SDConv2d if kind == "sdconv" else DynamicConv2d
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+                 and n != "stem"]  # fmt: skip
+        for name in names:
+            conv = model.get_submodule(name)
+            layer = cls.from_conv(conv, num_kernels=k, activation=activation, noise_std=0.3, generator=gen)
+            nn.init.normal_(layer.routing[-1].weight, std=1.0, generator=gen)
+            nn.init.normal_(layer.routing[2].weight, std=1.0, generator=gen)
+            if activation == "softmax":
+                layer.set_temperature(0.7)
+            if sparsity:
+                with torch.no_grad():  # pruned weights are zeros (threshold 0 keeps |W| > 0)
+                    layer.weight.mul_(torch.rand(layer.weight.shape, generator=gen) >= sparsity)
+            replace_module(model, name, layer)
+        if activation != "softmax":  # BatchNorm folds into a mixture only when the coefficients sum to 1
+            for block in (b for s in (1, 2, 3) for b in getattr(model, f"layer{s}")):
+                block.bn1, block.bn2 = nn.Identity(), nn.Identity()
+    model.eval()
+    return fold_batchnorm(model)[0]
+
+
+def reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's PyTorch forward with the per-layer compiled kernels off."""
+    slow = copy.deepcopy(model)
+    for m in slow.modules():
+        if isinstance(m, DynamicConv2d):
+            m.use_native = False
+    with torch.no_grad():
+        return slow(x)
+
+
+def assert_matches(got: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= RTOL * scale, float((got - expected).abs().max()) / scale
+
+
+CASES = [
+    # kind, keyword arguments, input [C, H, W]
+    ("static", {}, (1, 32, 32)),
+    ("dynamic", {"activation": "softmax"}, (1, 32, 32)),
+    ("dynamic", {"activation": "sigmoid", "k": 3}, (3, 20, 28)),
+    ("dynamic", {"activation": "linear", "k": 2, "width": 0.375}, (1, 17, 9)),  # 6/12/24 channels: not 4-blocks
+    ("sdconv", {"sparsity": 0.85}, (1, 32, 32)),  # per-channel entry lists
+    ("sdconv", {"sparsity": 0.3, "width": 1.0}, (3, 16, 16)),  # dense enough for 4-channel blocks
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1].values()))}-{c[2]}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_plan_matches_the_models_forward(case, threads):
+    kind, kwargs, shape = case
+    model = resnet(kind, in_channels=shape[0], **kwargs)
+    plan, _ = compile_model(model, shape)
+    gen = torch.Generator().manual_seed(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (1, 3, 4):  # 2 threads: batch 1 shares each layer, 3 and 4 run a sample per thread
+            x = torch.randn(batch, *shape, generator=gen)
+            assert_matches(plan.forward(x), reference(model, x))
+    finally:
+        torch.set_num_threads(before)
+
+
+def gated_resnet(open_bias: float, seed: int = 0, width: float = 0.5) -> tuple[nn.Module, nn.Module]:
+    """A CIFAR ResNet-8 with DynConv-gated blocks (random mask units): the folded gated model (the dense
+    masked reference) and its sparse-execution form (what the plan compiles)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = CifarResNet(depth=8, width=width, in_channels=1, num_classes=5)
+    _randomize_bn(model, gen)
+    for s in (1, 2, 3):
+        layer = getattr(model, f"layer{s}")
+        for i, block in enumerate(layer):
+            gated = GatedBasicBlock.from_block(block, open_bias)
+            with torch.no_grad():
+                gated.gate.conv.weight.normal_(0.0, 0.5, generator=gen)
+                gated.gate.fc.weight.normal_(0.0, 0.5, generator=gen)
+            layer[i] = gated
+    model.eval()
+    return fold_batchnorm(model)[0], fold_batchnorm(to_sparse_execution(model))[0]
+
+
+@pytest.mark.parametrize("open_bias", [-50.0, 0.0, 50.0], ids=["closed", "partial", "open"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_blocks_match_the_dense_masked_model(open_bias, threads):
+    gated, sparse = gated_resnet(open_bias, seed=5)
+    plan, _ = compile_model(sparse, (1, 20, 24))
+    gen = torch.Generator().manual_seed(2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch in (1, 3):
+            x = torch.randn(batch, 1, 20, 24, generator=gen)
+            with torch.no_grad():
+                expected = gated(x)
+            fractions = [float(b.last_mask.mean()) for b in gated.modules() if isinstance(b, GatedBasicBlock)]
+            if open_bias == 0.0:
+                assert 0.05 < sum(fractions) / len(fractions) < 0.95, fractions  # masks really are partial
+            assert_matches(plan.forward(x), expected)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sparse_layers_execute_only_nonzero_weights():
+    model = resnet("sdconv", sparsity=0.85, seed=2)
+    plan, _ = compile_model(model, (1, 16, 16))
+    kept = plan.kept_entries()
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | DynamicConv2d)]
+    assert len(kept) == 2 * len(layers)  # (kept, dense) per conv in build order: stem, then per block
+    expected_kept = expected_dense = 0
+    for m in layers:
+        w = m.kernels() if isinstance(m, DynamicConv2d) else m.weight.unsqueeze(0)
+        nonzero = (w != 0).any(0)  # a weight executes when nonzero in any of the K kernels
+        expected_kept += int(nonzero.sum())
+        expected_dense += nonzero.numel()
+    assert sum(kept[0::2]) == expected_kept
+    assert sum(kept[1::2]) == expected_dense
+    assert expected_kept < 0.7 * expected_dense  # 1 - 0.85^4 of the dynamic layers' weights, stem and shortcuts dense
+
+
+def test_planned_model_falls_back_and_follows_parameter_changes():
+    model = resnet("dynamic", seed=3)
+    wrapped = PlannedModel(model)
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        first = wrapped(x)
+        assert_matches(first, reference(model, x))
+        with torch.no_grad():
+            model.fc.bias.add_(1.0)  # in place: the plan sees the version change and is rebuilt
+        assert_matches(wrapped(x), first + 1.0)
+    y = wrapped(x)  # grad mode: the model itself
+    assert y.requires_grad
+    assert_matches(y.detach(), first + 1.0)
+
+
+@pytest.mark.parametrize("what", ["bn", "odconv", "training", "other_model", "dilated"])
+def test_unsupported_models_are_refused_by_name(what):
+    model = resnet("dynamic", seed=4)
+    if what == "bn":
+        model = CifarResNet(depth=8, width=0.5, in_channels=1).eval()  # BatchNorm not folded
+        match = "bn"
+    elif what == "odconv":
+        replace_module(model, "layer2.0.conv2", ODConv2d(16, 16, 3, padding=1).eval())
+        match = "layer2.0.conv2: ODConv2d"
+    elif what == "training":
+        model.train()
+        match = "training"
+    elif what == "other_model":
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1))
+        match = "Sequential"
+    else:
+        replace_module(model, "layer1.0.conv1", nn.Conv2d(8, 8, 3, padding=2, dilation=2))
+        match = "layer1.0.conv1"
+    with pytest.raises(Unsupported, match=match):
+        compile_model(model, (1, 16, 16))
+    assert planned(model) is model
+
+
+def test_plan_rejects_a_wrong_input_shape():
+    plan, _ = compile_model(resnet("static"), (1, 16, 16))
+    with pytest.raises(RuntimeError, match="plan input must be"):
+        plan.forward(torch.randn(1, 1, 16, 15))
