@@ -58,10 +58,13 @@ class _Builder:
         self.shapes = {0: shape}
         self.sources: list[torch.Tensor] = []
         self.taps: dict[int, int] = {}  # input buffer -> its gathered stride-2 taps
+        self.rows: set[int] = set()  # buffers of rows (DynConv's sparse blocks), the others of planes
 
-    def buffer(self, c: int, h: int, w: int) -> int:
-        i = self.plan.buffer(c, h, w)
+    def buffer(self, c: int, h: int, w: int, rows: bool = False) -> int:
+        i = self.plan.rows_buffer(c, h, w) if rows else self.plan.buffer(c, h, w)
         self.shapes[i] = (c, h, w)
+        if rows:
+            self.rows.add(i)
         return i
 
     def reads(self, src: int, ks: int, stride: int) -> tuple[int, int, int, int]:
@@ -107,24 +110,35 @@ class _Builder:
         return out
 
     def sparse_block(self, name: str, block: SparseBasicBlock, x: int) -> int:
-        """DynConv's sparse block: mask unit, shortcut everywhere, conv1 on the dilated mask's vectors, conv2
-        on the mask's (times the mask), ReLU after the sum; returns the output buffer."""
+        """DynConv's sparse block on rows buffers (position-major): mask unit, shortcut at every position,
+        conv1 at the dilated mask's positions, conv2 at the mask's (added to the shortcut, which passes alone
+        elsewhere), ReLU after the sum; returns the output buffer."""
         gate = block.gate
         if type(gate) is not MaskUnit or gate.training or gate.stride != block.stride or block.stride not in (1, 2):
             raise Unsupported(f"{name}.gate: only an eval-mode mask unit with the block's stride (1 or 2) is compiled")
-        read, mode, ho, wo = self.reads(x, 3, block.stride)
+        c, h, w = self.shapes[x]
+        if x not in self.rows:
+            plane, x = x, self.buffer(c, h, w, rows=True)
+            self.plan.to_rows(plane, x)
+        s = block.stride
+        ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
         mask, dilated = self.buffer(1, ho, wo), self.buffer(1, ho, wo)
         self.sources += [gate.conv.weight, gate.conv.bias, gate.fc.weight, gate.fc.bias]
-        with torch.no_grad():
-            g = self.plan.gate(x, read, mask, dilated, mode, gate.conv.weight.detach().float(),
-                               gate.conv.bias.detach().float(), gate.fc.weight.detach().float(),
-                               gate.fc.bias.detach().float())  # fmt: skip
         p = block._buffers
-        res = x if p["ws"] is None else self.static(x, block.stride, p["ws"], p["bs"])[1]
-        op1, t = self.static(x, block.stride, p["w1"], p["b1"], relu=True)
-        self.plan.restrict(op1, g, 0)
-        op2, out = self.static(t, 1, p["w2"], p["b2"], res=res, relu=True)
-        self.plan.restrict(op2, g, 1)
+        self.sources += [t for t in p.values() if t is not None]
+        out_c = p["w1"].shape[0]
+        with torch.no_grad():
+            g = self.plan.rows_gate(x, mask, dilated, s, gate.conv.weight.detach().float(),
+                                    gate.conv.bias.detach().float(), gate.fc.weight.detach().float(),
+                                    gate.fc.bias.detach().float())  # fmt: skip
+            res = x
+            if p["ws"] is not None:
+                res = self.buffer(out_c, ho, wo, rows=True)
+                self.plan.rows_conv(x, res, -1, False, s, p["ws"].float(), p["bs"].float(), -1, 0)
+            t = self.buffer(out_c, ho, wo, rows=True)
+            self.plan.rows_conv(x, t, -1, True, s, p["w1"].float(), p["b1"].float(), g, 0)
+            out = self.buffer(out_c, ho, wo, rows=True)
+            self.plan.rows_conv(t, out, res, True, 1, p["w2"].float(), p["b2"].float(), g, 1)
         return out
 
 
@@ -151,6 +165,8 @@ def compile_model(model: nn.Module, shape: tuple[int, int, int]) -> tuple[object
                 continue
             if type(block) is not BasicBlock:
                 raise Unsupported(f"{name}: {type(block).__name__} has no compiled plan")
+            if x in b.rows:
+                raise Unsupported(f"{name}: a dense block after a sparse one is not compiled")
             if not (_identity(block.bn1) and _identity(block.bn2)):
                 raise Unsupported(f"{name}: a BatchNorm is not folded")
             if _identity(block.shortcut):

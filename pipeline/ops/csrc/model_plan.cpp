@@ -23,6 +23,13 @@
 // 2004.10694; CondConv, Yang et al., NeurIPS 2019, Eq. 2; DY-Conv, Chen et al., CVPR 2020, Eqs. 1, 5;
 // SD-Conv, He et al., WACV 2023, W(x) = sum_k a_k (W_k * M_k) with the masks baked into W_k).
 //
+// DynConv's sparse blocks (Verelst & Tuytelaars, CVPR 2020) run position by position instead: their masks
+// are scattered (a 16-position vector of the padded plane holds an active position for 0.7-1.0 of the
+// vectors at half the positions active), so their maps are kept as rows (position-major, the channels of one
+// padded position contiguous, `rows` buffers) and each gated conv runs the direct row GEMM (row_gemm.h)
+// over the list of active positions only: conv1 at the dilated mask, conv2 at the mask (its output added to
+// the shortcut, relu(shortcut) passed at the other positions), the shortcut and the mask unit everywhere.
+//
 // Threads. With at least two samples per call each thread runs whole samples in its own workspace; with
 // one, the threads share each layer's output-channel blocks (balanced by entry count) and meet at a
 // barrier between layers. The Python builder (pipeline/ops/model_plan.py) maps a model onto these ops; the
@@ -178,6 +185,24 @@ int64_t ModelPlan::buffer(int64_t channels, int64_t height, int64_t width) {
   g.plane = round_up((height + 2) * g.wp + L, L);
   g.offset = total_;
   total_ += round_up(channels * g.plane, L);
+  g.sums = total_;  // per-channel sums of the map, written with it (for pooling without another pass)
+  total_ += round_up(channels, L);
+  geometry_.push_back(g);
+  return static_cast<int64_t>(geometry_.size()) - 1;
+}
+
+int64_t ModelPlan::rows_buffer(int64_t channels, int64_t height, int64_t width) {
+  TORCH_CHECK(channels > 0 && height > 0 && width > 0, "rows buffer: sizes must be positive");
+  Geometry g;
+  g.c = channels;
+  g.h = height;
+  g.w = width;
+  g.wp = width + 2;
+  g.rows = true;
+  g.offset = total_;
+  total_ += round_up((height + 2) * g.wp * channels + L, L);
+  g.sums = total_;
+  total_ += round_up(channels, L);
   geometry_.push_back(g);
   return static_cast<int64_t>(geometry_.size()) - 1;
 }
@@ -356,9 +381,9 @@ void ModelPlan::route(const Conv& c, const float* base, float* a, float* scratch
   const auto& g = geometry_[c.route];
   float* pooled = scratch;
   float* hidden = scratch + max_route_;
-  const float* src = base + g.offset;
   const float inv = 1.f / static_cast<float>(g.h * g.w);
-  for (int64_t ci = 0; ci < g.c; ++ci) pooled[ci] = plane_sum(src + ci * g.plane, (g.h + 2) * g.wp) * inv;
+  const float* sums = base + g.sums;
+  for (int64_t ci = 0; ci < g.c; ++ci) pooled[ci] = sums[ci] * inv;
   for (int64_t j = 0; j < c.hidden; ++j) {
     float acc = c.fc1_bias[j];
     for (int64_t ci = 0; ci < g.c; ++ci) acc += c.fc1[j * g.c + ci] * pooled[ci];
@@ -465,7 +490,10 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
         *reinterpret_cast<U*>(outs[co] + p) = v;
       }
     }
-    for (int64_t co = 0; co < b.cob; ++co) zero_pads(outs[co], go, nvec);
+    for (int64_t co = 0; co < b.cob; ++co) {
+      zero_pads(outs[co], go, nvec);
+      base[go.sums + b.co0 + co] = plane_sum(outs[co], (go.h + 2) * go.wp);  // pads are zero: the map's sum
+    }
   }
 }
 
@@ -541,7 +569,7 @@ void ModelPlan::run_gate(const Gate& g, float* base) const {
   const float* in = base + gi.offset;
   const float inv = 1.f / static_cast<float>(gi.h * gi.w);
   float bias = g.bias;
-  for (int64_t c = 0; c < gi.c; ++c) bias += g.fc[c] * (plane_sum(in + c * gi.plane, (gi.h + 2) * gi.wp) * inv);
+  for (int64_t c = 0; c < gi.c; ++c) bias += g.fc[c] * (base[gi.sums + c] * inv);
   float* m = base + gm.offset;
   float* outs[1] = {m};
   const int64_t first = gm.wp + 1, last = gm.h * gm.wp + gm.w + 1;
@@ -600,11 +628,247 @@ void ModelPlan::run_gather(const Gather& op, float* base, int64_t t, int64_t nt)
   }
 }
 
+// ---- DynConv's sparse blocks on rows buffers ----
+
+int64_t ModelPlan::to_rows(int64_t in, int64_t out) {
+  const auto& gi = geometry(in);
+  const auto& go = geometry(out);
+  TORCH_CHECK(!gi.rows && go.rows && gi.c == go.c && gi.h == go.h && gi.w == go.w, "to_rows: shape mismatch");
+  ops_.push_back({kToRows, static_cast<int64_t>(gathers_.size())});
+  gathers_.push_back({in, out});
+  return static_cast<int64_t>(ops_.size()) - 1;
+}
+
+void ModelPlan::run_to_rows(const Gather& op, float* base, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[op.in];
+  const auto& go = geometry_[op.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  for (int64_t y = 1 + go.h * t / nt; y < 1 + go.h * (t + 1) / nt; ++y)
+    for (int64_t x = 1; x <= go.w; ++x) {
+      const int64_t p = y * go.wp + x;
+      for (int64_t c = 0; c < go.c; ++c) out[p * go.c + c] = in[c * gi.plane + p];
+    }
+  if (t == 0)
+    for (int64_t c = 0; c < go.c; ++c) base[go.sums + c] = base[gi.sums + c];
+}
+
+int64_t ModelPlan::rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t stride, const at::Tensor& conv_weight,
+                             const at::Tensor& conv_bias, const at::Tensor& fc_weight, const at::Tensor& fc_bias) {
+  const auto& gi = geometry(in);
+  const auto& gm = geometry(mask);
+  const auto& gd = geometry(dilated);
+  TORCH_CHECK(gi.rows && !gm.rows && !gd.rows && gm.c == 1 && gd.c == 1 && gd.h == gm.h && gd.w == gm.w,
+              "rows gate: rows input, one-channel mask planes");
+  TORCH_CHECK(stride == 1 || stride == 2, "rows gate: stride 1 or 2");
+  TORCH_CHECK(gm.h == (gi.h - 1) / stride + 1 && gm.w == (gi.w - 1) / stride + 1, "rows gate: mask size");
+  check_float_cpu(conv_weight, "gate conv weight");
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == 1 && conv_weight.size(1) == gi.c &&
+                  conv_weight.size(2) == 3 && conv_weight.size(3) == 3 && conv_bias.numel() == 1,
+              "gate: conv weight must be [1, C, 3, 3] with one bias");
+  TORCH_CHECK(fc_weight.numel() == gi.c && fc_bias.numel() == 1, "gate: fc must be [1, C] with one bias");
+  RowsGate g;
+  g.in = in;
+  g.mask = mask;
+  g.dilated = dilated;
+  g.stride = stride;
+  g.w = floats(conv_weight.permute({0, 2, 3, 1}), "gate conv weight");  // [(ky, kx), C]
+  g.bias = floats(conv_bias, "gate conv bias")[0] + floats(fc_bias, "gate fc bias")[0];
+  g.fc = floats(fc_weight, "gate fc weight");
+  g.positions = gm.h * gm.w;
+  g.lists = total_;
+  total_ += round_up(16 + 3 * g.positions, L);
+  ops_.push_back({kRowsGate, static_cast<int64_t>(rows_gates_.size())});
+  rows_gates_.push_back(std::move(g));
+  return static_cast<int64_t>(rows_gates_.size()) - 1;
+}
+
+// Padded positions of the input rows a window tap reads for output position p (padded) of a stride-s conv.
+inline int64_t window_origin(int64_t p, int64_t wpo, int64_t wpi, int64_t stride) {
+  if (stride == 1) return p - wpo - 1;  // (y - 1, x - 1): the tap (0, 0)
+  const int64_t oy = p / wpo - 1, ox = p % wpo - 1;
+  return 2 * oy * wpi + 2 * ox;  // padded (2 oy, 2 ox)
+}
+
+// The mask unit's logits at this thread's share of the output rows, thresholded into the mask plane.
+void ModelPlan::rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[g.in];
+  const auto& gm = geometry_[g.mask];
+  const float* in = base + gi.offset;
+  const int64_t c = gi.c;
+  const float inv = 1.f / static_cast<float>(gi.h * gi.w);
+  float bias = g.bias;
+  for (int64_t ci = 0; ci < c; ++ci) bias += g.fc[ci] * (base[gi.sums + ci] * inv);
+  float* m = base + gm.offset;
+  for (int64_t y = 1 + gm.h * t / nt; y < 1 + gm.h * (t + 1) / nt; ++y)
+    for (int64_t x = 1; x <= gm.w; ++x) {
+      const int64_t p = y * gm.wp + x;
+      const float* origin = in + window_origin(p, gm.wp, gi.wp, g.stride) * c;
+      V acc = V{};  // one vector over the channels for all nine taps, reduced once
+      float tail = bias;
+      for (int64_t ky = 0; ky < 3; ++ky)
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          const float* row = origin + (ky * gi.wp + kx) * c;
+          const float* w = g.w.data() + (ky * 3 + kx) * c;
+          int64_t ci = 0;
+          for (; ci + L <= c; ci += L)
+            acc += *reinterpret_cast<const U*>(row + ci) * *reinterpret_cast<const U*>(w + ci);
+          for (; ci < c; ++ci) tail += row[ci] * w[ci];
+        }
+      float logit = tail;
+      for (int j = 0; j < L; ++j) logit += acc[j];
+      m[p] = logit >= 0.f ? 1.f : 0.f;
+    }
+}
+
+// The dilated mask and the position lists (one thread, after every share of the mask is written).
+void ModelPlan::rows_gate_lists(const RowsGate& g, float* base) const {
+  const auto& gm = geometry_[g.mask];
+  const float* m = base + gm.offset;
+  float* d = base + geometry_[g.dilated].offset;
+  int32_t* lists = reinterpret_cast<int32_t*>(base + g.lists);
+  int32_t* on_d = lists + 16;
+  int32_t* on_m = on_d + g.positions;
+  int32_t* off_m = on_m + g.positions;
+  int32_t nd = 0, nm = 0, ni = 0;
+  for (int64_t y = 1; y <= gm.h; ++y)
+    for (int64_t x = 1; x <= gm.w; ++x) {
+      const int64_t p = y * gm.wp + x;
+      float v = 0.f;
+      for (int64_t dy = -1; dy <= 1; ++dy)
+        for (int64_t dx = -1; dx <= 1; ++dx) v = std::max(v, m[p + dy * gm.wp + dx]);  // pads are zero
+      d[p] = v;
+      if (v > 0.f) on_d[nd++] = static_cast<int32_t>(p);
+      if (m[p] > 0.f) {
+        on_m[nm++] = static_cast<int32_t>(p);
+      } else {
+        off_m[ni++] = static_cast<int32_t>(p);
+      }
+    }
+  lists[0] = nd;
+  lists[1] = nm;
+  lists[2] = ni;
+}
+
+int64_t ModelPlan::rows_conv(int64_t in, int64_t out, int64_t res, bool relu, int64_t stride, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, int64_t gate, int64_t which) {
+  const auto& gi = geometry(in);
+  const auto& go = geometry(out);
+  check_float_cpu(weight, "weight");
+  TORCH_CHECK(gi.rows && go.rows, "rows conv: rows buffers");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == go.c && weight.size(1) == gi.c &&
+                  ((weight.size(2) == 3 && weight.size(3) == 3) || (weight.size(2) == 1 && weight.size(3) == 1)),
+              "rows conv: weight must be [C_out, C_in, 3, 3] or [C_out, C_in, 1, 1]");
+  TORCH_CHECK((stride == 1 || stride == 2) && go.h == (gi.h - 1) / stride + 1 && go.w == (gi.w - 1) / stride + 1,
+              "rows conv: output size");
+  if (res >= 0) {
+    const auto& gr = geometry(res);
+    TORCH_CHECK(gr.rows && gr.c == go.c && gr.h == go.h && gr.w == go.w, "rows conv: residual shape");
+  }
+  RowsConv c;
+  c.in = in;
+  c.out = out;
+  c.res = res;
+  c.relu = relu;
+  c.stride = stride;
+  c.taps = weight.size(2) * weight.size(3);
+  c.matrix = floats(weight.permute({2, 3, 1, 0}), "weight");  // [(ky, kx, c_in), c_out]
+  c.bias = (bias.has_value() && bias->defined()) ? floats(*bias, "bias") : std::vector<float>(go.c, 0.f);
+  TORCH_CHECK(static_cast<int64_t>(c.bias.size()) == go.c, "rows conv: bias must be [C_out]");
+  if (gate >= 0) {
+    TORCH_CHECK(gate < static_cast<int64_t>(rows_gates_.size()) && (which == 0 || which == 1), "rows conv: gate");
+    const auto& gm = geometry_[rows_gates_[gate].mask];
+    TORCH_CHECK(gm.h == go.h && gm.w == go.w, "rows conv: the mask and the output differ in size");
+  }
+  c.gate = gate;
+  c.which = which;
+  for (int64_t y = 1; y <= go.h; ++y)
+    for (int64_t x = 1; x <= go.w; ++x) c.all.push_back(static_cast<int32_t>(y * go.wp + x));
+  ops_.push_back({kRowsConv, static_cast<int64_t>(rows_convs_.size())});
+  rows_convs_.push_back(std::move(c));
+  return static_cast<int64_t>(ops_.size()) - 1;
+}
+
+void ModelPlan::run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[c.in];
+  const auto& go = geometry_[c.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  const float* res = c.res >= 0 ? base + geometry_[c.res].offset : nullptr;
+  const int64_t cin = gi.c, cout = go.c;
+  const int32_t* list = c.all.data();
+  int64_t n = static_cast<int64_t>(c.all.size());
+  const int32_t* idle = nullptr;
+  int64_t n_idle = 0;
+  if (c.gate >= 0) {
+    const RowsGate& g = rows_gates_[c.gate];
+    const int32_t* lists = reinterpret_cast<const int32_t*>(base + g.lists);
+    if (c.which == 0) {
+      n = lists[0];
+      list = lists + 16;
+    } else {
+      n = lists[1];
+      list = lists + 16 + g.positions;
+      n_idle = lists[2];
+      idle = lists + 16 + 2 * g.positions;
+    }
+  }
+  // This thread's share of the positions.
+  const int64_t r0 = n * t / nt, r1 = n * (t + 1) / nt;
+  const int32_t* mine = list + r0;
+  const int64_t wpo = go.wp, wpi = gi.wp, stride = c.stride, taps = c.taps;
+  auto rows_of = [&](int64_t r, const float** ptrs) {
+    const int64_t p = mine[r];
+    if (taps == 1) {
+      ptrs[0] = in + (window_origin(p, wpo, wpi, stride) + wpi + 1) * cin;  // the centre tap
+      return;
+    }
+    const float* origin = in + window_origin(p, wpo, wpi, stride) * cin;
+    for (int64_t ky = 0; ky < 3; ++ky)
+      for (int64_t kx = 0; kx < 3; ++kx) ptrs[ky * 3 + kx] = origin + (ky * wpi + kx) * cin;
+  };
+  const bool relu = c.relu;
+  auto store = [&](int64_t r, int64_t col0, const float* acc, int64_t width) {
+    const int64_t p = mine[r];
+    float* dst = out + p * cout + col0;
+    const float* add = res != nullptr ? res + p * cout + col0 : nullptr;
+    for (int64_t j = 0; j < width; ++j) {
+      float v = acc[j] + (add != nullptr ? add[j] : 0.f);
+      dst[j] = relu ? std::max(v, 0.f) : v;
+    }
+  };
+  if (r1 > r0)
+    direct::row_gemm_columns(r1 - r0, taps, cin, c.matrix.data(), cout, c.bias.data(), 0, cout, rows_of, store);
+  // conv2's inactive positions: the shortcut passes (through the ReLU).
+  for (int64_t i = n_idle * t / nt; i < n_idle * (t + 1) / nt; ++i) {
+    const int64_t p = idle[i];
+    float* dst = out + p * cout;
+    const float* add = res + p * cout;
+    for (int64_t j = 0; j < cout; ++j) dst[j] = relu ? std::max(add[j], 0.f) : add[j];
+  }
+}
+
+// Per-channel sums of a rows buffer (its pads are zero), into its sums slot.
+void ModelPlan::rows_sums(int64_t id, float* base) const {
+  const auto& g = geometry_[id];
+  const float* src = base + g.offset;
+  float* sums = base + g.sums;
+  std::fill(sums, sums + g.c, 0.f);
+  for (int64_t y = 1; y <= g.h; ++y) {
+    const float* row = src + (y * g.wp + 1) * g.c;
+    for (int64_t x = 0; x < g.w; ++x, row += g.c)
+#pragma omp simd
+      for (int64_t c = 0; c < g.c; ++c) sums[c] += row[c];
+  }
+}
+
 void ModelPlan::run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const {
   const auto& g0 = geometry_[0];
-  for (int64_t c = g0.c * t / nt; c < g0.c * (t + 1) / nt; ++c)
+  for (int64_t c = g0.c * t / nt; c < g0.c * (t + 1) / nt; ++c) {
     for (int64_t y = 0; y < g0.h; ++y)
       std::memcpy(base + g0.offset + c * g0.plane + (y + 1) * g0.wp + 1, x + (c * g0.h + y) * g0.w, g0.w * 4);
+    base[g0.sums + c] = plane_sum(base + g0.offset + c * g0.plane, (g0.h + 2) * g0.wp);
+  }
   for (const auto& op : ops_) {
     if (nt > 1) {
 #pragma omp barrier
@@ -613,8 +877,25 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
       run_conv(convs_[op.index], base, scratch, t, nt);
     } else if (op.kind == kGather) {
       run_gather(gathers_[op.index], base, t, nt);
-    } else if (t == 0) {  // a gate is one thread's: the others wait at the next barrier
-      run_gate(gates_[op.index], base);
+    } else if (op.kind == kToRows) {
+      run_to_rows(gathers_[op.index], base, t, nt);
+    } else if (op.kind == kRowsConv) {
+      run_rows_conv(rows_convs_[op.index], base, t, nt);
+    } else if (op.kind == kGate) {
+      if (t == 0) {  // one thread's: the others wait at the next barrier
+        run_gate(gates_[op.index], base);
+      }
+    } else {  // the mask unit on rows: pooled input (one thread), logits (shared), lists (one thread)
+      const RowsGate& g = rows_gates_[op.index];
+      if (t == 0) rows_sums(g.in, base);
+      if (nt > 1) {
+#pragma omp barrier
+      }
+      rows_gate_mask(g, base, t, nt);
+      if (nt > 1) {
+#pragma omp barrier
+      }
+      if (t == 0) rows_gate_lists(g, base);
     }
   }
   if (nt > 1) {
@@ -622,9 +903,10 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
   }
   if (t == 0) {
     const auto& g = geometry_[head_in_];
+    if (g.rows) rows_sums(head_in_, base);
     float* pooled = scratch;
     const float inv = 1.f / static_cast<float>(g.h * g.w);
-    for (int64_t c = 0; c < g.c; ++c) pooled[c] = plane_sum(base + g.offset + c * g.plane, (g.h + 2) * g.wp) * inv;
+    for (int64_t c = 0; c < g.c; ++c) pooled[c] = base[g.sums + c] * inv;
     for (int64_t j = 0; j < classes_; ++j) {
       float acc = head_b_[j];
       for (int64_t c = 0; c < g.c; ++c) acc += head_w_[j * g.c + c] * pooled[c];

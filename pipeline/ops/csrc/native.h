@@ -169,6 +169,18 @@ class ModelPlan {
   // Run conv op `op` only on the vectors of gate `gate`'s dilated mask (which 0: a gated block's conv1) or of
   // its mask, multiplied by the mask, with relu(residual) passed on the other vectors (which 1: conv2).
   void restrict(int64_t op, int64_t gate, int64_t which);
+  // A buffer of rows (position-major) for DynConv's sparse blocks, and the op copying a plane buffer into one.
+  int64_t rows_buffer(int64_t channels, int64_t height, int64_t width);
+  int64_t to_rows(int64_t in, int64_t out);
+  // The mask unit on a rows buffer (logits of a 3x3 conv with `stride` + fc(GAP) + biases, mask = logits >= 0,
+  // its 3x3 dilation) and the lists of active positions of each and of the inactive ones of the mask.
+  int64_t rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t stride, const at::Tensor& conv_weight,
+                    const at::Tensor& conv_bias, const at::Tensor& fc_weight, const at::Tensor& fc_bias);
+  // out = [relu](conv(in) + bias [+ res]) on rows buffers (3x3 padding 1 or 1x1, stride 1 or 2) at every
+  // position, or (gate >= 0) at the positions of the gate's dilated mask (which 0) or of its mask with
+  // [relu](res) at its other positions (which 1).
+  int64_t rows_conv(int64_t in, int64_t out, int64_t res, bool relu, int64_t stride, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, int64_t gate, int64_t which);
   // Logits [B, classes] of a float32 input [B, C, H, W].
   at::Tensor forward(const at::Tensor& input);
   // Per conv: (nonzero (output channel, entry) pairs executed, dense pairs), flattened.
@@ -178,7 +190,8 @@ class ModelPlan {
 
  private:
   struct Geometry {
-    int64_t c = 0, h = 0, w = 0, wp = 0, plane = 0, offset = 0;
+    int64_t c = 0, h = 0, w = 0, wp = 0, plane = 0, offset = 0, sums = 0;  // offsets into the workspace
+    bool rows = false;
   };
   struct Block {
     int64_t co0, cob, e0, ne, w0;
@@ -203,6 +216,17 @@ class ModelPlan {
   struct Gather {
     int64_t in, out;
   };
+  struct RowsGate {
+    int64_t in = -1, mask = -1, dilated = -1, stride = 1, positions = 0, lists = 0;
+    std::vector<float> w, fc;
+    float bias = 0.f;
+  };
+  struct RowsConv {
+    int64_t in = -1, out = -1, res = -1, stride = 1, taps = 9, gate = -1, which = 0;
+    bool relu = false;
+    std::vector<float> matrix, bias;
+    std::vector<int32_t> all;  // every interior position of the output
+  };
   struct Op {
     int64_t kind, index;
   };
@@ -210,6 +234,9 @@ class ModelPlan {
   static constexpr int64_t kConv = 0;
   static constexpr int64_t kGather = 1;
   static constexpr int64_t kGate = 2;
+  static constexpr int64_t kToRows = 3;
+  static constexpr int64_t kRowsGate = 4;
+  static constexpr int64_t kRowsConv = 5;
 
   const Geometry& geometry(int64_t id) const;
   void add_conv(Conv conv, const at::Tensor& weight, int64_t mode);
@@ -217,6 +244,11 @@ class ModelPlan {
   void run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const;
   void run_gather(const Gather& op, float* base, int64_t t, int64_t nt) const;
   void run_gate(const Gate& g, float* base) const;
+  void run_to_rows(const Gather& op, float* base, int64_t t, int64_t nt) const;
+  void rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_t nt) const;
+  void rows_gate_lists(const RowsGate& g, float* base) const;
+  void run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const;
+  void rows_sums(int64_t id, float* base) const;
   static void zero_pads(float* plane, const Geometry& g, int64_t nvec);
   static int64_t vectors(const Geometry& g);
   void run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const;
@@ -225,6 +257,8 @@ class ModelPlan {
   std::vector<Conv> convs_;
   std::vector<Gather> gathers_;
   std::vector<Gate> gates_;
+  std::vector<RowsGate> rows_gates_;
+  std::vector<RowsConv> rows_convs_;
   std::vector<Op> ops_;
   int64_t total_ = 0, head_in_ = -1, classes_ = 0;
   int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_k_ = 1, max_route_ = 0;
