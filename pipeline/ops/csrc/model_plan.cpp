@@ -38,6 +38,7 @@
 #include "native.h"
 #include "row_gemm.h"
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -140,12 +141,23 @@ void mix(const float* a, int64_t k, const float* bank, int64_t stride, int64_t n
   }
 }
 
+// Sum of the lanes of v as a tree (a running scalar sum is a chain of L dependent adds).
+inline float lane_sum(V v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512&>(v));
+#else
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(reinterpret_cast<__m256&>(v)),
+                         _mm256_extractf128_ps(reinterpret_cast<__m256&>(v), 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+#endif
+}
+
 float plane_sum(const float* x, int64_t n) {
   V acc = V{};
   int64_t i = 0;
   for (; i + L <= n; i += L) acc += *reinterpret_cast<const U*>(x + i);
-  float total = 0.f;
-  for (int j = 0; j < L; ++j) total += acc[j];
+  float total = lane_sum(acc);
   for (; i < n; ++i) total += x[i];
   return total;
 }
@@ -700,24 +712,29 @@ void ModelPlan::rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_
   float bias = g.bias;
   for (int64_t ci = 0; ci < c; ++ci) bias += g.fc[ci] * (base[gi.sums + ci] * inv);
   float* m = base + gm.offset;
+  // Four positions at a time: each weight vector is loaded once for all four.
+  constexpr int Q = 4;
   for (int64_t y = 1 + gm.h * t / nt; y < 1 + gm.h * (t + 1) / nt; ++y)
-    for (int64_t x = 1; x <= gm.w; ++x) {
-      const int64_t p = y * gm.wp + x;
-      const float* origin = in + window_origin(p, gm.wp, gi.wp, g.stride) * c;
-      V acc = V{};  // one vector over the channels for all nine taps, reduced once
-      float tail = bias;
+    for (int64_t x0 = 1; x0 <= gm.w; x0 += Q) {
+      const int64_t q = std::min<int64_t>(Q, gm.w + 1 - x0);
+      const float* origin[Q];
+      for (int64_t j = 0; j < Q; ++j)
+        origin[j] = in + window_origin(y * gm.wp + x0 + std::min(j, q - 1), gm.wp, gi.wp, g.stride) * c;
+      V acc[Q] = {};  // one vector over the channels for all nine taps, reduced once
+      float tail[Q] = {};
       for (int64_t ky = 0; ky < 3; ++ky)
         for (int64_t kx = 0; kx < 3; ++kx) {
-          const float* row = origin + (ky * gi.wp + kx) * c;
+          const int64_t shift = (ky * gi.wp + kx) * c;
           const float* w = g.w.data() + (ky * 3 + kx) * c;
           int64_t ci = 0;
-          for (; ci + L <= c; ci += L)
-            acc += *reinterpret_cast<const U*>(row + ci) * *reinterpret_cast<const U*>(w + ci);
-          for (; ci < c; ++ci) tail += row[ci] * w[ci];
+          for (; ci + L <= c; ci += L) {
+            const V wv = *reinterpret_cast<const U*>(w + ci);
+            for (int64_t j = 0; j < Q; ++j) acc[j] += *reinterpret_cast<const U*>(origin[j] + shift + ci) * wv;
+          }
+          for (; ci < c; ++ci)
+            for (int64_t j = 0; j < Q; ++j) tail[j] += origin[j][shift + ci] * w[ci];
         }
-      float logit = tail;
-      for (int j = 0; j < L; ++j) logit += acc[j];
-      m[p] = logit >= 0.f ? 1.f : 0.f;
+      for (int64_t j = 0; j < q; ++j) m[y * gm.wp + x0 + j] = bias + tail[j] + lane_sum(acc[j]) >= 0.f ? 1.f : 0.f;
     }
 }
 
