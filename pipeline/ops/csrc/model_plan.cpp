@@ -635,7 +635,18 @@ void ModelPlan::run_gather(const Gather& op, float* base, int64_t t, int64_t nt)
     for (int64_t oy = 0; oy < go.h; ++oy) {
       const float* row = src + (2 * oy + ky) * gi.wp + kx;
       float* o = dst + (oy + 1) * go.wp + 1;
+#if defined(__AVX512F__)
+      // 16 outputs from 32 inputs by one two-source permute; the loads may run past the row (into the next
+      // rows or the plane's slack, all inside the workspace), the stores are masked to the row.
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      for (int64_t ox = 0; ox < go.w; ox += 16) {
+        const __m512 v = _mm512_permutex2var_ps(_mm512_loadu_ps(row + 2 * ox), even, _mm512_loadu_ps(row + 2 * ox + 16));
+        const int64_t n = std::min<int64_t>(16, go.w - ox);
+        _mm512_mask_storeu_ps(o + ox, static_cast<__mmask16>((1u << n) - 1u), v);
+      }
+#else
       for (int64_t ox = 0; ox < go.w; ++ox) o[ox] = row[2 * ox];
+#endif
     }
   }
 }
