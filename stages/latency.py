@@ -4,9 +4,11 @@ Usage: python -m stages.latency
 
 Variants (all with BatchNorm folded, ``pipeline/fold.py``): the dense model,
 timed in PyTorch in NCHW and in channels-last and, on the CPU, in the runtimes
-of ``latency.runtimes`` (ONNX Runtime, OpenVINO: ``pipeline/runtimes.py``, on
-its ONNX export, outputs checked against PyTorch), then every method's
-variants (``Method.latency_variants``: e.g. DynConv computing densely and
+of ``latency.runtimes`` (ONNX Runtime, OpenVINO on its ONNX export; ``native``,
+the compiled whole-model plan: ``pipeline/runtimes.py``, outputs checked
+against PyTorch), then every method's variants, each in the compiled plan
+where the plan supports the model (``pipeline/ops/model_plan.py``; row
+``runtime`` says which ran), (``Method.latency_variants``: e.g. DynConv computing densely and
 masking, the same model with gather-scatter blocks, the searched model),
 methods in the order of ``convert`` in params.yaml.
 
@@ -26,9 +28,9 @@ Per device (CPU; CUDA when present), thread count and batch size (1 and
 ``latency.batch_size``) the variants are timed on the same test images
 (iteration i uses the i-th batch), after a warm-up. Each variant's
 test accuracy is measured too, so a speed-up never hides an accuracy change.
-On the CPU the dynamic-conv layers and the sparse blocks run the compiled
-inference kernels (``pipeline/ops/native.py``); which build ran is recorded
-(``native_kernels``).
+On the CPU the models the plan does not support run their dynamic-conv layers
+and sparse blocks on the per-layer compiled kernels (``pipeline/ops/native.py``);
+which build ran is recorded (``native_kernels``).
 """
 
 from __future__ import annotations

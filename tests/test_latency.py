@@ -142,14 +142,15 @@ def test_speedups_are_against_the_fastest_dense_runtime_and_eager_is_kept():
     assert by[("dense_pytorch", 8)]["macs_per_image"] == 100.0
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "native"])
 def test_runtime_runs_the_function_of_the_folded_dense_model(runtime, tmp_path):
-    """ONNX export of a BN-folded model in each runtime against PyTorch, random inputs, batch 1 and 5:
-    max abs difference below 1e-4 x the largest logit (f32, not OpenVINO's bf16 default)."""
+    """ONNX export of a BN-folded model in each runtime (the compiled plan: the model itself) against PyTorch,
+    random inputs, batch 1 and 5: max abs difference below 1e-4 x the largest logit (f32, not OpenVINO's
+    bf16 default)."""
     torch.manual_seed(0)
     model = fold_batchnorm(randomize_bn(build_model(model_cfg(arch="cifar_resnet", depth=8), 1, 10)))[0]
     onnx = export_onnx(model, tmp_path / "dense.onnx", torch.randn(1, 1, 32, 32))
-    compiled = compile_dense(runtime, onnx, 1)
+    compiled = compile_dense(runtime, onnx, 1, model)
     inputs = [torch.randn(1, 1, 32, 32), torch.randn(5, 1, 32, 32)]
     with torch.inference_mode():
         scale = max(float(model(x).abs().max()) for x in inputs)
@@ -159,4 +160,10 @@ def test_runtime_runs_the_function_of_the_folded_dense_model(runtime, tmp_path):
 
 def test_unknown_runtime_is_an_error(tmp_path):
     with pytest.raises(UserError, match="unknown runtime 'tvm'"):
-        compile_dense("tvm", tmp_path / "dense.onnx", 1)
+        compile_dense("tvm", tmp_path / "dense.onnx", 1, torch.nn.Identity())
+
+
+def test_native_runtime_refuses_a_model_it_cannot_compile(tmp_path):
+    model = randomize_bn(build_model(model_cfg(arch="cifar_resnet", depth=8), 1, 10))  # BatchNorm not folded
+    with pytest.raises(UserError, match="'native' cannot run the dense model: bn"):
+        compile_dense("native", tmp_path / "dense.onnx", 1, model)

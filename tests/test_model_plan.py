@@ -185,7 +185,7 @@ def test_planned_model_falls_back_and_follows_parameter_changes():
     assert_matches(y.detach(), first + 1.0)
 
 
-@pytest.mark.parametrize("what", ["bn", "odconv", "training", "other_model", "dilated"])
+@pytest.mark.parametrize("what", ["bn", "odconv", "training", "other_model", "dilated", "dense_after_sparse"])
 def test_unsupported_models_are_refused_by_name(what):
     model = resnet("dynamic", seed=4)
     if what == "bn":
@@ -200,9 +200,14 @@ def test_unsupported_models_are_refused_by_name(what):
     elif what == "other_model":
         model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1))
         match = "Sequential"
-    else:
+    elif what == "dilated":
         replace_module(model, "layer1.0.conv1", nn.Conv2d(8, 8, 3, padding=2, dilation=2))
         match = "layer1.0.conv1"
+    else:
+        model = gated_resnet(0.0)[1]
+        model.layer3[0] = CifarResNet(depth=8, width=0.5, in_channels=1).layer3[0].eval()
+        model = fold_batchnorm(model)[0]
+        match = "layer3.0: a dense block after a sparse one"
     with pytest.raises(Unsupported, match=match):
         compile_model(model, (1, 16, 16))
     assert planned(model) is model

@@ -40,25 +40,28 @@ def latency_section(ctx: Context) -> Section | None:
     fig = figures.latency_vs_macs(shown, ctx.figures / "latency_vs_macs.png")
     gpu = f", GPU {result['cuda']}" if result["cuda"] else ", no GPU present (CUDA rows absent)"
     build = result.get("native_kernels")
-    kernels = (f"On the CPU, DyNet / SD-Conv layers and the sparse DynConv blocks ran the compiled kernels ({build})."
+    kernels = (f"On the CPU every model the compiled whole-model plan supports ran in it (runtime `native`: one "
+               "call per batch, no Python between layers); the others ran as PyTorch modules with their DyNet / "
+               f"SD-Conv layers and sparse DynConv blocks on the per-layer compiled kernels (build {build})."
                if build else "The compiled CPU kernels were not available: every model ran its PyTorch path.")
     checks = result.get("runtimes", {})
     if checks:
         named = "; ".join(f"{rt} {c['version']} (max abs difference from PyTorch's logits {c['max_abs_diff']:.1e})"
                           for rt, c in checks.items())
         runtimes = (
-            f"The dense model also ran, on the CPU, as its ONNX export in {named}: f32 (OpenVINO's default on "
-            "CPUs with bf16 instructions is bf16, another function), intra-op threads = the thread count of the "
-            "row, each runtime timed in a block of its own after the interleaved PyTorch rounds (a runtime's "
-            "thread pool stays busy after a call and slows whatever runs next). The `dense` row is the fastest dense runtime of its setting (columns "
-            "runtime and layout); `dense_pytorch` is PyTorch eager in its faster layout (NCHW or channels-last)."
+            f"The dense model also ran, on the CPU, in {named}: ONNX Runtime and OpenVINO on its ONNX export, "
+            "`native` in the compiled plan that runs the methods, all f32 (OpenVINO's default on CPUs with bf16 "
+            "instructions is bf16, another function) with intra-op threads = the thread count of the row (a "
+            "runtime's thread pool stays busy after a call and slows whatever runs next, hence the blocks). The "
+            "`dense` row is the fastest dense runtime of its setting (columns runtime and layout); "
+            "`dense_pytorch` is PyTorch eager in its faster layout (NCHW or channels-last)."
         )
     else:
         runtimes = "The dense baseline is PyTorch eager in the faster of NCHW and channels-last (column layout)."
     text = (
         f"Measured on {result['cpu']} ({result['cores']} cores{gpu}), torch {result['torch']}: every model with "
-        f"BatchNorm folded, all variants timed in one process and interleaved call by call on the same test "
-        f"images, {result['warmup']} warm-up rounds, {result['iterations']} timed calls each; median and "
+        f"BatchNorm folded, every variant timed in one process in a block of its own on the same test "
+        f"images, {result['warmup']} warm-up calls, then {result['iterations']} timed calls; median and "
         f"inter-quartile range. {runtimes} MAC-ratio speed-up = dense MACs / model MACs; speed-up vs best "
         "dense = time of the fastest dense runtime / model time (what every speed verdict uses); speed-up vs "
         f"PyTorch eager is the same against PyTorch's dense model. {kernels} MLflow run `{ev.run_ids['latency']}`."
