@@ -24,7 +24,7 @@ a call returns and slows whatever runs next):
 - Every runtime's output on the timed inputs is compared with PyTorch's
   (``max_abs_diff``), so a baseline never computes a different function.
 - ``native`` runs the dense model through the same whole-model compiled plan
-  (``pipeline/ops/model_plan.py``) that runs the dynamic and sparse models, so
+  (``pipeline/model_plan.py``) that runs the dynamic and sparse models, so
   a method's speed-up is never an artefact of the plan beating the runtimes on
   the dense model too: if the plan is the fastest dense runtime, it is the
   baseline. Its threads are torch's intra-op threads (OpenMP, which sleeps
@@ -105,7 +105,7 @@ def native_model(model: nn.Module, threads: int) -> Compiled:
     """The dense model (eval mode, BN folded) as the compiled whole-model plan; runs with torch's intra-op
     thread count, which the caller sets to ``threads``."""
     from pipeline.ops import native
-    from pipeline.ops.model_plan import Unsupported, compile_model
+    from pipeline.model_plan import Unsupported, compile_model
 
     try:
         compile_model(model, (getattr(getattr(model, "stem", None), "in_channels", 1), 8, 8))
@@ -119,7 +119,7 @@ def native_model(model: nn.Module, threads: int) -> Compiled:
             plans[key] = compile_model(model, key)[0]
         return plans[key].forward(torch.from_numpy(x)).numpy()
 
-    return Compiled("native", native.build_name(), threads, run, {"engine": "pipeline/ops/model_plan.py"})
+    return Compiled("native", native.build_name(), threads, run, {"engine": "pipeline/model_plan.py"})
 
 
 # Runtimes compiled from the ONNX export, and those built from the PyTorch model.

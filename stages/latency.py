@@ -7,7 +7,7 @@ timed in PyTorch in NCHW and in channels-last and, on the CPU, in the runtimes
 of ``latency.runtimes`` (ONNX Runtime, OpenVINO on its ONNX export; ``native``,
 the compiled whole-model plan: ``pipeline/runtimes.py``, outputs checked
 against PyTorch), then every method's variants, each in the compiled plan
-where the plan supports the model (``pipeline/ops/model_plan.py``; row
+where the plan supports the model (``pipeline/model_plan.py``; row
 ``runtime`` says which ran), (``Method.latency_variants``: e.g. DynConv computing densely and
 masking, the same model with gather-scatter blocks, the searched model),
 methods in the order of ``convert`` in params.yaml.
@@ -54,7 +54,7 @@ from pipeline.methods.base import Variant
 from pipeline.methods.files import load_any_model
 from pipeline.metrics import write_metrics
 from pipeline.ops import native
-from pipeline.ops.model_plan import PlannedModel, planned
+from pipeline.model_plan import PlannedModel, planned
 from pipeline.paths import RESULTS
 from pipeline.runtimes import Compiled, compile_dense, export_onnx, max_abs_diff
 from pipeline.timing import resolve_threads, time_blocks, torch_threads, tune_malloc
@@ -71,7 +71,7 @@ def variants(cfg: Config) -> list[Variant]:
 
 def build_variants(cfg: Config) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, float]]:
     """Eval-mode, BN-folded models by variant name, each method's variant in the compiled whole-model plan
-    where the plan supports it (``pipeline/ops/model_plan.py``; the dense model runs there as the ``native``
+    where the plan supports it (``pipeline/model_plan.py``; the dense model runs there as the ``native``
     runtime instead); the models as their stage saved them (what the MAC counters understand: a sparse
     variant executes what its dense-masked source counts); and the test accuracy each had in its stage."""
     models: dict[str, nn.Module] = {}

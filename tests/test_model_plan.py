@@ -1,4 +1,4 @@
-"""Whole-model compiled plan (pipeline/ops/model_plan.py) against the model's own PyTorch forward on random
+"""Whole-model compiled plan (pipeline/model_plan.py) against the model's own PyTorch forward on random
 inputs: static, dynamic (three coefficient activations) and SD-Conv (pruned) CIFAR ResNets, odd shapes and
 channel counts, batch sizes that run sample-parallel and thread-shared, rebuilds, and what it refuses."""
 
@@ -15,7 +15,7 @@ from pipeline.models.cifar_resnet import CifarResNet
 from pipeline.models.surgery import replace_module
 from pipeline.ops import native
 from pipeline.ops.dynamic_conv import DynamicConv2d
-from pipeline.ops.model_plan import PlannedModel, Unsupported, compile_model, planned
+from pipeline.model_plan import PlannedModel, Unsupported, compile_model, planned
 from pipeline.ops.odconv import ODConv2d
 from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import to_sparse_execution
