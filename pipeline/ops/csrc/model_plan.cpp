@@ -31,8 +31,11 @@
 // the shortcut, relu(shortcut) passed at the other positions), the shortcut and the mask unit everywhere.
 //
 // Threads. With at least two samples per call each thread runs whole samples in its own workspace; with
-// one, the threads share each layer's output-channel blocks (balanced by entry count) and meet at a
-// barrier between layers. The Python builder (pipeline/ops/model_plan.py) maps a model onto these ops; the
+// one, the threads share each layer by positions (a contiguous range of the map's vectors, or of a sparse
+// block's position list, for every output channel: the rows a thread writes are mostly the rows it reads
+// next, in its own core's caches; sharing by output channels instead moved half of every map between the
+// cores at each layer) and meet at a barrier between layers. Pooling sums each thread's share as it is
+// stored. The Python builder (pipeline/model_plan.py) maps a model onto these ops; the
 // model's own forward stays the reference the plan is tested against.
 
 #include "native.h"
@@ -66,11 +69,35 @@ constexpr double kSparseBelow = 0.5;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// Accumulate one tile of P vectors (starting at positions pos[0..P)) for COB output channels and store it
-// with the epilogue: [* mask] [+ residual] [ReLU].
+// Sum of the lanes of v as a tree (a running scalar sum is a chain of L dependent adds).
+inline float lane_sum(V v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512&>(v));
+#else
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(reinterpret_cast<__m256&>(v)),
+                         _mm256_extractf128_ps(reinterpret_cast<__m256&>(v), 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+#endif
+}
+
+// Where a tile's outputs go: COB output planes, optional residual planes, ReLU or not, the pad mask of the
+// output geometry (1 at the map's positions, 0 at the pads and past the map: the stores leave the pads zero,
+// so no second pass clears them) and per-channel running sums of what was stored (for pooling).
+template <int COB>
+struct Epilogue {
+  float* const* out;
+  const float* const* res;
+  bool relu;
+  const float* pad;
+  V sums[COB];
+};
+
+// Accumulate one tile of P vectors (starting at positions pos[0..P)) for COB output channels and store it:
+// [+ residual] [ReLU], zero where the pad mask is.
 template <int COB, int P>
 inline void conv_tile(const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias,
-                      float* const* out, const float* const* res, const float* mask, bool relu, const int64_t* pos) {
+                      Epilogue<COB>& ep, const int64_t* pos) {
   V acc[COB][P];
   for (int c = 0; c < COB; ++c)
     for (int j = 0; j < P; ++j) acc[c][j] = V{} + bias[c];
@@ -88,10 +115,11 @@ inline void conv_tile(const float* in, const int32_t* off, const float* w, int64
   for (int c = 0; c < COB; ++c) {
     for (int j = 0; j < P; ++j) {
       V v = acc[c][j];
-      if (mask != nullptr) v *= *reinterpret_cast<const U*>(mask + pos[j]);
-      if (res != nullptr) v += *reinterpret_cast<const U*>(res[c] + pos[j]);
-      if (relu) v = v > zero ? v : zero;
-      *reinterpret_cast<U*>(out[c] + pos[j]) = v;
+      if (ep.res != nullptr) v += *reinterpret_cast<const U*>(ep.res[c] + pos[j]);
+      if (ep.relu) v = v > zero ? v : zero;
+      v = *reinterpret_cast<const U*>(ep.pad + pos[j]) > zero ? v : zero;  // a select: NaN-proof
+      *reinterpret_cast<U*>(ep.out[c] + pos[j]) = v;
+      ep.sums[c] += v;
     }
   }
 }
@@ -99,31 +127,33 @@ inline void conv_tile(const float* in, const int32_t* off, const float* w, int64
 // A tile of r < PMAX vectors: P = r, chosen at run time.
 template <int COB, int P>
 inline void conv_tail(int64_t r, const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias,
-                      float* const* out, const float* const* res, const float* mask, bool relu, const int64_t* pos) {
+                      Epilogue<COB>& ep, const int64_t* pos) {
   if constexpr (P > 0) {
     if (r == P) {
-      conv_tile<COB, P>(in, off, w, ne, bias, out, res, mask, relu, pos);
+      conv_tile<COB, P>(in, off, w, ne, bias, ep, pos);
     } else {
-      conv_tail<COB, P - 1>(r, in, off, w, ne, bias, out, res, mask, relu, pos);
+      conv_tail<COB, P - 1>(r, in, off, w, ne, bias, ep, pos);
     }
   }
 }
 
-// The vectors starting at first + L * v for v in `vectors` (all nvec of them when null), in tiles of PMAX.
+// The nvec vectors starting at positions first, first + L, ..., in tiles of PMAX; sums[c] gets the sum of
+// what channel c stored.
 template <int COB, int PMAX>
 void conv_block(const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias, float* const* out,
-                const float* const* res, const float* mask, bool relu, int64_t first, int64_t nvec,
-                const int32_t* vectors) {
+                const float* const* res, bool relu, const float* pad, int64_t first, int64_t nvec, float* sums) {
+  Epilogue<COB> ep{out, res, relu, pad, {}};
   int64_t pos[PMAX];
   for (int64_t v = 0; v < nvec; v += PMAX) {
     const int64_t n = std::min<int64_t>(PMAX, nvec - v);
-    for (int64_t j = 0; j < n; ++j) pos[j] = first + L * (vectors != nullptr ? vectors[v + j] : v + j);
+    for (int64_t j = 0; j < n; ++j) pos[j] = first + L * (v + j);
     if (n == PMAX) {
-      conv_tile<COB, PMAX>(in, off, w, ne, bias, out, res, mask, relu, pos);
+      conv_tile<COB, PMAX>(in, off, w, ne, bias, ep, pos);
     } else {
-      conv_tail<COB, PMAX - 1>(n, in, off, w, ne, bias, out, res, mask, relu, pos);
+      conv_tail<COB, PMAX - 1>(n, in, off, w, ne, bias, ep, pos);
     }
   }
+  for (int c = 0; c < COB; ++c) sums[c] = lane_sum(ep.sums[c]);
 }
 
 // dst[i] = sum_j a[j] * bank[j * stride + i] for i < n, one vector of dst at a time.
@@ -139,18 +169,6 @@ void mix(const float* a, int64_t k, const float* bank, int64_t stride, int64_t n
     for (int64_t j = 1; j < k; ++j) acc += a[j] * bank[j * stride + i];
     dst[i] = acc;
   }
-}
-
-// Sum of the lanes of v as a tree (a running scalar sum is a chain of L dependent adds).
-inline float lane_sum(V v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(reinterpret_cast<__m512&>(v));
-#else
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(reinterpret_cast<__m256&>(v)),
-                         _mm256_extractf128_ps(reinterpret_cast<__m256&>(v), 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
-#endif
 }
 
 float plane_sum(const float* x, int64_t n) {
@@ -197,8 +215,8 @@ int64_t ModelPlan::buffer(int64_t channels, int64_t height, int64_t width) {
   g.plane = round_up((height + 2) * g.wp + L, L);
   g.offset = total_;
   total_ += round_up(channels * g.plane, L);
-  g.sums = total_;  // per-channel sums of the map, written with it (for pooling without another pass)
-  total_ += round_up(channels, L);
+  g.sums = total_;  // per-channel sums of each thread's share of the map, written with it (pooling needs no pass)
+  total_ += round_up(channels * kMaxTeam, L);
   geometry_.push_back(g);
   return static_cast<int64_t>(geometry_.size()) - 1;
 }
@@ -219,6 +237,12 @@ int64_t ModelPlan::rows_buffer(int64_t channels, int64_t height, int64_t width) 
   return static_cast<int64_t>(geometry_.size()) - 1;
 }
 
+// Append the op of kind `kind` whose parameters were just pushed (`count` of that kind so far); its op index.
+int64_t ModelPlan::push_op(int64_t kind, size_t count) {
+  ops_.push_back({kind, static_cast<int64_t>(count) - 1});
+  return static_cast<int64_t>(ops_.size()) - 1;
+}
+
 const ModelPlan::Geometry& ModelPlan::geometry(int64_t id) const {
   TORCH_CHECK(id >= 0 && id < static_cast<int64_t>(geometry_.size()), "no buffer ", id);
   return geometry_[id];
@@ -229,9 +253,8 @@ int64_t ModelPlan::gather(int64_t in, int64_t out) {
   const auto& go = geometry(out);
   TORCH_CHECK(go.c == 9 * gi.c && go.h == (gi.h - 1) / 2 + 1 && go.w == (gi.w - 1) / 2 + 1,
               "gather: the output buffer must hold the 9 taps of every input channel at stride 2");
-  ops_.push_back({kGather, static_cast<int64_t>(gathers_.size())});
   gathers_.push_back({in, out});
-  return static_cast<int64_t>(ops_.size()) - 1;
+  return push_op(kGather, gathers_.size());
 }
 
 // Entries of `weight` ([K, C_out, C_in, kh, kw]) for the given mode, grouped into output-channel blocks.
@@ -301,13 +324,18 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
   conv.kept = kept;
   conv.dense_entries = cout * ne;
   for (int64_t j = 0; j < k; ++j) conv.w.insert(conv.w.end(), bank[j].begin(), bank[j].end());
+  // The output geometry's pad mask over every position a share's last vector can reach.
+  const int64_t first = go.wp + 1, last = go.h * go.wp + go.w + 1;
+  conv.pad.assign(first + (vectors(go) + 1) * L, 0.f);
+  for (int64_t y = 1; y <= go.h; ++y) std::fill_n(conv.pad.begin() + y * go.wp + 1, go.w, 1.f);
+  TORCH_CHECK(last <= static_cast<int64_t>(conv.pad.size()), "pad mask");
   // Work prefix (entries x channels) for balancing blocks across threads.
   conv.work.assign(1, 0);
   for (const auto& b : conv.blocks) conv.work.push_back(conv.work.back() + std::max<int64_t>(1, b.ne * b.cob));
   max_ew_ = std::max(max_ew_, conv.ew);
   max_cout_ = std::max(max_cout_, cout);
-  ops_.push_back({kConv, static_cast<int64_t>(convs_.size())});
   convs_.push_back(std::move(conv));
+  push_op(kConv, convs_.size());
 }
 
 namespace {
@@ -388,14 +416,23 @@ std::vector<int64_t> ModelPlan::kept_entries() const {
   return out;
 }
 
+// Global average pool of a buffer from the per-thread sums of `parts` shares.
+void ModelPlan::pool(int64_t id, const float* base, int64_t parts, float* pooled) const {
+  const auto& g = geometry_[id];
+  const float inv = 1.f / static_cast<float>(g.h * g.w);
+  for (int64_t c = 0; c < g.c; ++c) {
+    float total = 0.f;
+    for (int64_t j = 0; j < parts; ++j) total += base[g.sums + j * g.c + c];
+    pooled[c] = total * inv;
+  }
+}
+
 // Mixing coefficients of conv c for the sample in `base` into a (K floats); scratch holds pooled and hidden.
-void ModelPlan::route(const Conv& c, const float* base, float* a, float* scratch) const {
+void ModelPlan::route(const Conv& c, const float* base, float* a, float* scratch, int64_t parts) const {
   const auto& g = geometry_[c.route];
   float* pooled = scratch;
   float* hidden = scratch + max_route_;
-  const float inv = 1.f / static_cast<float>(g.h * g.w);
-  const float* sums = base + g.sums;
-  for (int64_t ci = 0; ci < g.c; ++ci) pooled[ci] = sums[ci] * inv;
+  pool(c.route, base, parts, pooled);
   for (int64_t j = 0; j < c.hidden; ++j) {
     float acc = c.fc1_bias[j];
     for (int64_t ci = 0; ci < g.c; ++ci) acc += c.fc1[j * g.c + ci] * pooled[ci];
@@ -424,44 +461,28 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
   float* out = base + go.offset;
   const float* res = c.res >= 0 ? base + geometry_[c.res].offset : nullptr;
   const bool dynamic = c.route >= 0;
-  float* a = scratch;                      // [K]
+  float* a = scratch;                        // [K]
   float* routing = a + round_up(max_k_, L);  // pooled and hidden
   float* mixed = routing + round_up(max_route_ + max_hidden_, L);
   float* mixed_bias = mixed + round_up(max_ew_, L);
-  if (dynamic) route(c, base, a, routing);
-  // This thread's blocks: a contiguous share of the work.
-  const int64_t nb = static_cast<int64_t>(c.blocks.size()), total = c.work.back();
-  int64_t b0 = 0, b1 = nb;
-  if (nt > 1) {
-    const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
-    b0 = std::lower_bound(c.work.begin(), c.work.end(), lo) - c.work.begin();
-    b1 = std::lower_bound(c.work.begin(), c.work.end(), hi) - c.work.begin();
-    if (t + 1 == nt) b1 = nb;
-    b0 = std::min(b0, nb);
-    b1 = std::min(b1, nb);
+  if (dynamic) route(c, base, a, routing, nt);
+  // This thread's share. A large map by positions: a contiguous range of its vectors for every output
+  // channel (the rows a thread writes are mostly those it reads next, in its core's caches). A small one by
+  // output channels (blocks balanced by entry count): split by positions, its few vectors would leave each
+  // thread only short register tiles.
+  const int64_t first = go.wp + 1, nvec = vectors(go);
+  const bool by_positions = nt > 1 && nvec >= nt * kSplitTiles * (c.blocks.empty() ? 1 : kTile[c.blocks[0].cob]);
+  int64_t v0 = 0, v1 = nvec, b0 = 0, b1 = static_cast<int64_t>(c.blocks.size());
+  if (by_positions) {
+    v0 = nvec * t / nt;
+    v1 = nvec * (t + 1) / nt;
+  } else if (nt > 1) {
+    const int64_t total = c.work.back();
+    b0 = std::lower_bound(c.work.begin(), c.work.end(), total * t / nt) - c.work.begin();
+    b1 = t + 1 == nt ? b1 : std::lower_bound(c.work.begin(), c.work.end(), total * (t + 1) / nt) - c.work.begin();
+    b0 = std::min(b0, b1);
   }
-  const int64_t first = go.wp + 1;
-  const int64_t nvec = vectors(go);
-  // Which vectors run: all, or those of a gate's dilated mask (conv1) or mask (conv2, times the mask, the
-  // residual passing elsewhere).
-  const int32_t* vectors_on = nullptr;
-  const int32_t* idle = nullptr;
-  const float* mask = nullptr;
-  int64_t count = nvec, n_idle = 0;
-  if (c.gate >= 0) {
-    const Gate& g = gates_[c.gate];
-    const int32_t* lists = reinterpret_cast<const int32_t*>(base + g.lists);
-    if (c.which == 0) {
-      count = lists[0];
-      vectors_on = lists + 16;
-    } else {
-      count = lists[1];
-      vectors_on = lists + 16 + g.nvec;
-      n_idle = lists[2];
-      idle = lists + 16 + 2 * g.nvec;
-      mask = base + geometry_[g.mask].offset;
-    }
-  }
+  float* sums = base + go.sums;
   for (int64_t bi = b0; bi < b1; ++bi) {
     const Block& b = c.blocks[bi];
     const float* w;
@@ -487,139 +508,29 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
     }
     const int32_t* off = c.off.data() + b.e0;
     const float* const* r = res != nullptr ? ress : nullptr;
-    if (b.cob == 4) {
-      conv_block<4, 6>(in, off, w, b.ne, bias, outs, r, mask, c.relu, first, count, vectors_on);
-    } else {
-      conv_block<1, 12>(in, off, w, b.ne, bias, outs, r, mask, c.relu, first, count, vectors_on);
-    }
-    // Vectors without an active position: the residual passes (through the ReLU).
-    const V zero = V{};
-    for (int64_t i = 0; i < n_idle; ++i) {
-      const int64_t p = first + L * idle[i];
-      for (int64_t co = 0; co < b.cob; ++co) {
-        V v = res != nullptr ? *reinterpret_cast<const U*>(ress[co] + p) : zero;
-        if (c.relu) v = v > zero ? v : zero;
-        *reinterpret_cast<U*>(outs[co] + p) = v;
+    float parts[4] = {0.f, 0.f, 0.f, 0.f};
+    if (v1 > v0) {
+      const float* pad = c.pad.data();
+      if (b.cob == 4) {
+        conv_block<4, kTile[4]>(in, off, w, b.ne, bias, outs, r, c.relu, pad, first + v0 * L, v1 - v0, parts);
+      } else {
+        conv_block<1, kTile[1]>(in, off, w, b.ne, bias, outs, r, c.relu, pad, first + v0 * L, v1 - v0, parts);
       }
     }
     for (int64_t co = 0; co < b.cob; ++co) {
-      zero_pads(outs[co], go, nvec);
-      base[go.sums + b.co0 + co] = plane_sum(outs[co], (go.h + 2) * go.wp);  // pads are zero: the map's sum
+      const float part = parts[co];
+      if (by_positions) {
+        sums[t * go.c + b.co0 + co] = part;
+      } else {  // the whole channel is this thread's: its sum in the first share, the others zero
+        for (int64_t j = 0; j < nt; ++j) sums[j * go.c + b.co0 + co] = j == 0 ? part : 0.f;
+      }
     }
   }
-}
-
-// The pad columns between rows and what the last vector wrote past the map back to zero.
-void ModelPlan::zero_pads(float* o, const Geometry& g, int64_t nvec) {
-  const int64_t first = g.wp + 1, last = g.h * g.wp + g.w + 1, plane_end = (g.h + 2) * g.wp;
-  for (int64_t y = 1; y < g.h; ++y) o[(y + 1) * g.wp - 1] = o[(y + 1) * g.wp] = 0.f;
-  std::fill(o + last, o + std::min(plane_end, first + nvec * L), 0.f);
 }
 
 int64_t ModelPlan::vectors(const Geometry& g) {
   const int64_t first = g.wp + 1, last = g.h * g.wp + g.w + 1;
   return (last - first + L - 1) / L;
-}
-
-int64_t ModelPlan::gate(int64_t in, int64_t read, int64_t mask, int64_t dilated, int64_t mode,
-                        const at::Tensor& conv_weight, const at::Tensor& conv_bias, const at::Tensor& fc_weight,
-                        const at::Tensor& fc_bias) {
-  const auto& gi = geometry(in);
-  const auto& gr = geometry(read);
-  const auto& gm = geometry(mask);
-  const auto& gd = geometry(dilated);
-  check_float_cpu(conv_weight, "gate conv weight");
-  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == 1 && conv_weight.size(1) == gi.c &&
-                  conv_weight.size(2) == 3 && conv_weight.size(3) == 3 && conv_bias.numel() == 1,
-              "gate: conv weight must be [1, C, 3, 3] with one bias");
-  TORCH_CHECK(fc_weight.numel() == gi.c && fc_bias.numel() == 1, "gate: fc must be [1, C] with one bias");
-  TORCH_CHECK(gm.c == 1 && gd.c == 1 && gd.h == gm.h && gd.w == gm.w, "gate: mask buffers must be [1, H', W']");
-  Gate g;
-  g.in = in;
-  g.read = read;
-  g.mask = mask;
-  g.dilated = dilated;
-  const auto w = conv_weight.contiguous();
-  const float* pw = w.data_ptr<float>();
-  for (int64_t ci = 0; ci < gi.c; ++ci)
-    for (int64_t t = 0; t < 9; ++t) {
-      const int64_t ky = t / 3, kx = t % 3;
-      if (mode == kConv3x3) {
-        TORCH_CHECK(gr.c == gi.c && gm.h == gi.h && gm.w == gi.w, "gate: stride-1 mask must have the input's size");
-        g.off.push_back(ci * gr.plane + (ky - 1) * gr.wp + (kx - 1));
-      } else {
-        TORCH_CHECK(mode == kTaps3x3 && gr.c == 9 * gi.c && gr.h == gm.h && gr.w == gm.w, "gate: unknown mode or shape");
-        g.off.push_back((t * gi.c + ci) * gr.plane);
-      }
-      g.w.push_back(pw[ci * 9 + t]);
-    }
-  g.bias = floats(conv_bias, "gate conv bias")[0] + floats(fc_bias, "gate fc bias")[0];
-  g.fc = floats(fc_weight, "gate fc weight");
-  g.nvec = vectors(gm);
-  g.lists = total_;
-  total_ += round_up(16 + 3 * g.nvec, L);
-  ops_.push_back({kGate, static_cast<int64_t>(gates_.size())});
-  gates_.push_back(std::move(g));
-  return static_cast<int64_t>(gates_.size()) - 1;
-}
-
-void ModelPlan::restrict(int64_t op, int64_t gate, int64_t which) {
-  TORCH_CHECK(op >= 0 && op < static_cast<int64_t>(ops_.size()) && ops_[op].kind == kConv, "restrict: not a conv op");
-  TORCH_CHECK(gate >= 0 && gate < static_cast<int64_t>(gates_.size()), "restrict: no gate ", gate);
-  TORCH_CHECK(which == 0 || which == 1, "restrict: which must be 0 (dilated mask) or 1 (mask)");
-  Conv& c = convs_[ops_[op].index];
-  const auto& go = geometry_[c.out];
-  const auto& gm = geometry_[gates_[gate].mask];
-  TORCH_CHECK(go.h == gm.h && go.w == gm.w, "restrict: the conv's output and the mask differ in size");
-  c.gate = gate;
-  c.which = which;
-}
-
-void ModelPlan::run_gate(const Gate& g, float* base) const {
-  const auto& gi = geometry_[g.in];
-  const auto& gm = geometry_[g.mask];
-  const float* in = base + gi.offset;
-  const float inv = 1.f / static_cast<float>(gi.h * gi.w);
-  float bias = g.bias;
-  for (int64_t c = 0; c < gi.c; ++c) bias += g.fc[c] * (base[gi.sums + c] * inv);
-  float* m = base + gm.offset;
-  float* outs[1] = {m};
-  const int64_t first = gm.wp + 1, last = gm.h * gm.wp + gm.w + 1;
-  conv_block<1, 12>(base + geometry_[g.read].offset, g.off.data(), g.w.data(), static_cast<int64_t>(g.off.size()),
-                    &bias, outs, nullptr, nullptr, false, first, g.nvec, nullptr);
-  for (int64_t p = first; p < last; ++p) m[p] = m[p] >= 0.f ? 1.f : 0.f;
-  zero_pads(m, gm, g.nvec);
-  float* d = base + geometry_[g.dilated].offset;
-  for (int64_t y = 1; y <= gm.h; ++y)
-    for (int64_t x = 1; x <= gm.w; ++x) {
-      const float* c = m + y * gm.wp + x;
-      float v = 0.f;
-      for (int64_t dy = -1; dy <= 1; ++dy)
-        for (int64_t dx = -1; dx <= 1; ++dx) v = std::max(v, c[dy * gm.wp + dx]);
-      d[y * gm.wp + x] = v;
-    }
-  int32_t* lists = reinterpret_cast<int32_t*>(base + g.lists);
-  int32_t* on_d = lists + 16;
-  int32_t* on_m = on_d + g.nvec;
-  int32_t* off_m = on_m + g.nvec;
-  int32_t nd = 0, nm = 0, ni = 0;
-  for (int64_t v = 0; v < g.nvec; ++v) {
-    const int64_t p0 = first + L * v, p1 = std::min(last, p0 + L);
-    bool any_d = false, any_m = false;
-    for (int64_t p = p0; p < p1; ++p) {
-      any_d = any_d || d[p] > 0.f;
-      any_m = any_m || m[p] > 0.f;
-    }
-    if (any_d) on_d[nd++] = static_cast<int32_t>(v);
-    if (any_m) {
-      on_m[nm++] = static_cast<int32_t>(v);
-    } else {
-      off_m[ni++] = static_cast<int32_t>(v);
-    }
-  }
-  lists[0] = nd;
-  lists[1] = nm;
-  lists[2] = ni;
 }
 
 void ModelPlan::run_gather(const Gather& op, float* base, int64_t t, int64_t nt) const {
@@ -628,11 +539,11 @@ void ModelPlan::run_gather(const Gather& op, float* base, int64_t t, int64_t nt)
   const float* in = base + gi.offset;
   float* out = base + go.offset;
   const int64_t planes = go.c, cin = gi.c;
-  for (int64_t q = planes * t / nt; q < planes * (t + 1) / nt; ++q) {
+  for (int64_t q = 0; q < planes; ++q) {  // this thread's output rows of every tap plane
     const int64_t tap = q / cin, ci = q % cin, ky = tap / 3, kx = tap % 3;
     const float* src = in + ci * gi.plane;
     float* dst = out + q * go.plane;
-    for (int64_t oy = 0; oy < go.h; ++oy) {
+    for (int64_t oy = go.h * t / nt; oy < go.h * (t + 1) / nt; ++oy) {
       const float* row = src + (2 * oy + ky) * gi.wp + kx;
       float* o = dst + (oy + 1) * go.wp + 1;
 #if defined(__AVX512F__)
@@ -657,9 +568,8 @@ int64_t ModelPlan::to_rows(int64_t in, int64_t out) {
   const auto& gi = geometry(in);
   const auto& go = geometry(out);
   TORCH_CHECK(!gi.rows && go.rows && gi.c == go.c && gi.h == go.h && gi.w == go.w, "to_rows: shape mismatch");
-  ops_.push_back({kToRows, static_cast<int64_t>(gathers_.size())});
   gathers_.push_back({in, out});
-  return static_cast<int64_t>(ops_.size()) - 1;
+  return push_op(kToRows, gathers_.size());
 }
 
 void ModelPlan::run_to_rows(const Gather& op, float* base, int64_t t, int64_t nt) const {
@@ -672,8 +582,6 @@ void ModelPlan::run_to_rows(const Gather& op, float* base, int64_t t, int64_t nt
       const int64_t p = y * go.wp + x;
       for (int64_t c = 0; c < go.c; ++c) out[p * go.c + c] = in[c * gi.plane + p];
     }
-  if (t == 0)
-    for (int64_t c = 0; c < go.c; ++c) base[go.sums + c] = base[gi.sums + c];
 }
 
 int64_t ModelPlan::rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t stride, const at::Tensor& conv_weight,
@@ -701,8 +609,8 @@ int64_t ModelPlan::rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t 
   g.positions = gm.h * gm.w;
   g.lists = total_;
   total_ += round_up(16 + 3 * g.positions, L);
-  ops_.push_back({kRowsGate, static_cast<int64_t>(rows_gates_.size())});
   rows_gates_.push_back(std::move(g));
+  push_op(kRowsGate, rows_gates_.size());
   return static_cast<int64_t>(rows_gates_.size()) - 1;
 }
 
@@ -812,9 +720,8 @@ int64_t ModelPlan::rows_conv(int64_t in, int64_t out, int64_t res, bool relu, in
   c.which = which;
   for (int64_t y = 1; y <= go.h; ++y)
     for (int64_t x = 1; x <= go.w; ++x) c.all.push_back(static_cast<int32_t>(y * go.wp + x));
-  ops_.push_back({kRowsConv, static_cast<int64_t>(rows_convs_.size())});
   rows_convs_.push_back(std::move(c));
-  return static_cast<int64_t>(ops_.size()) - 1;
+  return push_op(kRowsConv, rows_convs_.size());
 }
 
 void ModelPlan::run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const {
@@ -892,10 +799,11 @@ void ModelPlan::rows_sums(int64_t id, float* base) const {
 
 void ModelPlan::run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const {
   const auto& g0 = geometry_[0];
-  for (int64_t c = g0.c * t / nt; c < g0.c * (t + 1) / nt; ++c) {
-    for (int64_t y = 0; y < g0.h; ++y)
-      std::memcpy(base + g0.offset + c * g0.plane + (y + 1) * g0.wp + 1, x + (c * g0.h + y) * g0.w, g0.w * 4);
-    base[g0.sums + c] = plane_sum(base + g0.offset + c * g0.plane, (g0.h + 2) * g0.wp);
+  for (int64_t c = 0; c < g0.c; ++c) {  // this thread's rows of every channel, and their sum
+    float* plane = base + g0.offset + c * g0.plane;
+    const int64_t y0 = g0.h * t / nt, y1 = g0.h * (t + 1) / nt;
+    for (int64_t y = y0; y < y1; ++y) std::memcpy(plane + (y + 1) * g0.wp + 1, x + (c * g0.h + y) * g0.w, g0.w * 4);
+    base[g0.sums + t * g0.c + c] = plane_sum(plane + (y0 + 1) * g0.wp, (y1 - y0) * g0.wp);
   }
   for (const auto& op : ops_) {
     if (nt > 1) {
@@ -909,10 +817,6 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
       run_to_rows(gathers_[op.index], base, t, nt);
     } else if (op.kind == kRowsConv) {
       run_rows_conv(rows_convs_[op.index], base, t, nt);
-    } else if (op.kind == kGate) {
-      if (t == 0) {  // one thread's: the others wait at the next barrier
-        run_gate(gates_[op.index], base);
-      }
     } else {  // the mask unit on rows: pooled input (one thread), logits (shared), lists (one thread)
       const RowsGate& g = rows_gates_[op.index];
       if (t == 0) rows_sums(g.in, base);
@@ -933,8 +837,7 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
     const auto& g = geometry_[head_in_];
     if (g.rows) rows_sums(head_in_, base);
     float* pooled = scratch;
-    const float inv = 1.f / static_cast<float>(g.h * g.w);
-    for (int64_t c = 0; c < g.c; ++c) pooled[c] = base[g.sums + c] * inv;
+    pool(head_in_, base, g.rows ? 1 : nt, pooled);
     for (int64_t j = 0; j < classes_; ++j) {
       float acc = head_b_[j];
       for (int64_t c = 0; c < g.c; ++c) acc += head_w_[j * g.c + c] * pooled[c];
@@ -976,7 +879,7 @@ at::Tensor ModelPlan::forward(const at::Tensor& input) {
       run_sample(px + n * per_image, po + n * classes_, work_[tid]->data.get(), scratch_[tid]->data.get(), 0, 1);
     }
   } else if (nt > 1) {
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(std::min<int>(nt, kMaxTeam))
     {
       const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
       for (int64_t n = 0; n < b; ++n)

@@ -31,8 +31,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("static_conv", &native::ModelPlan::static_conv)
       .def("dynamic_conv", &native::ModelPlan::dynamic_conv)
       .def("head", &native::ModelPlan::head)
-      .def("gate", &native::ModelPlan::gate)
-      .def("restrict", &native::ModelPlan::restrict)
       .def("rows_buffer", &native::ModelPlan::rows_buffer)
       .def("to_rows", &native::ModelPlan::to_rows)
       .def("rows_gate", &native::ModelPlan::rows_gate)

@@ -135,7 +135,7 @@ class InvertedResidualPlan {
 
 // A whole network as one compiled call (model_plan.cpp): buffers of zero-padded planes, then ops in order
 // (convs with optional residual and ReLU, stride-2 tap gathers), then global average pooling and a linear
-// head. Buffer 0 is the input. Built op by op from Python (pipeline/ops/model_plan.py).
+// head. Buffer 0 is the input. Built op by op from Python (pipeline/model_plan.py).
 class ModelPlan {
  public:
   // Conv modes: 3x3 stride 1 padding 1 on a buffer of the output's size; 1x1 stride 1; 3x3 stride 2 on a
@@ -160,15 +160,6 @@ class ModelPlan {
                        const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
                        int64_t activation, double temperature);
   void head(int64_t in, const at::Tensor& weight, const at::Tensor& bias);
-  // DynConv's mask unit of a gated block with input `in` (Verelst & Tuytelaars, CVPR 2020): logits
-  // conv3x3(in, stride s) + fc(GAP(in)) + biases at the block's output size (`read` is `in` for stride 1, its
-  // gathered taps for stride 2; mode kConv3x3 or kTaps3x3), mask = [logits >= 0] into buffer `mask`, its 3x3
-  // dilation into `dilated`, and the lists of 16-position vectors each holds an active position of.
-  int64_t gate(int64_t in, int64_t read, int64_t mask, int64_t dilated, int64_t mode, const at::Tensor& conv_weight,
-               const at::Tensor& conv_bias, const at::Tensor& fc_weight, const at::Tensor& fc_bias);
-  // Run conv op `op` only on the vectors of gate `gate`'s dilated mask (which 0: a gated block's conv1) or of
-  // its mask, multiplied by the mask, with relu(residual) passed on the other vectors (which 1: conv2).
-  void restrict(int64_t op, int64_t gate, int64_t which);
   // A buffer of rows (position-major) for DynConv's sparse blocks, and the op copying a plane buffer into one.
   int64_t rows_buffer(int64_t channels, int64_t height, int64_t width);
   int64_t to_rows(int64_t in, int64_t out);
@@ -203,15 +194,8 @@ class ModelPlan {
     float inv_temperature = 1.f;
     std::vector<Block> blocks;
     std::vector<int32_t> off;
-    std::vector<float> w, bias, fc1, fc1_bias, fc2, fc2_bias;
+    std::vector<float> w, bias, fc1, fc1_bias, fc2, fc2_bias, pad;
     std::vector<int64_t> work;
-    int64_t gate = -1, which = 0;
-  };
-  struct Gate {
-    int64_t in = -1, read = -1, mask = -1, dilated = -1, nvec = 0, lists = 0;  // lists: workspace offset
-    std::vector<int32_t> off;
-    std::vector<float> w, fc;
-    float bias = 0.f;
   };
   struct Gather {
     int64_t in, out;
@@ -233,30 +217,33 @@ class ModelPlan {
   struct Workspace;
   static constexpr int64_t kConv = 0;
   static constexpr int64_t kGather = 1;
-  static constexpr int64_t kGate = 2;
   static constexpr int64_t kToRows = 3;
   static constexpr int64_t kRowsGate = 4;
   static constexpr int64_t kRowsConv = 5;
 
   const Geometry& geometry(int64_t id) const;
+  int64_t push_op(int64_t kind, size_t count);
   void add_conv(Conv conv, const at::Tensor& weight, int64_t mode);
-  void route(const Conv& c, const float* base, float* a, float* scratch) const;
+  void route(const Conv& c, const float* base, float* a, float* scratch, int64_t parts) const;
   void run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const;
   void run_gather(const Gather& op, float* base, int64_t t, int64_t nt) const;
-  void run_gate(const Gate& g, float* base) const;
   void run_to_rows(const Gather& op, float* base, int64_t t, int64_t nt) const;
   void rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_t nt) const;
   void rows_gate_lists(const RowsGate& g, float* base) const;
   void run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const;
   void rows_sums(int64_t id, float* base) const;
-  static void zero_pads(float* plane, const Geometry& g, int64_t nvec);
+  void pool(int64_t id, const float* base, int64_t parts, float* pooled) const;
+  static constexpr int kMaxTeam = 8;  // threads sharing one image (more would only wait on each other)
+  // Register tile heights (16-position vectors) by output-channel block size, and the full tiles per thread a
+  // layer needs to be shared by positions rather than by channels.
+  static constexpr int kTile[5] = {0, 12, 0, 0, 6};
+  static constexpr int64_t kSplitTiles = 2;
   static int64_t vectors(const Geometry& g);
   void run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const;
 
   std::vector<Geometry> geometry_;
   std::vector<Conv> convs_;
   std::vector<Gather> gathers_;
-  std::vector<Gate> gates_;
   std::vector<RowsGate> rows_gates_;
   std::vector<RowsConv> rows_convs_;
   std::vector<Op> ops_;
