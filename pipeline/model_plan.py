@@ -4,7 +4,7 @@ At batch 1 a CIFAR ResNet at DyNet's width runs about 7 M MACs; PyTorch's
 per-operator dispatch and the per-layer plans' Python round trips then cost
 more than the arithmetic, and a runtime that fuses the dense model (ONNX
 Runtime, OpenVINO) wins even with 4 x the MACs. :func:`compile_model` maps a
-BN-folded ``CifarResNet`` whose convs are static ``nn.Conv2d`` or dynamic
+BN-folded ``CifarResNet`` whose convs are plain ``nn.Conv2d`` or dynamic
 kernel mixtures (``DynamicConv2d``: DyNet / CondConv / DY-Conv; ``SDConv2d``,
 whose pruned weights it skips), and whose blocks may be DynConv's sparse
 blocks (``SparseBasicBlock``: the gated convs run only on the 16-position
@@ -79,14 +79,14 @@ class _Builder:
             self.plan.gather(src, self.taps[src])
         return self.taps[src], (2 if ks == 3 else 3), ho, wo
 
-    def static(self, src: int, stride: int, weight: torch.Tensor, bias: torch.Tensor | None, res: int = -1,
+    def fixed(self, src: int, stride: int, weight: torch.Tensor, bias: torch.Tensor | None, res: int = -1,
                relu: bool = False) -> tuple[int, int]:
-        """Add ``[relu](conv(src) + bias [+ res])`` for a static kernel; returns (op, output buffer)."""
+        """Add ``[relu](conv(src) + bias [+ res])`` for a fixed (not input-dependent) kernel; returns (op, output buffer)."""
         read, mode, ho, wo = self.reads(src, weight.shape[-1], stride)
         out = self.buffer(weight.shape[0], ho, wo)
         self.sources += [weight] + ([bias] if bias is not None else [])
         with torch.no_grad():
-            op = self.plan.static_conv(read, out, res, relu, mode, weight.detach().float(),
+            op = self.plan.fixed_conv(read, out, res, relu, mode, weight.detach().float(),
                                        None if bias is None else bias.detach().float())  # fmt: skip
         return op, out
 
@@ -96,7 +96,7 @@ class _Builder:
             raise Unsupported(f"{name}: {type(conv).__name__} has no compiled plan")
         ks, stride = _check_geometry(name, conv)
         if type(conv) is nn.Conv2d:
-            return self.static(src, stride, conv.weight, conv.bias, res, relu)[1]
+            return self.fixed(src, stride, conv.weight, conv.bias, res, relu)[1]
         read, mode, ho, wo = self.reads(src, ks, stride)
         out = self.buffer(conv.out_channels, ho, wo)
         fc1, fc2 = conv._fc

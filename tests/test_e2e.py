@@ -141,7 +141,7 @@ def test_latency_times_every_variant(repro):
         assert r["speedup_vs_dense"] == pytest.approx(fastest / r["median_ms"])
     assert all(r["iterations"] == 30 and 0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in result["rows"])
     assert abs(result["accuracy"]["dynconv_sparse"]["acc_change"]) < 0.01  # same masks, same function
-    engines = {r["variant"]: r["runtime"] for r in result["rows"]}
+    engines = {r["variant"]: r["runtime"] for r in result["rows"] if r["variant"] != "dense"}  # `dense`: the fastest
     # The compiled whole-model plan runs every model it supports, with the accuracy of the model's stage.
     assert {v for v, e in engines.items() if e == "native"} == {"dense_native", "dynet", "sdconv", "dynconv_sparse",
                                                               "dynconv_searched_sparse"} & (VARIANTS | dense)

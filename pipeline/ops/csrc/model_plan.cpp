@@ -346,7 +346,7 @@ std::vector<float> floats(const at::Tensor& t, const char* name) {
 }
 }  // namespace
 
-int64_t ModelPlan::static_conv(int64_t in, int64_t out, int64_t res, bool relu, int64_t mode, const at::Tensor& weight,
+int64_t ModelPlan::fixed_conv(int64_t in, int64_t out, int64_t res, bool relu, int64_t mode, const at::Tensor& weight,
                                const c10::optional<at::Tensor>& bias) {
   check_float_cpu(weight, "weight");
   TORCH_CHECK(weight.dim() == 4, "static conv: weight must be [C_out, C_in, kh, kw]");

@@ -28,7 +28,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<int64_t, int64_t, int64_t>())
       .def("buffer", &native::ModelPlan::buffer)
       .def("gather", &native::ModelPlan::gather)
-      .def("static_conv", &native::ModelPlan::static_conv)
+      .def("fixed_conv", &native::ModelPlan::fixed_conv)
       .def("dynamic_conv", &native::ModelPlan::dynamic_conv)
       .def("head", &native::ModelPlan::head)
       .def("rows_buffer", &native::ModelPlan::rows_buffer)

@@ -151,7 +151,7 @@ class ModelPlan {
   // The nine taps of a 3x3, stride-2, padding-1 window of every channel of `in`, as planes (tap, c) of `out`.
   int64_t gather(int64_t in, int64_t out);
   // out = [relu](conv(in) + bias [+ res]); weight [C_out, C_in, kh, kw].
-  int64_t static_conv(int64_t in, int64_t out, int64_t res, bool relu, int64_t mode, const at::Tensor& weight,
+  int64_t fixed_conv(int64_t in, int64_t out, int64_t res, bool relu, int64_t mode, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias);
   // The same with the kernels [K, C_out, C_in, kh, kw] and bias [K, C_out] mixed per sample by
   // act(fc2(relu(fc1(GAP(route))))) (activation codes as DynamicConvPlan).
