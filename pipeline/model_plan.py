@@ -7,10 +7,10 @@ Runtime, OpenVINO) wins even with 4 x the MACs. :func:`compile_model` maps a
 BN-folded ``CifarResNet`` whose convs are plain ``nn.Conv2d`` or dynamic
 kernel mixtures (``DynamicConv2d``: DyNet / CondConv / DY-Conv; ``SDConv2d``,
 whose pruned weights it skips), and whose blocks may be DynConv's sparse
-blocks (``SparseBasicBlock``: the gated convs run only on the 16-position
-vectors that hold an active position of the mask or its dilation), onto the
-compiled plan; :class:`PlannedModel` runs it. The model's own forward stays the reference: tests compare the two on
-random inputs, and the plan is rebuilt when a parameter changes.
+blocks (``SparseBasicBlock``: the gated convs run only at the active positions
+of the mask or its dilation), onto the compiled plan; :class:`PlannedModel`
+runs it. The model's own forward stays the reference: tests compare the two
+on random inputs, and the plan is rebuilt when a parameter changes.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class _Builder:
 
     def fixed(self, src: int, stride: int, weight: torch.Tensor, bias: torch.Tensor | None, res: int = -1,
                relu: bool = False) -> tuple[int, int]:
-        """Add ``[relu](conv(src) + bias [+ res])`` for a fixed (not input-dependent) kernel; returns (op, output buffer)."""
+        """Add ``[relu](conv(src) + bias [+ res])`` for a kernel that does not depend on the input; returns
+        (op, output buffer)."""
         read, mode, ho, wo = self.reads(src, weight.shape[-1], stride)
         out = self.buffer(weight.shape[0], ho, wo)
         self.sources += [weight] + ([bias] if bias is not None else [])
@@ -205,7 +206,8 @@ class PlannedModel(nn.Module):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_plans": {}}
 
-    def _plan(self, shape: tuple[int, ...]):
+    def plan_for(self, shape: tuple[int, ...]):
+        """The compiled plan for inputs [B, *shape], built or rebuilt as needed; raises :class:`Unsupported`."""
         plan = self._plans.get(shape)
         if plan is not None and plan.current():
             return plan
@@ -217,13 +219,14 @@ class PlannedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.model.training or not native.usable(x):
             return self.model(x)
-        return self._plan(tuple(x.shape[1:])).forward(x)
+        return self.plan_for(tuple(x.shape[1:])).forward(x)
 
 
 def planned(model: nn.Module, shape: tuple[int, int, int] = (1, 32, 32)) -> nn.Module:
-    """``PlannedModel(model)`` if the plan compiles for inputs [B, *shape], else ``model`` unchanged."""
+    """``PlannedModel(model)`` (its plan for inputs [B, *shape] built) if the plan compiles, else ``model``."""
+    wrapped = PlannedModel(model)
     try:
-        compile_model(model, shape)
+        wrapped.plan_for(shape)
     except Unsupported:
         return model
-    return PlannedModel(model)
+    return wrapped

@@ -104,20 +104,17 @@ def openvino_model(path: Path, threads: int) -> Compiled:
 def native_model(model: nn.Module, threads: int) -> Compiled:
     """The dense model (eval mode, BN folded) as the compiled whole-model plan; runs with torch's intra-op
     thread count, which the caller sets to ``threads``."""
+    from pipeline.model_plan import PlannedModel, Unsupported
     from pipeline.ops import native
-    from pipeline.model_plan import Unsupported, compile_model
 
+    planned = PlannedModel(model)
     try:
-        compile_model(model, (getattr(getattr(model, "stem", None), "in_channels", 1), 8, 8))
+        planned.plan_for((getattr(getattr(model, "stem", None), "in_channels", 1), 8, 8))
     except Unsupported as err:
         raise UserError(f"latency.runtimes: 'native' cannot run the dense model: {err}") from None
-    plans: dict[tuple[int, ...], object] = {}
 
     def run(x: np.ndarray) -> np.ndarray:
-        key = x.shape[1:]
-        if key not in plans:
-            plans[key] = compile_model(model, key)[0]
-        return plans[key].forward(torch.from_numpy(x)).numpy()
+        return planned.plan_for(x.shape[1:]).forward(torch.from_numpy(x)).numpy()
 
     return Compiled("native", native.build_name(), threads, run, {"engine": "pipeline/model_plan.py"})
 
