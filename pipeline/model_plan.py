@@ -222,11 +222,17 @@ class PlannedModel(nn.Module):
         return self.plan_for(tuple(x.shape[1:])).forward(x)
 
 
-def planned(model: nn.Module, shape: tuple[int, int, int] = (1, 32, 32)) -> nn.Module:
-    """``PlannedModel(model)`` (its plan for inputs [B, *shape] built) if the plan compiles, else ``model``."""
+def probe_shape(model: nn.Module) -> tuple[int, int, int]:
+    """A small input shape with the model's input channels, to check that the plan compiles (plans for
+    the real input size are built on the first call)."""
+    return getattr(getattr(model, "stem", None), "in_channels", 1), 8, 8
+
+
+def planned(model: nn.Module) -> nn.Module:
+    """``PlannedModel(model)`` if the plan compiles for the model, else ``model`` unchanged."""
     wrapped = PlannedModel(model)
     try:
-        wrapped.plan_for(shape)
+        wrapped.plan_for(probe_shape(model))
     except Unsupported:
         return model
     return wrapped

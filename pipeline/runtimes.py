@@ -104,12 +104,12 @@ def openvino_model(path: Path, threads: int) -> Compiled:
 def native_model(model: nn.Module, threads: int) -> Compiled:
     """The dense model (eval mode, BN folded) as the compiled whole-model plan; runs with torch's intra-op
     thread count, which the caller sets to ``threads``."""
-    from pipeline.model_plan import PlannedModel, Unsupported
+    from pipeline.model_plan import PlannedModel, Unsupported, probe_shape
     from pipeline.ops import native
 
     planned = PlannedModel(model)
     try:
-        planned.plan_for((getattr(getattr(model, "stem", None), "in_channels", 1), 8, 8))
+        planned.plan_for(probe_shape(model))
     except Unsupported as err:
         raise UserError(f"latency.runtimes: 'native' cannot run the dense model: {err}") from None
 

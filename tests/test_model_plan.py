@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from pipeline.fold import fold_batchnorm
+from pipeline.model_plan import PlannedModel, Unsupported, compile_model, planned
 from pipeline.models.cifar_resnet import CifarResNet
 from pipeline.models.surgery import replace_module
 from pipeline.ops import native
 from pipeline.ops.dynamic_conv import DynamicConv2d
-from pipeline.model_plan import PlannedModel, Unsupported, compile_model, planned
 from pipeline.ops.odconv import ODConv2d
 from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import to_sparse_execution
@@ -211,6 +211,15 @@ def test_unsupported_models_are_refused_by_name(what):
     with pytest.raises(Unsupported, match=match):
         compile_model(model, (1, 16, 16))
     assert planned(model) is model
+
+
+def test_planned_compiles_for_the_models_input_channels():
+    model = resnet("dynamic", in_channels=3, seed=6)
+    wrapped = planned(model)
+    assert isinstance(wrapped, PlannedModel)
+    x = torch.randn(2, 3, 12, 20)
+    with torch.no_grad():
+        assert_matches(wrapped(x), reference(model, x))
 
 
 def test_plan_rejects_a_wrong_input_shape():
