@@ -49,12 +49,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tracking_server(postgres, tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 with a PostgreSQL backend store and served artifacts."""
-    postgres.add_role("mlflow_e2e", "mlflow-pw", "mlflow_e2e")
+def tracking_server(postgres, tmp_path_factory, request):
+    """`mlflow server` on 127.0.0.1 with a PostgreSQL backend store (a role and database of the test module's
+    own: modules run serially share the PostgreSQL server) and served artifacts."""
+    name = "mlflow_" + request.module.__name__.rsplit(".", 1)[-1]
+    postgres.add_role(name, "mlflow-pw", name)
     port, folder = _free_port(), tmp_path_factory.mktemp("mlflow-server")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.url("mlflow_e2e", "mlflow-pw", "mlflow_e2e"),
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.url(name, "mlflow-pw", name),
          "--host", "127.0.0.1", "--port", str(port), "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
         stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, cwd=folder)
     uri = f"http://127.0.0.1:{port}"
