@@ -110,6 +110,29 @@ class _Builder:
                 fc2.bias.detach().float(), ACTIVATIONS.index(conv.activation), conv.temperature)
         return out
 
+    def as_rows(self, x: int) -> int:
+        """``x`` as a rows buffer (copied from its planes unless it is one)."""
+        if x in self.rows:
+            return x
+        out = self.buffer(*self.shapes[x], rows=True)
+        self.plan.to_rows(x, out)
+        return out
+
+    def rows_conv(self, name: str, conv: nn.Module, src: int, relu: bool) -> int:
+        """``[relu](conv(src))`` at every position of rows buffers, for a conv with a fixed kernel; returns the
+        output buffer."""
+        if type(conv) is not nn.Conv2d:
+            raise Unsupported(f"{name}: {type(conv).__name__} has no compiled plan on rows")
+        _, stride = _check_geometry(name, conv)
+        src = self.as_rows(src)
+        _, h, w = self.shapes[src]
+        out = self.buffer(conv.out_channels, (h - 1) // stride + 1, (w - 1) // stride + 1, rows=True)
+        self.sources += [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+        with torch.no_grad():
+            self.plan.rows_conv(src, out, -1, relu, stride, conv.weight.detach().float(),
+                                None if conv.bias is None else conv.bias.detach().float(), -1, 0)  # fmt: skip
+        return out
+
     def sparse_block(self, name: str, block: SparseBasicBlock, x: int) -> int:
         """DynConv's sparse block on rows buffers (position-major): mask unit, shortcut at every position,
         conv1 at the dilated mask's positions, conv2 at the mask's (added to the shortcut, which passes alone
@@ -118,9 +141,7 @@ class _Builder:
         if type(gate) is not MaskUnit or gate.training or gate.stride != block.stride or block.stride not in (1, 2):
             raise Unsupported(f"{name}.gate: only an eval-mode mask unit with the block's stride (1 or 2) is compiled")
         c, h, w = self.shapes[x]
-        if x not in self.rows:
-            plane, x = x, self.buffer(c, h, w, rows=True)
-            self.plan.to_rows(plane, x)
+        x = self.as_rows(x)
         s = block.stride
         ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
         mask, dilated = self.buffer(1, ho, wo), self.buffer(1, ho, wo)
@@ -157,7 +178,10 @@ def compile_model(model: nn.Module, shape: tuple[int, int, int]) -> tuple[object
     if not _identity(model.bn):
         raise Unsupported("bn: the stem's BatchNorm is not folded")
     b = _Builder(shape)
-    x = b.conv("stem", model.stem, 0, relu=True)
+    if len(model.layer1) and type(model.layer1[0]) is SparseBasicBlock and type(model.stem) is nn.Conv2d:
+        x = b.rows_conv("stem", model.stem, 0, relu=True)  # copying the input to rows costs less than its output
+    else:
+        x = b.conv("stem", model.stem, 0, relu=True)
     for s in (1, 2, 3):
         for i, block in enumerate(getattr(model, f"layer{s}")):
             name = f"layer{s}.{i}"
@@ -215,6 +239,15 @@ class PlannedModel(nn.Module):
         if plan.watch(sources):  # inference tensors (no version counter) cannot be watched: not cached
             self._plans[shape] = plan
         return plan
+
+    def threads_per_image(self, shape: tuple[int, ...], threads: int, batch: int) -> int | None:
+        """Threads that ran each image of a [batch, *shape] call on ``threads`` threads: 1 where each thread
+        runs whole images (batch >= threads); below, what the plan chose on its first such call (the threads
+        sharing every layer, or one thread alone: whichever it timed faster); None before that call."""
+        if threads <= 1 or batch >= threads:
+            return 1
+        plan = self._plans.get(tuple(shape))
+        return (plan.team(threads, batch) or None) if plan is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or self.model.training or not native.usable(x):

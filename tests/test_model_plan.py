@@ -91,9 +91,25 @@ CASES = [
     ("dynamic", {"activation": "softmax"}, (1, 32, 32)),
     ("dynamic", {"activation": "sigmoid", "k": 3}, (3, 20, 28)),
     ("dynamic", {"activation": "linear", "k": 2, "width": 0.375}, (1, 17, 9)),  # 6/12/24 channels: not 4-blocks
-    ("sdconv", {"sparsity": 0.85}, (1, 32, 32)),  # per-channel entry lists
-    ("sdconv", {"sparsity": 0.3, "width": 1.0}, (3, 16, 16)),  # dense enough for 4-channel blocks
+    ("sdconv", {"sparsity": 0.85}, (1, 32, 32)),  # 4-channel blocks, entries grouped by the channels using them
+    ("sdconv", {"sparsity": 0.3, "width": 1.0}, (3, 16, 16)),
+    ("sdconv", {"sparsity": 0.7, "width": 0.375}, (1, 12, 12)),  # 1-channel blocks of nonzero entries
 ]
+
+
+def run_batches(plan, model_or_expected, shape, threads, gen, batches=(1, 3, 4)) -> None:
+    """Compare the plan with the reference at each batch size; with 2 threads batch 1 runs both ways (the
+    threads sharing each layer, and one thread) and as the plan chooses, 3 and 4 run a sample per thread."""
+    for batch in batches:
+        x = torch.randn(batch, *shape, generator=gen)
+        expected = model_or_expected(x)
+        policies = (2, 1, 0) if threads > 1 and batch < threads else (0,)
+        for policy in policies:
+            plan.set_team_policy(policy)
+            assert_matches(plan.forward(x), expected)
+            if threads > 1 and batch < threads:
+                assert plan.team(threads, batch) == {2: threads, 1: 1, 0: plan.team(threads, batch)}[policy]
+                assert plan.team(threads, batch) in (1, threads)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1].values()))}-{c[2]}")
@@ -106,9 +122,7 @@ def test_plan_matches_the_models_forward(case, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for batch in (1, 3, 4):  # 2 threads: batch 1 shares each layer, 3 and 4 run a sample per thread
-            x = torch.randn(batch, *shape, generator=gen)
-            assert_matches(plan.forward(x), reference(model, x))
+        run_batches(plan, lambda x: reference(model, x), shape, threads, gen)
     finally:
         torch.set_num_threads(before)
 
@@ -140,15 +154,16 @@ def test_sparse_blocks_match_the_dense_masked_model(open_bias, threads):
     gen = torch.Generator().manual_seed(2)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    def expected(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = gated(x)
+        fractions = [float(b.last_mask.mean()) for b in gated.modules() if isinstance(b, GatedBasicBlock)]
+        if open_bias == 0.0:
+            assert 0.05 < sum(fractions) / len(fractions) < 0.95, fractions  # masks really are partial
+        return out
+
     try:
-        for batch in (1, 3):
-            x = torch.randn(batch, 1, 20, 24, generator=gen)
-            with torch.no_grad():
-                expected = gated(x)
-            fractions = [float(b.last_mask.mean()) for b in gated.modules() if isinstance(b, GatedBasicBlock)]
-            if open_bias == 0.0:
-                assert 0.05 < sum(fractions) / len(fractions) < 0.95, fractions  # masks really are partial
-            assert_matches(plan.forward(x), expected)
+        run_batches(plan, expected, (1, 20, 24), threads, gen, batches=(1, 3))  # rows of 24: a vector and a part
     finally:
         torch.set_num_threads(before)
 
@@ -156,9 +171,9 @@ def test_sparse_blocks_match_the_dense_masked_model(open_bias, threads):
 def test_sparse_layers_execute_only_nonzero_weights():
     model = resnet("sdconv", sparsity=0.85, seed=2)
     plan, _ = compile_model(model, (1, 16, 16))
-    kept = plan.kept_entries()
+    kept = plan.kept_entries()  # (multiplications per position the plan's blocks execute, dense count) per conv
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | DynamicConv2d)]
-    assert len(kept) == 2 * len(layers)  # (kept, dense) per conv in build order: stem, then per block
+    assert len(kept) == 2 * len(layers)  # in build order: stem, then per block
     expected_kept = expected_dense = 0
     for m in layers:
         w = m.kernels() if isinstance(m, DynamicConv2d) else m.weight.unsqueeze(0)

@@ -12,11 +12,13 @@
 // into planes of the output's geometry (`gather`) and is then a sum over entries at offset (tap, ci) * plane;
 // its 1x1 stride-2 shortcut reads the centre tap.
 //
-// Register tiles. Output channels in blocks of COB sharing one entry list, positions in tiles of P vectors:
-// COB x P accumulators, P loads and COB broadcasts per entry. Dense layers use COB = 4; a layer whose
-// weights are mostly zero (SD-Conv's pruned kernels: a weight is zero when it is zero in all K kernels)
-// gets one entry list per output channel (COB = 1) holding only its nonzero entries, so it executes the
-// nonzero MACs only.
+// Register tiles. Output channels in blocks of COB = 4 sharing one entry list, positions in tiles of P
+// vectors: COB x P accumulators, P loads and up to COB broadcasts per entry. A block's list holds only the
+// entries some of its channels use, grouped by which of them do, and each group multiplies into those
+// channels only: a layer with pruned weights (SD-Conv's kernels: a weight is zero when it is zero in all K
+// kernels) executes its nonzero MACs only, while each input vector is still loaded once per block (per
+// channel lists, COB = 1, load once per MAC; most of those loads straddle two cache lines, which made them
+// about half as fast per MAC). C_out not a multiple of 4 runs COB = 1.
 //
 // Dynamic convs: a(x) = act(fc2(relu(fc1(GAP(x))))) per sample, then each block's weights mixed,
 // w = sum_k a_k W_k (and the bias), right before the block is convolved (DyNet, Zhang et al., arXiv
@@ -30,12 +32,14 @@
 // over the list of active positions only: conv1 at the dilated mask, conv2 at the mask (its output added to
 // the shortcut, relu(shortcut) passed at the other positions), the shortcut and the mask unit everywhere.
 //
-// Threads. With at least two samples per call each thread runs whole samples in its own workspace; with
-// one, the threads share each layer by positions (a contiguous range of the map's vectors, or of a sparse
-// block's position list, for every output channel: the rows a thread writes are mostly the rows it reads
-// next, in its own core's caches; sharing by output channels instead moved half of every map between the
-// cores at each layer) and meet at a barrier between layers. Pooling sums each thread's share as it is
-// stored. The Python builder (pipeline/model_plan.py) maps a model onto these ops; the
+// Threads. With at least as many samples per call as threads each thread runs whole samples in its own
+// workspace. With fewer, the threads share each layer (a large map by positions: a contiguous range of its
+// vectors, or of a sparse block's position list, for every output channel, so the rows a thread writes are
+// mostly those it reads next, in its own core's caches; a small map by output channels) and meet at a barrier
+// between layers; or one thread runs the samples alone. Which of the two is faster depends on the model (a
+// pruned model's layers are too short to amortize the barriers), so the first such call times both and the
+// plan keeps the faster. Pooling sums each thread's share as it is stored (sparse blocks: each thread sums
+// its rows). The Python builder (pipeline/model_plan.py) maps a model onto these ops; the
 // model's own forward stays the reference the plan is tested against.
 
 #include "native.h"
@@ -45,11 +49,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 namespace native {
@@ -62,10 +68,6 @@ using U = direct::Simd<L>::U;
 constexpr int64_t kLinear = 0;
 constexpr int64_t kSigmoid = 1;
 constexpr int64_t kSoftmax = 2;
-
-// A layer whose nonzero (output channel, entry) share is below this runs per-channel entry lists (COB 1):
-// about half the FMA rate of the 4-channel blocks, so it pays off below roughly that density.
-constexpr double kSparseBelow = 0.5;
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -93,23 +95,47 @@ struct Epilogue {
   V sums[COB];
 };
 
-// Accumulate one tile of P vectors (starting at positions pos[0..P)) for COB output channels and store it:
-// [+ residual] [ReLU], zero where the pad mask is.
-template <int COB, int P>
-inline void conv_tile(const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias,
-                      Epilogue<COB>& ep, const int64_t* pos) {
-  V acc[COB][P];
-  for (int c = 0; c < COB; ++c)
-    for (int j = 0; j < P; ++j) acc[c][j] = V{} + bias[c];
-  for (int64_t e = 0; e < ne; ++e) {
+// Add the entries [e0, e1) to a tile's accumulators: P loads per entry, one FMA per vector for each output
+// channel c of the block with bit c set in M (the channels whose weight for these entries is nonzero).
+template <int COB, int P, int M>
+[[gnu::always_inline]] inline void accumulate(const float* in, const int32_t* off, const float* w, int64_t e0,
+                                              int64_t e1, V (&acc)[COB][P], const int64_t* pos) {
+  for (int64_t e = e0; e < e1; ++e) {
     const float* src = in + off[e];
     V x[P];
     for (int j = 0; j < P; ++j) x[j] = *reinterpret_cast<const U*>(src + pos[j]);
     const float* we = w + e * COB;
     for (int c = 0; c < COB; ++c) {
-      const float wc = we[c];
-      for (int j = 0; j < P; ++j) acc[c][j] += wc * x[j];
+      if ((M >> c) & 1) {
+        const float wc = we[c];
+        for (int j = 0; j < P; ++j) acc[c][j] += wc * x[j];
+      }
     }
+  }
+}
+
+template <int P, int... M>
+[[gnu::always_inline]] inline void accumulate_subsets(const float* in, const int32_t* off, const float* w,
+                                                      const int32_t* seg, V (&acc)[4][P], const int64_t* pos,
+                                                      std::integer_sequence<int, M...>) {
+  (accumulate<4, P, M + 1>(in, off, w, seg[M + 1], seg[M + 2], acc, pos), ...);
+}
+
+// Accumulate one tile of P vectors (starting at positions pos[0..P)) for COB output channels and store it:
+// [+ residual] [ReLU], zero where the pad mask is. A 4-channel block's entries are sorted by the subset of its
+// channels that use them (entries seg[m] .. seg[m + 1] are used by the channels of bitmask m), so each input
+// vector is loaded once for the block and multiplied only where a weight is nonzero; a 1-channel block's
+// entries are seg[0] .. seg[1].
+template <int COB, int P>
+inline void conv_tile(const float* in, const int32_t* off, const float* w, const int32_t* seg, const float* bias,
+                      Epilogue<COB>& ep, const int64_t* pos) {
+  V acc[COB][P];
+  for (int c = 0; c < COB; ++c)
+    for (int j = 0; j < P; ++j) acc[c][j] = V{} + bias[c];
+  if constexpr (COB == 4) {
+    accumulate_subsets<P>(in, off, w, seg, acc, pos, std::make_integer_sequence<int, 15>{});
+  } else {
+    accumulate<COB, P, (1 << COB) - 1>(in, off, w, seg[0], seg[1], acc, pos);
   }
   const V zero = V{};
   for (int c = 0; c < COB; ++c) {
@@ -126,13 +152,13 @@ inline void conv_tile(const float* in, const int32_t* off, const float* w, int64
 
 // A tile of r < PMAX vectors: P = r, chosen at run time.
 template <int COB, int P>
-inline void conv_tail(int64_t r, const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias,
-                      Epilogue<COB>& ep, const int64_t* pos) {
+inline void conv_tail(int64_t r, const float* in, const int32_t* off, const float* w, const int32_t* seg,
+                      const float* bias, Epilogue<COB>& ep, const int64_t* pos) {
   if constexpr (P > 0) {
     if (r == P) {
-      conv_tile<COB, P>(in, off, w, ne, bias, ep, pos);
+      conv_tile<COB, P>(in, off, w, seg, bias, ep, pos);
     } else {
-      conv_tail<COB, P - 1>(r, in, off, w, ne, bias, ep, pos);
+      conv_tail<COB, P - 1>(r, in, off, w, seg, bias, ep, pos);
     }
   }
 }
@@ -140,17 +166,18 @@ inline void conv_tail(int64_t r, const float* in, const int32_t* off, const floa
 // The nvec vectors starting at positions first, first + L, ..., in tiles of PMAX; sums[c] gets the sum of
 // what channel c stored.
 template <int COB, int PMAX>
-void conv_block(const float* in, const int32_t* off, const float* w, int64_t ne, const float* bias, float* const* out,
-                const float* const* res, bool relu, const float* pad, int64_t first, int64_t nvec, float* sums) {
+void conv_block(const float* in, const int32_t* off, const float* w, const int32_t* seg, const float* bias,
+                float* const* out, const float* const* res, bool relu, const float* pad, int64_t first, int64_t nvec,
+                float* sums) {
   Epilogue<COB> ep{out, res, relu, pad, {}};
   int64_t pos[PMAX];
   for (int64_t v = 0; v < nvec; v += PMAX) {
     const int64_t n = std::min<int64_t>(PMAX, nvec - v);
     for (int64_t j = 0; j < n; ++j) pos[j] = first + L * (v + j);
     if (n == PMAX) {
-      conv_tile<COB, PMAX>(in, off, w, ne, bias, ep, pos);
+      conv_tile<COB, PMAX>(in, off, w, seg, bias, ep, pos);
     } else {
-      conv_tail<COB, PMAX - 1>(n, in, off, w, ne, bias, ep, pos);
+      conv_tail<COB, PMAX - 1>(n, in, off, w, seg, bias, ep, pos);
     }
   }
   for (int c = 0; c < COB; ++c) sums[c] = lane_sum(ep.sums[c]);
@@ -231,8 +258,8 @@ int64_t ModelPlan::rows_buffer(int64_t channels, int64_t height, int64_t width) 
   g.rows = true;
   g.offset = total_;
   total_ += round_up((height + 2) * g.wp * channels + L, L);
-  g.sums = total_;
-  total_ += round_up(channels, L);
+  g.sums = total_;  // per-channel sums of each thread's share of rows
+  total_ += round_up(channels * kMaxTeam, L);
   geometry_.push_back(g);
   return static_cast<int64_t>(geometry_.size()) - 1;
 }
@@ -255,6 +282,14 @@ int64_t ModelPlan::gather(int64_t in, int64_t out) {
               "gather: the output buffer must hold the 9 taps of every input channel at stride 2");
   gathers_.push_back({in, out});
   return push_op(kGather, gathers_.size());
+}
+
+// Multiplications per output vector a block executes: each entry times the channels using it.
+int64_t ModelPlan::products(const Block& b) {
+  if (b.cob == 1) return b.seg[1] - b.seg[0];
+  int64_t n = 0;
+  for (int m = 1; m < 16; ++m) n += __builtin_popcount(m) * (b.seg[m + 1] - b.seg[m]);
+  return n;
 }
 
 // Entries of `weight` ([K, C_out, C_in, kh, kw]) for the given mode, grouped into output-channel blocks.
@@ -297,31 +332,34 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
       if (pw[(j * cout + co) * ne + e] != 0.f) return true;
     return false;
   };
-  int64_t kept = 0;
-  for (int64_t co = 0; co < cout; ++co)
-    for (int64_t e = 0; e < ne; ++e) kept += nonzero(co, e);
-  const bool sparse = kept < kSparseBelow * static_cast<double>(cout * ne);
-  const int64_t cob = (sparse || cout % 4 != 0) ? 1 : 4;
-  // Entry lists per block (COB 4 keeps every entry some channel of the block uses).
+  // Blocks of 4 output channels (1 where C_out is not a multiple of 4). A block keeps the entries some of its
+  // channels use, sorted by the subset that uses them (stable: a dense block keeps the entry order), so a
+  // pruned layer (SD-Conv) loads each input vector once per block and multiplies only its nonzero weights.
+  const int64_t cob = cout % 4 != 0 ? 1 : 4;
   std::vector<std::vector<float>> bank(k);
   for (int64_t co0 = 0; co0 < cout; co0 += cob) {
-    Block b{co0, cob, static_cast<int64_t>(conv.off.size()), 0, static_cast<int64_t>(bank[0].size())};
+    Block b{co0, cob, static_cast<int64_t>(conv.off.size()), 0, static_cast<int64_t>(bank[0].size()), {}};
+    std::vector<std::pair<int, int64_t>> used;  // (channel subset, entry)
     for (int64_t e = 0; e < ne; ++e) {
-      bool used = false;
-      for (int64_t c = 0; c < cob; ++c) used = used || nonzero(co0 + c, e);
-      if (!used) continue;
+      int subset = 0;
+      for (int64_t c = 0; c < cob; ++c) subset |= nonzero(co0 + c, e) ? 1 << c : 0;
+      if (subset != 0) used.emplace_back(cob == 4 ? subset : 0, e);
+    }
+    std::stable_sort(used.begin(), used.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+    for (const auto& [subset, e] : used) {
       conv.off.push_back(entry_off[e]);
       for (int64_t j = 0; j < k; ++j)
         for (int64_t c = 0; c < cob; ++c) bank[j].push_back(pw[(j * cout + co0 + c) * ne + e]);
       ++b.ne;
+      for (int m = subset + 1; m < 17; ++m) b.seg[m] = static_cast<int32_t>(b.ne);
     }
+    if (cob == 1) b.seg[1] = static_cast<int32_t>(b.ne);
     conv.blocks.push_back(b);
   }
   conv.ew = static_cast<int64_t>(bank[0].size());
   conv.cout = cout;
   conv.cin = cin;
   conv.k = k;
-  conv.kept = kept;
   conv.dense_entries = cout * ne;
   for (int64_t j = 0; j < k; ++j) conv.w.insert(conv.w.end(), bank[j].begin(), bank[j].end());
   // The output geometry's pad mask over every position a share's last vector can reach.
@@ -331,7 +369,7 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
   TORCH_CHECK(last <= static_cast<int64_t>(conv.pad.size()), "pad mask");
   // Work prefix (entries x channels) for balancing blocks across threads.
   conv.work.assign(1, 0);
-  for (const auto& b : conv.blocks) conv.work.push_back(conv.work.back() + std::max<int64_t>(1, b.ne * b.cob));
+  for (const auto& b : conv.blocks) conv.work.push_back(conv.work.back() + std::max<int64_t>(1, b.ne + products(b)));
   max_ew_ = std::max(max_ew_, conv.ew);
   max_cout_ = std::max(max_cout_, cout);
   convs_.push_back(std::move(conv));
@@ -410,7 +448,9 @@ void ModelPlan::head(int64_t in, const at::Tensor& weight, const at::Tensor& bia
 std::vector<int64_t> ModelPlan::kept_entries() const {
   std::vector<int64_t> out;
   for (const auto& c : convs_) {
-    out.push_back(c.kept);
+    int64_t executed = 0;
+    for (const auto& b : c.blocks) executed += products(b);
+    out.push_back(executed);
     out.push_back(c.dense_entries);
   }
   return out;
@@ -512,9 +552,9 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
     if (v1 > v0) {
       const float* pad = c.pad.data();
       if (b.cob == 4) {
-        conv_block<4, kTile[4]>(in, off, w, b.ne, bias, outs, r, c.relu, pad, first + v0 * L, v1 - v0, parts);
+        conv_block<4, kTile[4]>(in, off, w, b.seg, bias, outs, r, c.relu, pad, first + v0 * L, v1 - v0, parts);
       } else {
-        conv_block<1, kTile[1]>(in, off, w, b.ne, bias, outs, r, c.relu, pad, first + v0 * L, v1 - v0, parts);
+        conv_block<1, kTile[1]>(in, off, w, b.seg, bias, outs, r, c.relu, pad, first + v0 * L, v1 - v0, parts);
       }
     }
     for (int64_t co = 0; co < b.cob; ++co) {
@@ -609,6 +649,8 @@ int64_t ModelPlan::rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t 
   g.positions = gm.h * gm.w;
   g.lists = total_;
   total_ += round_up(16 + 3 * g.positions, L);
+  g.across = total_;
+  total_ += round_up((gm.h + 2) * gm.wp + 2 * L, L);
   rows_gates_.push_back(std::move(g));
   push_op(kRowsGate, rows_gates_.size());
   return static_cast<int64_t>(rows_gates_.size()) - 1;
@@ -629,7 +671,11 @@ void ModelPlan::rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_
   const int64_t c = gi.c;
   const float inv = 1.f / static_cast<float>(gi.h * gi.w);
   float bias = g.bias;
-  for (int64_t ci = 0; ci < c; ++ci) bias += g.fc[ci] * (base[gi.sums + ci] * inv);
+  for (int64_t ci = 0; ci < c; ++ci) {
+    float total = 0.f;
+    for (int64_t j = 0; j < nt; ++j) total += base[gi.sums + j * c + ci];
+    bias += g.fc[ci] * (total * inv);
+  }
   float* m = base + gm.offset;
   // Four positions at a time: each weight vector is loaded once for all four.
   constexpr int Q = 4;
@@ -657,22 +703,53 @@ void ModelPlan::rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_
     }
 }
 
-// The dilated mask and the position lists (one thread, after every share of the mask is written).
+// The dilated mask and the position lists (one thread, after every share of the mask is written). The 3x3
+// dilation is separable (a max along rows, then along columns); the lists are compacted 16 positions at a time.
 void ModelPlan::rows_gate_lists(const RowsGate& g, float* base) const {
   const auto& gm = geometry_[g.mask];
   const float* m = base + gm.offset;
   float* d = base + geometry_[g.dilated].offset;
+  float* across = base + g.across;  // the row-wise max, rows 0 .. h + 1
   int32_t* lists = reinterpret_cast<int32_t*>(base + g.lists);
   int32_t* on_d = lists + 16;
   int32_t* on_m = on_d + g.positions;
   int32_t* off_m = on_m + g.positions;
   int32_t nd = 0, nm = 0, ni = 0;
+  const int64_t wp = gm.wp;
+#if defined(__AVX512F__)
+  // The row-wise max at rows 0 .. h + 1 (pads included: m is zero at its pads, so they add nothing).
+  for (int64_t p = 1; p < (gm.h + 1) * wp + wp - 1; p += L) {
+    const __m512 v = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(m + p - 1), _mm512_loadu_ps(m + p)),
+                                   _mm512_loadu_ps(m + p + 1));
+    _mm512_storeu_ps(across + p, v);
+  }
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t y = 1; y <= gm.h; ++y)
+    for (int64_t x = 1; x <= gm.w; x += L) {
+      const int64_t p = y * wp + x;
+      const __mmask16 row = static_cast<__mmask16>(gm.w + 1 - x >= L ? 0xFFFF : (1u << (gm.w + 1 - x)) - 1);
+      const __m512 v = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(across + p - wp), _mm512_loadu_ps(across + p)),
+                                     _mm512_loadu_ps(across + p + wp));
+      _mm512_mask_storeu_ps(d + p, row, v);
+      const __m512i index = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(p)));
+      const __mmask16 dilated = _mm512_mask_cmp_ps_mask(row, v, zero, _CMP_GT_OQ);
+      const __mmask16 active = _mm512_mask_cmp_ps_mask(row, _mm512_loadu_ps(m + p), zero, _CMP_GT_OQ);
+      const __mmask16 idle = static_cast<__mmask16>(row & ~active);
+      _mm512_mask_compressstoreu_epi32(on_d + nd, dilated, index);
+      _mm512_mask_compressstoreu_epi32(on_m + nm, active, index);
+      _mm512_mask_compressstoreu_epi32(off_m + ni, idle, index);
+      nd += _mm_popcnt_u32(dilated);
+      nm += _mm_popcnt_u32(active);
+      ni += _mm_popcnt_u32(idle);
+    }
+#else
   for (int64_t y = 1; y <= gm.h; ++y)
     for (int64_t x = 1; x <= gm.w; ++x) {
-      const int64_t p = y * gm.wp + x;
+      const int64_t p = y * wp + x;
       float v = 0.f;
       for (int64_t dy = -1; dy <= 1; ++dy)
-        for (int64_t dx = -1; dx <= 1; ++dx) v = std::max(v, m[p + dy * gm.wp + dx]);  // pads are zero
+        for (int64_t dx = -1; dx <= 1; ++dx) v = std::max(v, m[p + dy * wp + dx]);  // pads are zero
       d[p] = v;
       if (v > 0.f) on_d[nd++] = static_cast<int32_t>(p);
       if (m[p] > 0.f) {
@@ -681,6 +758,7 @@ void ModelPlan::rows_gate_lists(const RowsGate& g, float* base) const {
         off_m[ni++] = static_cast<int32_t>(p);
       }
     }
+#endif
   lists[0] = nd;
   lists[1] = nm;
   lists[2] = ni;
@@ -720,8 +798,14 @@ int64_t ModelPlan::rows_conv(int64_t in, int64_t out, int64_t res, bool relu, in
   c.which = which;
   for (int64_t y = 1; y <= go.h; ++y)
     for (int64_t x = 1; x <= go.w; ++x) c.all.push_back(static_cast<int32_t>(y * go.wp + x));
+  // An ungated conv right after the mask unit of its own input (a block's shortcut) reads nothing the unit
+  // writes: it starts while one thread still builds the position lists.
+  const bool overlaps = gate < 0 && !ops_.empty() && ops_.back().kind == kRowsGate &&
+                        rows_gates_[ops_.back().index].in == in;
   rows_convs_.push_back(std::move(c));
-  return push_op(kRowsConv, rows_convs_.size());
+  const int64_t op = push_op(kRowsConv, rows_convs_.size());
+  ops_.back().wait = !overlaps;
+  return op;
 }
 
 void ModelPlan::run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const {
@@ -783,17 +867,30 @@ void ModelPlan::run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t
   }
 }
 
-// Per-channel sums of a rows buffer (its pads are zero), into its sums slot.
-void ModelPlan::rows_sums(int64_t id, float* base) const {
+// Per-channel sums of rows y0 .. y1 - 1 of a rows buffer, into share `part` of its sums slot.
+void ModelPlan::rows_sums(int64_t id, float* base, int64_t y0, int64_t y1, int64_t part) const {
   const auto& g = geometry_[id];
   const float* src = base + g.offset;
-  float* sums = base + g.sums;
-  std::fill(sums, sums + g.c, 0.f);
-  for (int64_t y = 1; y <= g.h; ++y) {
-    const float* row = src + (y * g.wp + 1) * g.c;
-    for (int64_t x = 0; x < g.w; ++x, row += g.c)
-#pragma omp simd
-      for (int64_t c = 0; c < g.c; ++c) sums[c] += row[c];
+  float* sums = base + g.sums + part * g.c;
+  int64_t c0 = 0;
+  for (; c0 + L <= g.c; c0 += L) {  // a vector of channels, four positions in independent chains
+    V acc[4] = {};
+    for (int64_t y = y0; y < y1; ++y) {
+      const float* row = src + ((y + 1) * g.wp + 1) * g.c + c0;
+      int64_t x = 0;
+      for (; x + 4 <= g.w; x += 4)
+        for (int j = 0; j < 4; ++j) acc[j] += *reinterpret_cast<const U*>(row + (x + j) * g.c);
+      for (; x < g.w; ++x) acc[0] += *reinterpret_cast<const U*>(row + x * g.c);
+    }
+    *reinterpret_cast<U*>(sums + c0) = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+  for (; c0 < g.c; ++c0) {
+    float total = 0.f;
+    for (int64_t y = y0; y < y1; ++y) {
+      const float* row = src + ((y + 1) * g.wp + 1) * g.c + c0;
+      for (int64_t x = 0; x < g.w; ++x) total += row[x * g.c];
+    }
+    sums[c0] = total;
   }
 }
 
@@ -806,7 +903,7 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
     base[g0.sums + t * g0.c + c] = plane_sum(plane + (y0 + 1) * g0.wp, (y1 - y0) * g0.wp);
   }
   for (const auto& op : ops_) {
-    if (nt > 1) {
+    if (nt > 1 && op.wait) {
 #pragma omp barrier
     }
     if (op.kind == kConv) {
@@ -817,9 +914,10 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
       run_to_rows(gathers_[op.index], base, t, nt);
     } else if (op.kind == kRowsConv) {
       run_rows_conv(rows_convs_[op.index], base, t, nt);
-    } else {  // the mask unit on rows: pooled input (one thread), logits (shared), lists (one thread)
+    } else {  // the mask unit on rows: pooled input and logits (shared by rows), lists (one thread)
       const RowsGate& g = rows_gates_[op.index];
-      if (t == 0) rows_sums(g.in, base);
+      const int64_t h = geometry_[g.in].h;
+      rows_sums(g.in, base, h * t / nt, h * (t + 1) / nt, t);
       if (nt > 1) {
 #pragma omp barrier
       }
@@ -835,7 +933,7 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
   }
   if (t == 0) {
     const auto& g = geometry_[head_in_];
-    if (g.rows) rows_sums(head_in_, base);
+    if (g.rows) rows_sums(head_in_, base, 0, g.h, 0);
     float* pooled = scratch;
     pool(head_in_, base, g.rows ? 1 : nt, pooled);
     for (int64_t j = 0; j < classes_; ++j) {
@@ -872,6 +970,20 @@ at::Tensor ModelPlan::forward(const at::Tensor& input) {
     work_[i]->get(total_ + L);
     scratch_[i]->get(scratch_size);
   }
+  auto run = [&](int team) {  // the batch, `team` threads sharing each image
+    if (team > 1) {
+#pragma omp parallel num_threads(team)
+      {
+        const int64_t tid = omp_get_thread_num(), size = omp_get_num_threads();
+        for (int64_t n = 0; n < b; ++n)
+          run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[tid]->data.get(), tid,
+                     size);
+      }
+    } else {
+      for (int64_t n = 0; n < b; ++n)
+        run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[0]->data.get(), 0, 1);
+    }
+  };
   if (b >= nt && nt > 1) {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t n = 0; n < b; ++n) {
@@ -879,17 +991,42 @@ at::Tensor ModelPlan::forward(const at::Tensor& input) {
       run_sample(px + n * per_image, po + n * classes_, work_[tid]->data.get(), scratch_[tid]->data.get(), 0, 1);
     }
   } else if (nt > 1) {
-#pragma omp parallel num_threads(std::min<int>(nt, kMaxTeam))
-    {
-      const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
-      for (int64_t n = 0; n < b; ++n)
-        run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[tid]->data.get(), tid, team);
+    // A small image's layers are too short to share well (barriers, maps moving between cores), so the
+    // first call per (threads, batch) times both ways in turns and keeps the faster one.
+    const int shared = std::min<int>(nt, kMaxTeam);
+    int64_t& team = teams_[{nt, b}];
+    if (team_policy_ != 0) {
+      team = team_policy_ == 1 ? 1 : shared;
+    } else if (team == 0) {
+      constexpr int kRounds = 9;
+      double seconds[2][kRounds];
+      for (int r = 0; r < kRounds; ++r)
+        for (int way = 0; way < 2; ++way) {
+          const auto start = std::chrono::steady_clock::now();
+          run(way == 0 ? shared : 1);
+          seconds[way][r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        }
+      for (auto& s : seconds) std::nth_element(s, s + kRounds / 2, s + kRounds);
+      team = seconds[0][kRounds / 2] <= seconds[1][kRounds / 2] ? shared : 1;
     }
+    run(static_cast<int>(team));
   } else {
-    for (int64_t n = 0; n < b; ++n)
-      run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[0]->data.get(), 0, 1);
+    run(1);
   }
   return out;
+}
+
+void ModelPlan::set_team_policy(int64_t policy) {
+  TORCH_CHECK(policy >= 0 && policy <= 2, "team policy must be 0 (measure), 1 (one thread) or 2 (shared)");
+  std::lock_guard<std::mutex> guard(mutex_);
+  team_policy_ = policy;
+  teams_.clear();
+}
+
+int64_t ModelPlan::team(int64_t threads, int64_t batch) const {
+  std::lock_guard<std::mutex> guard(mutex_);
+  const auto it = teams_.find({threads, batch});
+  return it == teams_.end() ? 0 : it->second;
 }
 
 bool ModelPlan::watch(const std::vector<at::Tensor>& sources) {

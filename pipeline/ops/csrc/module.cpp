@@ -36,6 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("rows_gate", &native::ModelPlan::rows_gate)
       .def("rows_conv", &native::ModelPlan::rows_conv)
       .def("forward", &native::ModelPlan::forward)
+      .def("set_team_policy", &native::ModelPlan::set_team_policy)
+      .def("team", &native::ModelPlan::team)
       .def("kept_entries", &native::ModelPlan::kept_entries)
       .def("watch", &native::ModelPlan::watch)
       .def("current", &native::ModelPlan::current);

@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <map>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -174,7 +175,12 @@ class ModelPlan {
                     const c10::optional<at::Tensor>& bias, int64_t gate, int64_t which);
   // Logits [B, classes] of a float32 input [B, C, H, W].
   at::Tensor forward(const at::Tensor& input);
-  // Per conv: (nonzero (output channel, entry) pairs executed, dense pairs), flattened.
+  // How a batch smaller than the thread count runs: 0 (default) times both ways on the first such call per
+  // (threads, batch) and keeps the faster, 1 one thread, 2 the threads sharing each image.
+  void set_team_policy(int64_t policy);
+  // Threads sharing an image chosen for (threads, batch < threads); 0 before the first such call.
+  int64_t team(int64_t threads, int64_t batch) const;
+  // Per conv: ((output channel, entry) products its blocks execute per position, dense pairs), flattened.
   std::vector<int64_t> kept_entries() const;
   bool watch(const std::vector<at::Tensor>& sources);
   bool current() const;
@@ -186,11 +192,14 @@ class ModelPlan {
   };
   struct Block {
     int64_t co0, cob, e0, ne, w0;
+    // Entry ranges relative to e0: for COB 4, seg[m] .. seg[m + 1] are the entries used by exactly the
+    // channels of bitmask m (seg[16] = ne); for COB 1, seg[0] .. seg[1].
+    int32_t seg[17];
   };
   struct Conv {
     int64_t in = -1, route = -1, out = -1, res = -1;
     bool relu = false;
-    int64_t cin = 0, cout = 0, k = 1, ew = 0, hidden = 0, activation = 0, kept = 0, dense_entries = 0;
+    int64_t cin = 0, cout = 0, k = 1, ew = 0, hidden = 0, activation = 0, dense_entries = 0;
     float inv_temperature = 1.f;
     std::vector<Block> blocks;
     std::vector<int32_t> off;
@@ -201,7 +210,7 @@ class ModelPlan {
     int64_t in, out;
   };
   struct RowsGate {
-    int64_t in = -1, mask = -1, dilated = -1, stride = 1, positions = 0, lists = 0;
+    int64_t in = -1, mask = -1, dilated = -1, stride = 1, positions = 0, lists = 0, across = 0;
     std::vector<float> w, fc;
     float bias = 0.f;
   };
@@ -213,6 +222,7 @@ class ModelPlan {
   };
   struct Op {
     int64_t kind, index;
+    bool wait = true;  // meet the other threads first (false: reads nothing the previous op writes)
   };
   struct Workspace;
   static constexpr int64_t kConv = 0;
@@ -231,14 +241,15 @@ class ModelPlan {
   void rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_t nt) const;
   void rows_gate_lists(const RowsGate& g, float* base) const;
   void run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const;
-  void rows_sums(int64_t id, float* base) const;
+  void rows_sums(int64_t id, float* base, int64_t y0, int64_t y1, int64_t part) const;
   void pool(int64_t id, const float* base, int64_t parts, float* pooled) const;
   static constexpr int kMaxTeam = 8;  // threads sharing one image (more would only wait on each other)
   // Register tile heights (16-position vectors) by output-channel block size, and the full tiles per thread a
   // layer needs to be shared by positions rather than by channels.
   static constexpr int kTile[5] = {0, 12, 0, 0, 6};
-  static constexpr int64_t kSplitTiles = 2;
+  static constexpr int64_t kSplitTiles = 1;
   static int64_t vectors(const Geometry& g);
+  static int64_t products(const Block& b);
   void run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const;
 
   std::vector<Geometry> geometry_;
@@ -250,8 +261,10 @@ class ModelPlan {
   int64_t total_ = 0, head_in_ = -1, classes_ = 0;
   int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_k_ = 1, max_route_ = 0;
   std::vector<float> head_w_, head_b_;
+  int64_t team_policy_ = 0;
+  std::map<std::pair<int64_t, int64_t>, int64_t> teams_;  // (threads, batch) -> threads per image
   std::vector<std::unique_ptr<Workspace>> work_, scratch_;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   std::vector<at::Tensor> watched_;
   std::vector<int64_t> versions_;
   std::vector<const void*> storage_;
