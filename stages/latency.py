@@ -133,9 +133,12 @@ def measure_latency(cfg: Config, models: dict[str, nn.Module], images: torch.Ten
                     timings = time_blocks(calls, lcfg.iterations, lcfg.warmup, device)  # see the module docstring
                     on_device[base].to(memory_format=torch.contiguous_format)
                     for name, t in timings.items():
-                        engine = "native" if isinstance(on_device.get(name), PlannedModel) else "pytorch"
+                        m = on_device.get(name)
+                        engine = "native" if isinstance(m, PlannedModel) else "pytorch"
+                        team = m.threads_per_image(nchw[0].shape[1:], used, batch) if engine == "native" else None
                         rows.append({"variant": name, "device": device_name, "threads": used, "batch": batch,
-                                     "runtime": engine, **t.as_dict(), "per_image_ms": t.median_ms / batch})  # fmt: skip
+                                     "runtime": engine, "threads_per_image": team, **t.as_dict(),
+                                     "per_image_ms": t.median_ms / batch})  # fmt: skip
                     print(f"latency: {device_name} threads {used} batch {batch}: "
                           + ", ".join(f"{k} {v.median_ms:.2f} ms" for k, v in timings.items()), flush=True)
         for m in models.values():

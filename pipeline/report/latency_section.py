@@ -25,9 +25,12 @@ def latency_section(ctx: Context) -> Section | None:
     rows["MMACs/image"] = rows["macs_per_image"] / 1e6
     if "runtime" not in rows:  # a result written before the runtime baselines
         rows["runtime"], rows["speedup_vs_eager"] = "pytorch", rows["speedup_vs_dense"]
-    table = rows[["device", "threads", "batch", "variant", "runtime", "layout", "median_ms", "iqr_ms", "per_image_ms",
+    if "threads_per_image" not in rows:  # a result written before the plan chose its threads per image
+        rows["threads_per_image"] = None
+    table = rows[["device", "threads", "batch", "variant", "runtime", "threads_per_image", "layout", "median_ms",
+                  "iqr_ms", "per_image_ms",
                   "MMACs/image", "mac_speedup", "speedup_vs_dense", "speedup_vs_eager", "realized_over_ideal", "test_acc"]]
-    table = table.rename(columns={"median_ms": "median (ms)", "iqr_ms": "IQR (ms)", "per_image_ms": "per image (ms)",
+    table = table.rename(columns={"threads_per_image": "threads / image", "median_ms": "median (ms)", "iqr_ms": "IQR (ms)", "per_image_ms": "per image (ms)",
                                   "mac_speedup": "MAC-ratio speed-up", "speedup_vs_dense": "speed-up vs best dense",
                                   "speedup_vs_eager": "speed-up vs PyTorch eager",
                                   "realized_over_ideal": "realized / MAC ratio"})
@@ -41,7 +44,9 @@ def latency_section(ctx: Context) -> Section | None:
     gpu = f", GPU {result['cuda']}" if result["cuda"] else ", no GPU present (CUDA rows absent)"
     build = result.get("native_kernels")
     kernels = (f"On the CPU every model the compiled whole-model plan supports ran in it (runtime `native`: one "
-               "call per batch, no Python between layers); the others ran as PyTorch modules with their DyNet / "
+               "call per batch, no Python between layers; with fewer images than threads it times, on its first "
+               "call, the threads sharing each layer against one thread alone and keeps the faster: column "
+               "threads / image); the others ran as PyTorch modules with their DyNet / "
                f"SD-Conv layers and sparse DynConv blocks on the per-layer compiled kernels (build {build})."
                if build else "The compiled CPU kernels were not available: every model ran its PyTorch path.")
     checks = result.get("runtimes", {})
@@ -69,7 +74,7 @@ def latency_section(ctx: Context) -> Section | None:
     fmt = {"median (ms)": "{:.3f}", "IQR (ms)": "{:.3f}", "per image (ms)": "{:.3f}", "MMACs/image": "{:.2f}",
            "MAC-ratio speed-up": "{:.2f}", "speed-up vs best dense": "{:.2f}", "speed-up vs PyTorch eager": "{:.2f}",
            "realized / MAC ratio": "{:.2f}",
-           "test_acc": "{:.4f}", "threads": "{:.0f}", "batch": "{:.0f}"}
+           "test_acc": "{:.4f}", "threads": "{:.0f}", "batch": "{:.0f}", "threads / image": "{:.0f}"}
     blocks = [
         Text(text),
         Table(table, "Latency per setting; speed-ups against the fastest dense runtime of the same setting and against PyTorch eager.", "{:.4f}", fmt),
