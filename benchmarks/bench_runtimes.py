@@ -10,7 +10,7 @@ it supports the model, as in the stage) and the dense model in PyTorch eager
 its own, at batch 1 and ``latency.batch_size``, for each thread count (0 = all
 cores); ``--processes`` processes per variant, and the table shows the median
 of their medians. Nothing else runs in the process, so no runtime's threads can
-slow another's; the latency stage times the same variants interleaved in one
+slow another's; the latency stage times the same variants in blocks in one
 process, and the two tables should agree.
 
 Prints one row per (threads, batch, variant) with the ratio to the fastest
