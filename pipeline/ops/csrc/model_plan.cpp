@@ -233,32 +233,31 @@ ModelPlan::ModelPlan(int64_t channels, int64_t height, int64_t width) { buffer(c
 ModelPlan::~ModelPlan() = default;
 
 int64_t ModelPlan::buffer(int64_t channels, int64_t height, int64_t width) {
-  TORCH_CHECK(channels > 0 && height > 0 && width > 0, "buffer: sizes must be positive");
-  Geometry g;
-  g.c = channels;
-  g.h = height;
-  g.w = width;
-  g.wp = width + 2;
-  g.plane = round_up((height + 2) * g.wp + L, L);
-  g.offset = total_;
-  total_ += round_up(channels * g.plane, L);
-  g.sums = total_;  // per-channel sums of each thread's share of the map, written with it (pooling needs no pass)
-  total_ += round_up(channels * kMaxTeam, L);
-  geometry_.push_back(g);
-  return static_cast<int64_t>(geometry_.size()) - 1;
+  return add_buffer(channels, height, width, false);
 }
 
 int64_t ModelPlan::rows_buffer(int64_t channels, int64_t height, int64_t width) {
-  TORCH_CHECK(channels > 0 && height > 0 && width > 0, "rows buffer: sizes must be positive");
+  return add_buffer(channels, height, width, true);
+}
+
+// A map of zero-padded planes (or of rows: position-major) and after it the per-channel sums of each thread's
+// share of the map, written with the share (pooling needs no pass).
+int64_t ModelPlan::add_buffer(int64_t channels, int64_t height, int64_t width, bool rows) {
+  TORCH_CHECK(channels > 0 && height > 0 && width > 0, rows ? "rows buffer" : "buffer", ": sizes must be positive");
   Geometry g;
   g.c = channels;
   g.h = height;
   g.w = width;
   g.wp = width + 2;
-  g.rows = true;
+  g.rows = rows;
   g.offset = total_;
-  total_ += round_up((height + 2) * g.wp * channels + L, L);
-  g.sums = total_;  // per-channel sums of each thread's share of rows
+  if (rows) {
+    total_ += round_up((height + 2) * g.wp * channels + L, L);
+  } else {
+    g.plane = round_up((height + 2) * g.wp + L, L);
+    total_ += round_up(channels * g.plane, L);
+  }
+  g.sums = total_;
   total_ += round_up(channels * kMaxTeam, L);
   geometry_.push_back(g);
   return static_cast<int64_t>(geometry_.size()) - 1;
@@ -353,7 +352,6 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
       ++b.ne;
       for (int m = subset + 1; m < 17; ++m) b.seg[m] = static_cast<int32_t>(b.ne);
     }
-    if (cob == 1) b.seg[1] = static_cast<int32_t>(b.ne);
     conv.blocks.push_back(b);
   }
   conv.ew = static_cast<int64_t>(bank[0].size());

@@ -232,6 +232,7 @@ class ModelPlan {
   static constexpr int64_t kRowsConv = 5;
 
   const Geometry& geometry(int64_t id) const;
+  int64_t add_buffer(int64_t channels, int64_t height, int64_t width, bool rows);
   int64_t push_op(int64_t kind, size_t count);
   void add_conv(Conv conv, const at::Tensor& weight, int64_t mode);
   void route(const Conv& c, const float* base, float* a, float* scratch, int64_t parts) const;
