@@ -410,9 +410,20 @@ class ReportCfg(Section):
     samples_per_dataset: Annotated[Int, Field(ge=1, le=64)]
 
 
+class VerdictsCfg(Section):
+    """How claims are judged (pipeline/claims.py, pipeline/stats.py)."""
+
+    family_error_rate: Annotated[Float, Field(gt=0.0, lt=0.5)]  # over every claim of one report (Holm)
+    power: Annotated[Float, Field(ge=0.5, lt=1.0)]  # seeds needed for an inconclusive claim
+    bootstrap_replicates: Annotated[Int, Field(ge=200, le=1_000_000)]  # single run: over test images
+    bootstrap_seed: Annotated[Int, Field(ge=0)]
+    spending: Literal["obrien_fleming", "pocock"]  # alpha spending of sequential studies (Lan & DeMets 1983)
+
+
 class TrackingCfg(Section):
     experiment: Annotated[Str, Field(min_length=1)]
     study: Annotated[Str, Field(min_length=1)] | None  # set by the seed-study command: groups its runs in MLflow
+    vary_data_seed: Bool  # set by the seed-study command: data.seed varies with train_seed (a seed, not a setting)
 
 
 MethodGroups = dict[Str, dict[Str, Any]]
@@ -430,7 +441,8 @@ class Config(Section):
     transfer: TransferCfg
     latency: LatencyCfg
     report: ReportCfg
-    claims: dict[Str, dict[Str, Float]]  # claims.<method>.<claim>: the bound the claim is judged against
+    claims: dict[Str, dict[Str, Float]]  # claims.<method>.<claim>: the claim's margin (checked by its type)
+    verdicts: VerdictsCfg
     tracking: TrackingCfg
 
 

@@ -19,6 +19,23 @@ def write_metrics(path: Path, metrics: dict) -> None:
     path.write_text(json.dumps({k: _clean(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n")
 
 
+PER_IMAGE = "per_image.json"
+
+
+def write_per_image(path: Path, task: str, labels, values: dict[str, list]) -> None:
+    """Per-image values of the test split (``test_acc``: 1 where the prediction was right; method metrics
+    such as DynConv's executed fraction): what a single run's verdicts bootstrap over. ``labels`` pins the
+    test set (its digest is checked before two stages' vectors are paired)."""
+    import hashlib
+
+    labels = [int(v) for v in labels]
+    digest = hashlib.sha256(json.dumps(labels).encode()).hexdigest()[:16]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"task": task, "split": "test", "images": len(labels), "labels_sha256": digest,
+            "values": {k: [_clean(float(v)) for v in vs] for k, vs in values.items()}}
+    path.write_text(json.dumps(body) + "\n")
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -26,3 +26,12 @@ def repo_root(code_dir: Path | None = None) -> Path:
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return here
+
+
+def stage_results(stage: str, results: Path = RESULTS) -> Path:
+    """The results folder of a stage: ``pretrain`` -> results/pretrain, ``convert@m`` and ``control@m`` ->
+    results/convert/m, ``search@m`` -> results/search/m, ``transfer@m`` -> results/transfer/m."""
+    kind, _, item = stage.partition("@")
+    if not item:
+        return results / kind
+    return results / ("convert" if kind == "control" else kind) / item

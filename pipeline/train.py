@@ -166,6 +166,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalize
     return {"loss": loss_sum / n, "acc": correct / n}
 
 
+@torch.no_grad()
+def per_image_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
+                      batch_size: int) -> list[float]:
+    """1.0 where ``model`` (eval mode) classifies the image right, else 0.0: the per-image form of
+    :func:`evaluate`'s accuracy (their mean is it)."""
+    model.eval()
+    out: list[float] = []
+    for i in range(0, len(y), batch_size):
+        out += (model(norm(x[i : i + batch_size])).argmax(1) == y[i : i + batch_size]).double().tolist()
+    return out
+
+
 def fit(
     model: nn.Module,
     data: TensorTask,

@@ -6,12 +6,12 @@ from pipeline import distributed
 from pipeline.cli import run_stage
 from pipeline.config import Config, fingerprint, to_dict
 from pipeline.data import load_task, read_card
-from pipeline.metrics import write_history, write_metrics
+from pipeline.metrics import PER_IMAGE, write_history, write_metrics, write_per_image
 from pipeline.complexity import count_params
 from pipeline.models import build_model, save_model
 from pipeline.paths import CHECKPOINTS, MODELS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
-from pipeline.train import fit, normalized, seed_everything
+from pipeline.train import Normalizer, fit, normalized, per_image_correct, seed_everything
 
 OUT = RESULTS / "pretrain"
 
@@ -34,6 +34,9 @@ def main(cfg: Config) -> None:
         save_model(MODELS / "dense.pt", model, cfg.model, data.in_channels, data.num_classes,
                    mean=data.mean, std=data.std, classes=data.classes, metrics=metrics)
         write_metrics(OUT / "metrics.json", metrics)
+        correct = per_image_correct(model, *data.splits["test"], Normalizer(data.mean, data.std),
+                                    cfg.pretrain.eval_batch_size)
+        write_per_image(OUT / PER_IMAGE, "upstream", data.splits["test"][1], {"test_acc": correct})
         write_metrics(OUT / "timing.json", result.timing)
         write_history(OUT / "history.csv", result.history)
         run.log_metrics(metrics, prefix="final.")
@@ -41,7 +44,7 @@ def main(cfg: Config) -> None:
         run.set_tags({"resumed_from_epoch": result.resumed_from})
         run.log_dataset("upstream", card, "training")
         run.log_model(model, normalized(data, "val")[:1], "dense")
-        for f in ("metrics.json", "timing.json", "history.csv"):
+        for f in ("metrics.json", "timing.json", "history.csv", PER_IMAGE):
             run.log_artifact(OUT / f)
         write_run_info(OUT / "run.json", run, "pretrain")
     print(f"pretrain: test accuracy {metrics['test_acc']:.4f} (val {metrics['val_acc']:.4f}), {metrics['params']} params")

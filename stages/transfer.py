@@ -23,11 +23,11 @@ from pipeline.config import Config, fingerprint, to_dict
 from pipeline.data import load_task, read_card, sha256_file
 from pipeline.errors import UserError
 from pipeline.methods.files import load_any_model
-from pipeline.metrics import write_history, write_metrics
+from pipeline.metrics import PER_IMAGE, write_history, write_metrics, write_per_image
 from pipeline.models.surgery import new_head
 from pipeline.paths import CHECKPOINTS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
-from pipeline.train import Hooks, fit, normalized, seed_everything
+from pipeline.train import Hooks, Normalizer, fit, normalized, per_image_correct, seed_everything
 
 
 def main(cfg: Config, name: str) -> None:
@@ -67,6 +67,8 @@ def main(cfg: Config, name: str) -> None:
         metrics["upstream_test_acc"] = float(record.get("meta", {}).get("metrics", {}).get("test_acc", float("nan")))
         metrics.update(method.transfer_metrics(model, test_x, before))
         write_metrics(out / "metrics.json", metrics)
+        correct = per_image_correct(model, *data.splits["test"], Normalizer(data.mean, data.std), tcfg.train.eval_batch_size)
+        write_per_image(out / PER_IMAGE, "downstream", data.splits["test"][1], {"test_acc": correct})
         write_metrics(out / "timing.json", result.timing)
         write_history(out / "history.csv", result.history)
         run.log_metrics(metrics, prefix="final.")
@@ -75,7 +77,7 @@ def main(cfg: Config, name: str) -> None:
         run.log_model(model, test_x[:1], f"{name}-transfer")
         run.set_tags({"method": name, "protocol": tcfg.protocol, "source": str(source),
                       "resumed_from_epoch": result.resumed_from})
-        for f in ("metrics.json", "timing.json", "history.csv"):
+        for f in ("metrics.json", "timing.json", "history.csv", PER_IMAGE):
             run.log_artifact(out / f)
         write_run_info(out / "run.json", run, f"transfer@{name}")
     print(f"transfer@{name} ({tcfg.protocol}): downstream test accuracy {metrics['test_acc']:.4f}, "

@@ -86,6 +86,18 @@ def searched(cfg: Config) -> list[Method]:
     return [get(name, f"params.yaml: 'search.{name}'") for name in cfg.search.methods]
 
 
+def operating_point(stage: str, cfg: Config) -> str:
+    """Which model of its method a stage's metrics describe: ``searched`` (a search's final model, or a
+    transfer that starts from it) or ``converted`` (the converted model, a control, the dense model)."""
+    kind, _, name = stage.partition("@")
+    if kind == "search":
+        return "searched"
+    if kind == "transfer":
+        m = get(name, f"stage {stage}")
+        return "searched" if m.search is not None and m.transfer_source(cfg) == m.searched_file else "converted"
+    return "converted"
+
+
 def validate(cfg: Config) -> None:
     """Validate every ``convert.<method>`` and ``search.<method>`` group with its method's schema."""
     for method in converted(cfg):
@@ -113,5 +125,9 @@ def validate(cfg: Config) -> None:
             key = f"claims.{method.name}." + (missing[0] if missing else unknown[0])
             raise ConfigError(f"params.yaml: '{key}': " + ("missing; every claim needs its bound" if missing
                                                             else f"unknown claim; {method.label} states {sorted(expected)}"))
+        for claim in method.claims():
+            problem = claim.validate_margin(given[claim.name])
+            if problem:
+                raise ConfigError(f"params.yaml: 'claims.{method.name}.{claim.name}': {problem}")
     for name in cfg.claims:
         get(name, f"params.yaml: 'claims.{name}'")

@@ -183,6 +183,11 @@ class Method:
         """Method metrics on the (normalised) images ``x``, and per-layer values (``layers.json``)."""
         return {}, {}
 
+    def per_image(self, model: nn.Module, x: torch.Tensor, p: Any) -> dict[str, list[float]]:
+        """Per-image values of the method's metrics on the images ``x`` (their mean is the metric), for the
+        test-set bootstrap of a single run's verdicts; e.g. DynConv's executed fraction."""
+        return {}
+
     def measure_all(self, model: nn.Module, x: torch.Tensor, p: Any) -> tuple[dict[str, float], dict[str, dict]]:
         """MACs and FLOPs per image (masks as they fire at eval on ``x``), params, nonzero params, and
         :meth:`measure`'s metrics and per-layer values."""

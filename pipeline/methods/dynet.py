@@ -123,16 +123,16 @@ class DyNet(Method):
         return [
             Claim(self.name, "acc_vs_dense", PAPER, "abstract",
                   "A narrower dynamic network cuts the FLOPs of ResNet-18 by 67.2 % without loss of accuracy.",
-                  "test accuracy, DyNet minus dense", "at_least",
-                  lambda r: difference(r, (me, "test_acc"), ("pretrain", "test_acc")), "dense", 100, " points"),
+                  "test accuracy, DyNet minus dense", "non_inferiority",
+                  difference((me, "test_acc"), ("pretrain", "test_acc")), "dense", 100, " points"),
             Claim(self.name, "mac_ratio", PAPER, "abstract",
                   "DyNet at the accuracy of the static network needs 0.328 x its FLOPs (ResNet-18, -67.2 %).",
-                  "MACs per image, DyNet / dense", "at_most",
-                  lambda r: ratio(r, (me, "macs_per_image"), (me, "dense_macs_per_image")), "dense", 1, " x"),
+                  "MACs per image, DyNet / dense", "ratio_at_most",
+                  ratio((me, "macs_per_image"), (me, "dense_macs_per_image")), "dense", 1, " x"),
             Claim(self.name, "acc_vs_static", PAPER, "Sec. 3 (the FLOPs-cut recipe)",
                   "The dynamic kernels recover the accuracy that narrowing the network costs.",
                   "test accuracy, DyNet minus the static network of its width (same init, distillation, epochs)",
-                  "at_least", lambda r: difference(r, (me, "test_acc"), ("control@static", "test_acc")), "static control",
+                  "superiority", difference((me, "test_acc"), ("control@static", "test_acc")), "static control",
                   100, " points", control="static"),
         ]
 

@@ -18,7 +18,8 @@ from pipeline.paths import PREPARED
 from pipeline.report import figures
 from pipeline.report.collect import Evidence
 from pipeline.report.document import Figure, Section, Table, Text
-from pipeline.report.verdicts import INTRO, verdict_rows
+from pipeline.report.verdicts import INTRO, judge_all, rules_table, verdict_rows
+from pipeline.report.within import within_run
 from pipeline.tracking import run_url
 
 
@@ -148,12 +149,20 @@ def link(ev: Evidence, stage: str) -> str:
 def verdicts_section(ctx: Context) -> Section | None:
     """The lead: every claim, its source, the measured effect, what it is judged against, the verdict."""
     ev = ctx.evidence
-    table = verdict_rows(ctx.cfg, [run_metrics(ev)], lambda stage: link(ev, stage))
+    judgements = judge_all(ctx.cfg, [run := run_metrics(ev)], within=within_run(ctx.cfg, run))
+    table = verdict_rows(ctx.cfg, judgements, lambda stage: link(ev, stage))
     if not len(table):
         return None
-    text = (INTRO + " This report covers one pipeline execution, so every verdict is a **single seed**; "
-            "a seed study (README, \"Seed studies and ablations\") gives the intervals.")
-    return Section("Verdicts", [Text(text), Table(table, "The papers' claims judged on this run.")])
+    v = ctx.cfg.verdicts
+    text = (INTRO + f" Family-wise error rate {v.family_error_rate:g} over {len(table)} claims (Holm). This report "
+            "covers one pipeline execution (**single seed**): an accuracy effect's interval and p-values come "
+            f"from a paired bootstrap over the test images ({v.bootstrap_replicates} replicates, the same "
+            "resampled images for both models), a timed effect's from its timing sessions; a property of the "
+            "model (parameter counts, MACs that do not depend on the input) is exact. None of them covers the variation "
+            "between training seeds: a seed study (README, \"Seed studies and ablations\") does.")
+    return Section("Verdicts", [Text(text), Table(table, "The papers' claims judged on this run."),
+                                Table(rules_table(), "How each type of claim resolves (x: the paired effect, "
+                                      "d: its margin from `claims`, b: a ratio's bound).")])
 
 
 SECTIONS: list[Callable[[Context], Section | None]] = [verdicts_section, overview, data_section, pretrain_section]

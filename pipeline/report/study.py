@@ -2,11 +2,18 @@
 
 A study is every stage run whose params carry ``tracking.study = <name>``. Runs
 are grouped into pipeline executions (tag ``pipeline_id``: one DVC experiment
-each); executions that differ only in ``train_seed`` are one *setting* seen
-with several seeds. The report gives, per setting:
+each); executions that differ only in their seed (``train_seed``, and
+``data.seed`` when the study varies it: ``tracking.vary_data_seed``) are one
+*setting* seen with several seeds. A study pools only one code version: every
+run must carry the same git commit and no uncommitted changes to the code
+(:func:`integrity`), and a setting holds each seed once. The report gives, per
+setting:
 
-- the verdict table (:mod:`pipeline.report.verdicts`) with the 95 % CI of every
-  claim's paired effect over the seeds;
+- the verdict table (:mod:`pipeline.report.verdicts`): every claim's paired
+  effect per seed, mean and 95 % interval over the seeds, raw and Holm-adjusted
+  p-values (sequential studies: repeated p-values at the boundaries of the
+  looks, listed with the seeds of each look), the verdict and, if
+  inconclusive, the seeds it would need;
 - per stage and metric the mean, standard deviation, 95 % CI and n;
 - for every param that differs between settings (whatever it is), one table
   and one figure: the metrics of the stages that param feeds, mean +- CI per
@@ -24,16 +31,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.claims import RunMetrics, confidence_interval
+from pipeline import stats
+from pipeline.claims import RunMetrics, Sequential, confidence_interval
 from pipeline.config import Config, parse_config
 from pipeline.errors import DataError
 from pipeline.paths import REPORTS
 from pipeline.report import figures
 from pipeline.report.document import Figure, Section, Table, Text, to_html, to_markdown
-from pipeline.report.verdicts import INTRO, verdict_rows
+from pipeline.report.verdicts import INTRO, judge_all, rules_table, verdict_rows
 from pipeline.tracking import quiet_logs, run_url, tracking_uri
 
 SEED = "train_seed"
+DATA_SEED = "data.seed"
 IGNORED = ("tracking.",)  # params that name the study, not the experiment
 METRICS = ("test_acc", "val_acc", "macs_per_image", "nonzero_params", "executed_fraction", "kernel_sparsity",
            "mac_ratio")
@@ -47,10 +56,17 @@ class Execution:
     params: dict[str, str]
     metrics: RunMetrics = field(default_factory=dict)
     runs: dict[str, tuple[str, str]] = field(default_factory=dict)  # stage -> (experiment id, run id)
+    commit: str = ""
+    dirty: str = ""
+
+    @property
+    def varies_data(self) -> bool:
+        return self.params.get("tracking.vary_data_seed") == "True"
 
     @property
     def seed(self) -> str:
-        return self.params.get(SEED, "")
+        s = self.params.get(SEED, "")
+        return f"{s}/{self.params.get(DATA_SEED, '')}" if self.varies_data else s
 
 
 @dataclass
@@ -62,7 +78,7 @@ class Setting:
 
     @property
     def seeds(self) -> list[str]:
-        return sorted((e.seed for e in self.executions), key=lambda s: (len(s), s))
+        return [e.seed for e in self.executions]
 
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.varied.items()) or "all runs"
@@ -82,21 +98,48 @@ def load(study: str, experiment: str) -> list[Execution]:
     executions: dict[str, Execution] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):
         pid, stage = run.data.tags["pipeline_id"], run.data.tags["stage"]
-        ex = executions.setdefault(pid, Execution(pid, dict(run.data.params)))
+        ex = executions.setdefault(pid, Execution(pid, dict(run.data.params), commit=run.data.tags.get("git_commit", ""),
+                                                  dirty=run.data.tags.get("git_dirty", "")))
         ex.metrics[stage] = {k.removeprefix("final."): v for k, v in run.data.metrics.items() if k.startswith("final.")}
         ex.runs[stage] = (run.info.experiment_id, run.info.run_id)
     return list(executions.values())
 
 
+def integrity(study: str, executions: list[Execution]) -> None:
+    """A study pools one code version: one git commit, no uncommitted code changes (DataError otherwise)."""
+    by_commit: dict[str, list[Execution]] = defaultdict(list)
+    for e in executions:
+        by_commit[e.commit].append(e)
+    if len(by_commit) > 1:
+        (a, ea), (b, eb) = sorted(by_commit.items(), key=lambda kv: min(x.pipeline_id for x in kv[1]))[:2]
+        raise DataError(f"study '{study}' holds runs of two code versions: commit {a[:10]} ({len(ea)} executions, "
+                        f"e.g. pipeline {ea[0].pipeline_id}) and commit {b[:10]} ({len(eb)}, e.g. pipeline "
+                        f"{eb[0].pipeline_id}); a study never pools them: run it under a new name")
+    dirty = [e for e in executions if e.dirty != "false"]
+    if dirty:
+        raise DataError(f"study '{study}': pipeline {dirty[0].pipeline_id} ran with uncommitted code changes "
+                        f"(git_dirty = {dirty[0].dirty}); commit them and run the study under a new name")
+
+
 def settings(executions: list[Execution]) -> list[Setting]:
-    """Executions grouped by the params that differ between them (the training seed aside)."""
+    """Executions grouped by the params that differ between them (the seeds aside); each seed once per
+    setting (DataError naming both pipeline executions otherwise), seeds in numeric order."""
     keys = sorted({k for e in executions for k in e.params})
-    varied = [k for k in keys if k != SEED and not k.startswith(IGNORED)
+    seeds = {SEED} | ({DATA_SEED} if executions and all(e.varies_data for e in executions) else set())
+    varied = [k for k in keys if k not in seeds and not k.startswith(IGNORED)
               and len({e.params.get(k) for e in executions}) > 1]
     groups: dict[tuple, list[Execution]] = defaultdict(list)
     for e in executions:
         groups[tuple(e.params.get(k) for k in varied)].append(e)
-    out = [Setting(dict(zip(varied, values)), sorted(group, key=lambda e: e.seed)) for values, group in groups.items()]
+    out = []
+    for values, group in groups.items():
+        group = sorted(group, key=lambda e: [_sortable(x) for x in e.seed.split("/")])
+        for x, y in zip(group, group[1:]):
+            if x.seed == y.seed:
+                raise DataError(f"seed {x.seed} appears twice in one setting: pipeline executions {x.pipeline_id} "
+                                f"(run {x.runs.get('pretrain', ('', '?'))[1][:8]}) and {y.pipeline_id} "
+                                f"(run {y.runs.get('pretrain', ('', '?'))[1][:8]})")
+        out.append(Setting(dict(zip(varied, values)), group))
     return sorted(out, key=lambda s: [_sortable(v) for v in s.varied.values()])
 
 
@@ -162,25 +205,83 @@ def ablation(param: str, group: list[Setting], metric: str = "test_acc") -> pd.D
     return pd.DataFrame(rows)
 
 
-def build_study_report(study: str, cfg: Config, out: Path = REPORTS) -> dict[str, Path]:
-    """reports/study.md and reports/study.html (figures in reports/study_figures/) for study ``study``."""
+def judge_setting(st: Setting, cfg: Config, plan: Sequential | None = None):
+    """The setting's verdicts (one Holm family), on its seeds in order; with a plan, at its looks."""
+    return judge_all(cfg, [e.metrics for e in st.executions], st.seeds, sequential=plan)
+
+
+def looks_table(st: Setting, cfg: Config, plan: Sequential) -> pd.DataFrame:
+    """One row per claim: its verdict at every look the setting reached, and the seeds it needed."""
+    done = [n for n in plan.looks if n <= len(st.executions)]
+    rows: dict[str, dict] = {}
+    for n in done:
+        sub = Setting(st.varied, st.executions[:n])
+        for j in judge_setting(sub, cfg, plan):
+            row = rows.setdefault(j.claim.id, {"claim": j.claim.id, "seeds needed": ""})
+            row[f"look {done.index(n) + 1} (n = {n})"] = j.verdict
+            if j.verdict in ("reproduced", "not reproduced") and not row["seeds needed"]:
+                row["seeds needed"] = str(n)
+    for row in rows.values():
+        if not row["seeds needed"]:
+            row["seeds needed"] = "unresolved"
+    return pd.DataFrame(list(rows.values()))
+
+
+def boundary_rows(plan: Sequential, alpha: float, family: int) -> pd.DataFrame:
+    """The t boundaries of the planned looks at Holm's first-step level alpha / family and at alpha."""
+    first = stats.t_boundaries(alpha / family, plan.looks, plan.spending)
+    full = stats.t_boundaries(alpha, plan.looks, plan.spending)
+    return pd.DataFrame([{"look": k + 1, "seeds": n, "information fraction": n / plan.looks[-1],
+                          f"alpha spent (of {alpha:g})": stats.spent(alpha, n / plan.looks[-1], plan.spending),
+                          f"t boundary at alpha / {family}": first[k], "t boundary at alpha": full[k]}
+                         for k, n in enumerate(plan.looks)])
+
+
+def per_seed(values: tuple[float, ...], scale: float) -> str:
+    return ", ".join(f"{v * scale:.4g}" for v in values)
+
+
+def build_study_report(study: str, cfg: Config, out: Path = REPORTS, plan: Sequential | None = None) -> dict[str, Path]:
+    """reports/study.md and reports/study.html (figures in reports/study_figures/) for study ``study``;
+    ``plan``: the looks of a sequential study."""
     executions = load(study, cfg.tracking.experiment)
+    integrity(study, executions)
     groups = settings(executions)
     figs = out / "study_figures"
     if figs.exists():
         shutil.rmtree(figs)
     figs.mkdir(parents=True)
-    sections = [_lead(study, groups)]
+    sections = [_lead(study, groups, executions[0].commit if executions else "")]
     for st in groups:
         setting_cfg = _config_of(st, cfg)
-        links = {stage: f"[{rid[:8]}]({run_url(eid, rid)})" for stage, (eid, rid) in st.executions[0].runs.items()}
-        table = verdict_rows(setting_cfg, [e.metrics for e in st.executions], lambda s: links.get(s, ""))
+
+        def links(stage: str, st=st) -> str:
+            return " ".join(f"[{e.seed}]({run_url(*e.runs[stage])})" for e in st.executions if stage in e.runs)
+
+        judgements = judge_setting(st, setting_cfg, plan)
+        table = verdict_rows(setting_cfg, judgements, links)
+        table.insert(table.columns.get_loc("measured"), "per seed",
+                     [per_seed(j.values, j.claim.scale) for j in judgements])
         title = f"Verdicts: {st.label()}" if st.varied else "Verdicts"
-        sections.append(Section(title, [
-            Text(f"{INTRO} Seeds: {', '.join(st.seeds)} (n = {len(st.executions)}); params as in the first run "
-                 f"of the setting ({links.get('pretrain', '')})."),
-            Table(table, f"The papers' claims judged on {len(st.executions)} training seed(s)."),
-        ]))
+        v = setting_cfg.verdicts
+        how = (f" Sequential: looks after {', '.join(map(str, plan.looks))} seeds, {plan.spending.replace('_', '-')} "
+               "alpha spending (Lan & DeMets 1983); p-values are repeated p-values over the looks so far."
+               if plan else "")
+        blocks = [
+            Text(f"{INTRO} Family-wise error rate {v.family_error_rate:g} over the {len(table)} claims (Holm).{how} "
+                 f"Seeds: {', '.join(st.seeds)} (n = {len(st.executions)}); the runs column links each seed's "
+                 "MLflow runs of the claim's stages."),
+            Table(table, f"The papers' claims judged on {len(st.executions)} seed(s)."),
+        ]
+        if plan:
+            family = 2 * sum(1 for j in judgements if j.judged)
+            blocks += [Table(boundary_rows(plan, v.family_error_rate, max(family, 1)),
+                             "Planned looks and the one-sided t boundaries of the spending function (simulated "
+                             "under the null; Holm tests each hypothesis between alpha / family and alpha).",
+                             "{:.4g}", {"look": "{:.0f}", "seeds": "{:.0f}"}),
+                       Table(looks_table(st, setting_cfg, plan), "Each claim's verdict at every look so far.")]
+        blocks.append(Table(rules_table(), "How each type of claim resolves."))
+        sections.append(Section(title, blocks))
     for st in groups:
         sections.append(Section(f"Metrics over seeds: {st.label()}", [
             Table(summary(st), "Mean, standard deviation and 95 % CI (Student's t) over the training seeds.",
@@ -202,11 +303,12 @@ def build_study_report(study: str, cfg: Config, out: Path = REPORTS) -> dict[str
     return {"markdown": md, "html": page, "figures": figs}
 
 
-def _lead(study: str, groups: list[Setting]) -> Section:
+def _lead(study: str, groups: list[Setting], commit: str) -> Section:
     rows = [{"setting": st.label(), "seeds": ", ".join(st.seeds), "n": len(st.executions),
              "stages": len({s for e in st.executions for s in e.metrics})} for st in groups]
     text = (f"Study `{study}`: {sum(len(s.executions) for s in groups)} pipeline executions from the MLflow store "
-            f"(stage runs with `tracking.study = {study}`), in {len(groups)} setting(s) that differ in "
+            f"(stage runs with `tracking.study = {study}`) of commit `{commit[:10]}`, in {len(groups)} setting(s) "
+            "that differ in "
             f"{', '.join(f'`{k}`' for k in groups[0].varied) if groups and groups[0].varied else 'the training seed only'}.")
     return Section("Study", [Text(text), Table(pd.DataFrame(rows), "Settings and their training seeds.",
                                                 formats={"n": "{:.0f}", "stages": "{:.0f}"})])
