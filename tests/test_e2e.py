@@ -55,6 +55,24 @@ def test_metrics_are_sane(repro):
         assert (root / f"models/{method}.pt").is_file()
 
 
+
+def test_per_image_outputs_average_to_the_stage_metrics(repro):
+    """What a single run's verdicts bootstrap over: per-image correctness whose mean is the stage's
+    test accuracy, on the test set of the stage's task."""
+    root = repro[0]
+    files = sorted(root.glob("results/**/per_image.json"))
+    assert {f.parent.name for f in files} >= {"pretrain", *METHODS}
+    for f in files:
+        body = json.loads(f.read_text())
+        metrics = json.loads((f.parent / "metrics.json").read_text())
+        acc = body["values"]["test_acc"]
+        assert len(acc) == body["images"] and set(acc) <= {0.0, 1.0}
+        assert sum(acc) / len(acc) == pytest.approx(metrics["test_acc"], abs=1e-6), f
+        if "executed_fraction" in body["values"]:
+            fractions = body["values"]["executed_fraction"]
+            assert sum(fractions) / len(fractions) == pytest.approx(metrics["executed_fraction"], abs=1e-5), f
+
+
 def test_mlflow_holds_the_runs(repro):
     root = repro[0]
     runs = _runs(repro[1])
