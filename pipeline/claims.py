@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -483,4 +483,4 @@ def same(run: RunMetrics, a: str, b: str, names: tuple[str, ...]) -> bool:
 
 
 __all__ = ["Claim", "Effect", "Side", "Judgement", "WithinRun", "RULES", "HYPOTHESES", "measure", "decide_family",
-           "judge", "difference", "ratio", "value", "metric", "same", "stages_read", "replace"]
+           "judge", "difference", "ratio", "value", "metric", "same", "stages_read"]
