@@ -66,6 +66,7 @@ class FitResult:
     final: dict[str, float]
     resumed_from: int = 0
     timing: dict[str, float] = field(default_factory=dict)
+    test_correct: list[float] = field(default_factory=list)  # per test image, from the pass that gave test_acc
 
 
 def set_threads(threads: int) -> int:
@@ -155,27 +156,23 @@ def augment(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) ->
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer, batch_size: int) -> dict[str, float]:
     """Loss and accuracy of ``model`` in eval mode over (x, y)."""
+    return evaluate_images(model, x, y, norm, batch_size)[0]
+
+
+@torch.no_grad()
+def evaluate_images(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
+                    batch_size: int) -> tuple[dict[str, float], list[float]]:
+    """:func:`evaluate`'s loss and accuracy, and per image 1.0 where ``model`` classifies it right, else 0.0,
+    from the same forward pass (their mean is the accuracy even where eval is random, e.g. random masks)."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct = 0.0, []
     for i in range(0, len(y), batch_size):
         logits = model(norm(x[i : i + batch_size]))
         target = y[i : i + batch_size]
         loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-        correct += (logits.argmax(1) == target).sum().item()
+        correct += (logits.argmax(1) == target).double().tolist()
     n = max(1, len(y))
-    return {"loss": loss_sum / n, "acc": correct / n}
-
-
-@torch.no_grad()
-def per_image_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: Normalizer,
-                      batch_size: int) -> list[float]:
-    """1.0 where ``model`` (eval mode) classifies the image right, else 0.0: the per-image form of
-    :func:`evaluate`'s accuracy (their mean is it)."""
-    model.eval()
-    out: list[float] = []
-    for i in range(0, len(y), batch_size):
-        out += (model(norm(x[i : i + batch_size])).argmax(1) == y[i : i + batch_size]).double().tolist()
-    return out
+    return {"loss": loss_sum / n, "acc": sum(correct) / n}, correct
 
 
 def fit(
@@ -308,7 +305,7 @@ def fit(
         "epochs": float(cfg.epochs),
     }
     if test:
-        measured = evaluate(model, *data.splits["test"], norm, cfg.eval_batch_size)
+        measured, test_correct = evaluate_images(model, *data.splits["test"], norm, cfg.eval_batch_size)
         final = {"test_acc": measured["acc"], "test_loss": measured["loss"], **final}
     distributed.barrier()
     if distributed.is_main():
@@ -316,4 +313,4 @@ def fit(
     timing = {"train_seconds": t_train, "threads": float(threads)}
     if t_train > 0:
         timing["train_images_per_second"] = (cfg.epochs - start) * steps * cfg.batch_size / t_train
-    return FitResult(history, final, start, timing)
+    return FitResult(history, final, start, timing, test_correct if test else [])

@@ -23,7 +23,7 @@ from pipeline.methods.files import load_any_model, save_method_model
 from pipeline.metrics import PER_IMAGE, write_history, write_metrics, write_per_image
 from pipeline.paths import CHECKPOINTS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
-from pipeline.train import Normalizer, evaluate, fit, normalized, per_image_correct, seed_everything
+from pipeline.train import Normalizer, evaluate, fit, normalized, seed_everything
 
 
 def main(cfg: Config, name: str) -> None:
@@ -63,9 +63,8 @@ def main(cfg: Config, name: str) -> None:
         save_method_model(method.model_file, model, method, p, cfg, dense_record, metrics=metrics, converted=names)
         metrics["model_file_bytes"] = method.model_file.stat().st_size
         write_metrics(out / "metrics.json", metrics)
-        correct = per_image_correct(model, *data.splits["test"], Normalizer(data.mean, data.std), p.train.eval_batch_size)
         write_per_image(out / PER_IMAGE, "upstream", data.splits["test"][1],
-                        {"test_acc": correct, **method.per_image(model, test_x, p)})
+                        {"test_acc": result.test_correct, **method.per_image(model, test_x, p)})
         write_metrics(out / "timing.json", result.timing)
         write_history(out / "history.csv", result.history)
         (out / "layers.json").write_text(json.dumps(layers, indent=2) + "\n")

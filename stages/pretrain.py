@@ -11,7 +11,7 @@ from pipeline.complexity import count_params
 from pipeline.models import build_model, save_model
 from pipeline.paths import CHECKPOINTS, MODELS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
-from pipeline.train import Normalizer, fit, normalized, per_image_correct, seed_everything
+from pipeline.train import Normalizer, fit, normalized, seed_everything
 
 OUT = RESULTS / "pretrain"
 
@@ -34,9 +34,7 @@ def main(cfg: Config) -> None:
         save_model(MODELS / "dense.pt", model, cfg.model, data.in_channels, data.num_classes,
                    mean=data.mean, std=data.std, classes=data.classes, metrics=metrics)
         write_metrics(OUT / "metrics.json", metrics)
-        correct = per_image_correct(model, *data.splits["test"], Normalizer(data.mean, data.std),
-                                    cfg.pretrain.eval_batch_size)
-        write_per_image(OUT / PER_IMAGE, "upstream", data.splits["test"][1], {"test_acc": correct})
+        write_per_image(OUT / PER_IMAGE, "upstream", data.splits["test"][1], {"test_acc": result.test_correct})
         write_metrics(OUT / "timing.json", result.timing)
         write_history(OUT / "history.csv", result.history)
         run.log_metrics(metrics, prefix="final.")

@@ -27,7 +27,7 @@ from pipeline.metrics import PER_IMAGE, write_history, write_metrics, write_per_
 from pipeline.models.surgery import new_head
 from pipeline.paths import CHECKPOINTS, RESULTS
 from pipeline.tracking import stage_run, write_run_info
-from pipeline.train import Hooks, Normalizer, fit, normalized, per_image_correct, seed_everything
+from pipeline.train import Hooks, Normalizer, fit, normalized, seed_everything
 
 
 def main(cfg: Config, name: str) -> None:
@@ -67,8 +67,7 @@ def main(cfg: Config, name: str) -> None:
         metrics["upstream_test_acc"] = float(record.get("meta", {}).get("metrics", {}).get("test_acc", float("nan")))
         metrics.update(method.transfer_metrics(model, test_x, before))
         write_metrics(out / "metrics.json", metrics)
-        correct = per_image_correct(model, *data.splits["test"], Normalizer(data.mean, data.std), tcfg.train.eval_batch_size)
-        write_per_image(out / PER_IMAGE, "downstream", data.splits["test"][1], {"test_acc": correct})
+        write_per_image(out / PER_IMAGE, "downstream", data.splits["test"][1], {"test_acc": result.test_correct})
         write_metrics(out / "timing.json", result.timing)
         write_history(out / "history.csv", result.history)
         run.log_metrics(metrics, prefix="final.")
