@@ -392,6 +392,7 @@ class LatencyCfg(Section):
     threads: Annotated[list[Annotated[Int, Field(ge=0, le=256)]], Field(min_length=1)]  # 0 = all cores
     iterations: Annotated[Int, Field(ge=30, le=100000)]
     warmup: Annotated[Int, Field(ge=0)]
+    sessions: Annotated[Int, Field(ge=1, le=100)]  # timing sessions (every variant alone in its own process)
     devices: Annotated[list[Literal["cpu", "cuda"]], Field(min_length=1)]  # cuda: when present
     eval_batch_size: Annotated[Int, Field(ge=1, le=8192)]  # accuracy of every timed variant
     runtimes: list[Literal["onnxruntime", "openvino", "native"]]  # dense baselines besides PyTorch (CPU; pipeline/runtimes.py)

@@ -111,7 +111,7 @@ def tiny_profile(params: dict) -> dict:
         params["search"][method].update(n_trials=N_TRIALS, steps=2, final_steps=2)
         params["search"][method]["sampler"]["n_startup_trials"] = 2
     params["transfer"]["train"]["epochs"] = 1
-    params["latency"].update(batch_size=4, threads=[1], warmup=1, iterations=30)
+    params["latency"].update(batch_size=4, threads=[1], warmup=1, iterations=30, sessions=2)
     params["report"]["samples_per_dataset"] = 8
     _one_thread(params)
     return params

@@ -5,6 +5,7 @@ stage ran, the metrics, the MLflow runs, datasets and models, and the report bui
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 
@@ -154,9 +155,19 @@ def test_latency_times_every_variant(repro):
     assert {(r["variant"], r["batch"]) for r in result["rows"]} == {(v, b) for v in VARIANTS | dense for b in (1, 4)}
     assert set(result["runtimes"]) == set(CFG.latency.runtimes)
     assert all(c["max_abs_diff"] < 1e-3 for c in result["runtimes"].values())
-    for r in result["rows"]:  # every speed-up is against the fastest dense runtime of its setting
-        fastest = min(d["median_ms"] for d in result["rows"] if d["variant"] in dense and d["batch"] == r["batch"])
-        assert r["speedup_vs_dense"] == pytest.approx(fastest / r["median_ms"])
+    for r in result["rows"]:  # against the fastest dense runtime of its setting, session by session
+        fastest = min((d for d in result["rows"] if d["variant"] in dense and d["batch"] == r["batch"]),
+                      key=lambda d: d["median_ms"])
+        assert len(r["session_ms"]) == 2 and r["median_ms"] == pytest.approx(sum(r["session_ms"]) / 2)
+        ratios = [a / b for a, b in zip(fastest["session_ms"], r["session_ms"])]
+        assert r["speedup_sessions"] == pytest.approx(ratios)
+        assert r["speedup_vs_dense"] == pytest.approx(math.sqrt(ratios[0] * ratios[1]))
+        assert r["speedup_lo"] <= r["speedup_vs_dense"] <= r["speedup_hi"]
+    metrics = json.loads((root / "results/latency/metrics.json").read_text())
+    assert result["sessions"]["dynconv_sparse_speedup_b1"] == pytest.approx(
+        next(r["speedup_sessions"] for r in result["rows"] if r["variant"] == "dynconv_sparse" and r["batch"] == 1))
+    assert set(result["sessions"]) == {k for k in metrics if "_speedup_b" in k}
+    assert result["runtimes"]["onnxruntime"]["spinning"].startswith("default")
     assert all(r["iterations"] == 30 and 0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] for r in result["rows"])
     assert abs(result["accuracy"]["dynconv_sparse"]["acc_change"]) < 0.01  # same masks, same function
     engines = {r["variant"]: r["runtime"] for r in result["rows"] if r["variant"] != "dense"}  # `dense`: the fastest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from pipeline.fold import fold_batchnorm
 from pipeline.models import build_model
 from pipeline.runtimes import compile_dense, export_onnx, max_abs_diff
 from pipeline.timing import resolve_threads, summarize, time_blocks, time_interleaved, torch_threads
-from stages.latency import add_speedups
+from pipeline.latency import add_speedups, aggregate, session_order
 
 from .conftest import build_method, model_cfg
 
@@ -167,3 +168,47 @@ def test_native_runtime_refuses_a_model_it_cannot_compile(tmp_path):
     model = randomize_bn(build_model(model_cfg(arch="cifar_resnet", depth=8), 1, 10))  # BatchNorm not folded
     with pytest.raises(UserError, match="'native' cannot run the dense model: bn"):
         compile_dense("native", tmp_path / "dense.onnx", 1, model)
+
+
+def test_speedups_are_session_by_session_with_an_interval_on_the_log_scale():
+    """Per session the ratio to the fastest dense runtime of that session; the speed-up is their geometric
+    mean, the interval Student's t over sessions on log ratios (scipy's t quantile, computed here)."""
+    from scipy import stats as sps
+
+    def row(variant, sessions):
+        return {"variant": variant, "device": "cpu", "threads": 2, "batch": 1,
+                "median_ms": sorted(sessions)[1], "session_ms": sessions}
+
+    complexity = {"dense": {"macs_per_image": 100.0}, "sparse": {"macs_per_image": 25.0}}
+    timed = [row("dense", [10.0, 12.0, 11.0]), row("dense_channels_last", [9.0, 9.5, 9.2]),
+             row("dense_onnxruntime", [2.0, 3.0, 2.4]), row("sparse", [1.0, 2.0, 1.5])]
+    by = {r["variant"]: r for r in add_speedups(timed, complexity, ["onnxruntime"])}
+    assert by["dense"]["runtime"] == "onnxruntime"
+    ratios = [2.0 / 1.0, 3.0 / 2.0, 2.4 / 1.5]
+    assert by["sparse"]["speedup_sessions"] == pytest.approx(ratios)
+    logs = np.log(ratios)
+    assert by["sparse"]["speedup_vs_dense"] == pytest.approx(float(np.exp(logs.mean())))
+    half = sps.t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
+    assert by["sparse"]["speedup_lo"] == pytest.approx(float(np.exp(logs.mean() - half)))
+    assert by["sparse"]["speedup_hi"] == pytest.approx(float(np.exp(logs.mean() + half)))
+    assert by["sparse"]["speedup_vs_eager"] == pytest.approx(float(np.exp(np.log([9.0, 9.5, 9.2]) - np.log([1.0, 2.0, 1.5])).prod() ** (1 / 3)))
+    assert by["dense"]["speedup_vs_dense"] == pytest.approx(1.0) and by["dense"]["speedup_lo"] == pytest.approx(1.0)
+
+
+def test_sessions_alternate_their_order_and_aggregate_to_medians():
+    assert session_order(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert session_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+    assert session_order(["a", "b", "c"], 2) == ["a", "b", "c"]
+
+    def result(session, ms):
+        timing = {"median_ms": ms, "q1_ms": ms - 1, "q3_ms": ms + 1, "iqr_ms": 2.0, "iterations": 30.0}
+        return {"variant": "v", "session": session, "check": {},
+                "rows": [{"variant": "v", "device": "cpu", "threads": 1, "batch": 1, "runtime": "pytorch",
+                          "threads_per_image": None, **timing}]}
+
+    rows, checks = aggregate([result(1, 5.0), result(0, 3.0), result(2, 4.0)], 3)
+    assert checks == {} and len(rows) == 1
+    assert rows[0]["session_ms"] == [3.0, 5.0, 4.0]  # session order, not arrival order
+    assert rows[0]["median_ms"] == 4.0 and rows[0]["q1_ms"] == 3.0 and rows[0]["q3_ms"] == 5.0
+    with pytest.raises(RuntimeError, match="not timed once in each of 3 sessions"):
+        aggregate([result(0, 3.0), result(2, 4.0)], 3)

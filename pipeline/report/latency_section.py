@@ -27,11 +27,16 @@ def latency_section(ctx: Context) -> Section | None:
         rows["runtime"], rows["speedup_vs_eager"] = "pytorch", rows["speedup_vs_dense"]
     if "threads_per_image" not in rows:  # a result written before the plan chose its threads per image
         rows["threads_per_image"] = None
+    if "speedup_lo" not in rows:  # a result of one session
+        rows["speedup_lo"] = rows["speedup_hi"] = None
+    rows["interval"] = [f"[{lo:.2f}, {hi:.2f}]" if lo is not None and lo == lo else "one session"
+                        for lo, hi in zip(rows["speedup_lo"], rows["speedup_hi"])]
     table = rows[["device", "threads", "batch", "variant", "runtime", "threads_per_image", "layout", "median_ms",
                   "iqr_ms", "per_image_ms",
-                  "MMACs/image", "mac_speedup", "speedup_vs_dense", "speedup_vs_eager", "realized_over_ideal", "test_acc"]]
+                  "MMACs/image", "mac_speedup", "speedup_vs_dense", "interval", "speedup_vs_eager", "realized_over_ideal", "test_acc"]]
     table = table.rename(columns={"threads_per_image": "threads / image", "median_ms": "median (ms)", "iqr_ms": "IQR (ms)", "per_image_ms": "per image (ms)",
                                   "mac_speedup": "MAC-ratio speed-up", "speedup_vs_dense": "speed-up vs best dense",
+                                  "interval": "95 % over sessions",
                                   "speedup_vs_eager": "speed-up vs PyTorch eager",
                                   "realized_over_ideal": "realized / MAC ratio"})
     cpu = rows[rows["device"] == "cpu"]
@@ -56,19 +61,24 @@ def latency_section(ctx: Context) -> Section | None:
         runtimes = (
             f"The dense model also ran, on the CPU, in {named}: ONNX Runtime and OpenVINO on its ONNX export, "
             "`native` in the compiled plan that runs the methods, all f32 (OpenVINO's default on CPUs with bf16 "
-            "instructions is bf16, another function) with intra-op threads = the thread count of the row (a "
-            "runtime's thread pool stays busy after a call and slows whatever runs next, hence the blocks). The "
+            "instructions is bf16, another function) with intra-op threads = the thread count of the row, each "
+            "with its own recommended settings (ONNX Runtime's threads spin between runs, as by default). The "
             "`dense` row is the fastest dense runtime of its setting (columns runtime and layout); "
             "`dense_pytorch` is PyTorch eager in its faster layout (NCHW or channels-last)."
         )
     else:
         runtimes = "The dense baseline is PyTorch eager in the faster of NCHW and channels-last (column layout)."
+    k = result.get("timing_sessions", 1)
     text = (
         f"Measured on {result['cpu']} ({result['cores']} cores{gpu}), torch {result['torch']}: every model with "
-        f"BatchNorm folded, every variant timed in one process in a block of its own on the same test "
-        f"images, {result['warmup']} warm-up calls, then {result['iterations']} timed calls; median and "
-        f"inter-quartile range. {runtimes} MAC-ratio speed-up = dense MACs / model MACs; speed-up vs best "
-        "dense = time of the fastest dense runtime / model time (what every speed verdict uses); speed-up vs "
+        f"BatchNorm folded, every variant timed alone in a process of its own, as it is deployed, in {k} "
+        f"timing session(s) of alternating order on the same test images; in each, {result['warmup']} warm-up "
+        f"calls, then {result['iterations']} timed calls. Times are medians over the sessions of each session's "
+        f"median (IQR likewise). {runtimes} MAC-ratio speed-up = dense MACs / model MACs; speed-up vs best "
+        "dense = time of the fastest dense runtime / model time, session by session, as their geometric mean "
+        "with a 95 % Student-t interval over sessions on the log scale (this machine's speed moves by a third "
+        "from hour to hour, so one session is never taken as exact; the speed verdicts judge these per-session "
+        "ratios); speed-up vs "
         f"PyTorch eager is the same against PyTorch's dense model. {kernels} MLflow run `{ev.run_ids['latency']}`."
     )
     fmt = {"median (ms)": "{:.3f}", "IQR (ms)": "{:.3f}", "per image (ms)": "{:.3f}", "MMACs/image": "{:.2f}",

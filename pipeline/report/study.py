@@ -270,7 +270,9 @@ def build_study_report(study: str, cfg: Config, out: Path = REPORTS, plan: Seque
         blocks = [
             Text(f"{INTRO} Family-wise error rate {v.family_error_rate:g} over the {len(table)} claims (Holm).{how} "
                  f"Seeds: {', '.join(st.seeds)} (n = {len(st.executions)}); the runs column links each seed's "
-                 "MLflow runs of the claim's stages."),
+                 "MLflow runs of the claim's stages. A speed-up of one seed is the geometric mean of its "
+                 f"{setting_cfg.latency.sessions} timing session(s), so the interval over seeds also carries the "
+                 "timing noise between sessions."),
             Table(table, f"The papers' claims judged on {len(st.executions)} seed(s)."),
         ]
         if plan:

@@ -1,0 +1,315 @@
+"""Latency measurement: every variant timed alone in its own process, in ``latency.sessions`` timing sessions.
+
+A deployed model runs alone in its process, with its runtime's own recommended
+settings, so that is how each one is timed here: one process per (session,
+variant), holding one model and nothing else (``python -m pipeline.latency
+--worker``). In a shared process a runtime's thread pool stays busy after
+its call returns and slows whatever runs next (OpenVINO in the rounds: PyTorch's
+dense model 1.30 -> 1.65 ms, ONNX Runtime 0.31 -> 0.51 ms), and keeping ONNX
+Runtime's threads from spinning to protect the next variant cost ONNX Runtime
+itself 1.04-1.38 x at batch 1; alone in its process, it keeps its defaults.
+
+Within a process each (device, threads, batch) setting is timed in a block
+(warm-up, then ``latency.iterations`` calls on the test images, iteration i on
+the i-th batch). A session runs every variant once; sessions alternate the
+order (forward, backward, ...) so a drift of the machine's speed during a
+session does not always favour the same variant. This machine's timings move
+by 30 % from one hour to the next, so one session is never judged as exact:
+per session and setting every speed-up is the ratio to the fastest dense
+runtime (chosen by its median over sessions) timed in the same session, and
+the reported speed-up is their geometric mean with a Student-t interval on the
+log scale over the sessions (:func:`pipeline.stats.t_interval`). The claims read
+the per-session speed-ups (``sessions`` in ``results/latency.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import methods, stats
+from pipeline.config import Config, load_config
+from pipeline.data import load_task
+from pipeline.errors import UserError
+from pipeline.fold import fold_batchnorm
+from pipeline.methods.base import Variant
+from pipeline.methods.files import load_any_model
+from pipeline.model_plan import PlannedModel, planned
+from pipeline.paths import repo_root
+from pipeline.runtimes import MODEL_COMPILERS, Compiled, compile_dense, export_onnx, max_abs_diff
+from pipeline.timing import time_blocks, torch_threads, tune_malloc
+from pipeline.train import Normalizer, normalized
+
+CHANNELS_LAST = "channels_last"
+INTERVAL_LEVEL = 0.95  # of the per-row speed-up intervals shown in the latency table
+
+
+def variants(cfg: Config) -> list[Variant]:
+    """What the methods time: the baseline first, then every method's variants in params order."""
+    return [v for method in methods.in_pipeline(cfg) for v in method.latency_variants()]
+
+
+def job_names(cfg: Config) -> list[str]:
+    """One process per name and session: the dense model in PyTorch (NCHW, channels-last) and in every
+    runtime of ``latency.runtimes``, then the methods' variants."""
+    base = methods.baseline().name
+    return [base, f"{base}_{CHANNELS_LAST}", *[f"{base}_{rt}" for rt in cfg.latency.runtimes],
+            *[v.name for v in variants(cfg) if v.name != base]]  # fmt: skip
+
+
+def load_variant(v: Variant) -> tuple[nn.Module, nn.Module, float]:
+    """The timed model of ``v`` (eval mode, BN folded; a method's variant in the compiled whole-model plan
+    where the plan supports it), the model as its stage saved it (what the MAC counters understand), and the
+    test accuracy it had in its stage."""
+    if not v.file.is_file():
+        raise UserError(f"'{v.file}' not found: run the stages before latency (dvc repro)")
+    model, record, _ = load_any_model(v.file)
+    source = model.eval()
+    timed = v.transform(model) if v.transform else model
+    folded = fold_batchnorm(timed)[0]
+    return (folded if v.name == methods.baseline().name else planned(folded)), source, float(
+        record["meta"]["metrics"]["test_acc"])
+
+
+def build_variants(cfg: Config) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, float]]:
+    """:func:`load_variant` of every variant, by name: timed models, saved models, stage test accuracies."""
+    models, sources, recorded = {}, {}, {}
+    for v in variants(cfg):
+        models[v.name], sources[v.name], recorded[v.name] = load_variant(v)
+    return models, sources, recorded
+
+
+def batches(images: torch.Tensor, batch: int, iterations: int, device: torch.device) -> list[torch.Tensor]:
+    """``iterations`` batches cycling through the test images, on ``device``."""
+    n = len(images)
+    return [images[torch.arange(i * batch, (i + 1) * batch) % n].to(device) for i in range(iterations)]
+
+
+def devices(cfg: Config) -> list[str]:
+    """The devices of ``latency.devices`` present here (CUDA only with a GPU)."""
+    return [d for d in cfg.latency.devices if d == "cpu" or torch.cuda.is_available()]
+
+
+# ----------------------------------------------------------------------------- one process, one variant
+def time_variant(cfg: Config, name: str) -> dict:
+    """Timings of the one variant ``name`` per (device, threads, batch), in this process, which holds nothing
+    else; for a dense runtime also its largest deviation from PyTorch's logits on the timed inputs."""
+    tune_malloc()
+    base = methods.baseline().name
+    lcfg = cfg.latency
+    by_name = {v.name: v for v in variants(cfg)}
+    runtime = name.removeprefix(f"{base}_") if name.startswith(f"{base}_") else None
+    if runtime is not None and runtime != CHANNELS_LAST and runtime not in lcfg.runtimes:
+        raise UserError(f"latency: {name!r} is no runtime of latency.runtimes ({', '.join(lcfg.runtimes)})")
+    if runtime is None and name not in by_name:
+        raise UserError(f"latency: unknown variant {name!r}; known: {', '.join(job_names(cfg))}")
+    model = load_variant(by_name[base if runtime else name])[0]
+    images = normalized(load_task("upstream"), "test")
+    rows, check = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = None
+        if runtime not in (None, CHANNELS_LAST, *MODEL_COMPILERS):
+            onnx = export_onnx(model, Path(tmp) / f"{base}.onnx", images[:1])
+        for device_name in devices(cfg):
+            if runtime not in (None, CHANNELS_LAST) and device_name != "cpu":
+                continue  # the runtimes run on the CPU
+            device = torch.device(device_name)
+            on_device = model.to(device)
+            for threads in dict.fromkeys(lcfg.threads if device_name == "cpu" else [0]):
+                with torch_threads(threads) as used:
+                    compiled: Compiled | None = None
+                    if runtime not in (None, CHANNELS_LAST):
+                        compiled = compile_dense(runtime, onnx, used, on_device)
+                    for batch in (1, lcfg.batch_size):
+                        xs = batches(images, batch, lcfg.iterations + lcfg.warmup, device)
+                        engine = "pytorch"
+                        if compiled is not None:
+                            arrays = [x.numpy() for x in xs]
+                            diff = max_abs_diff(compiled, on_device, xs[:3])
+                            check = {"version": compiled.version, **compiled.settings,
+                                     "max_abs_diff": max(check.get("max_abs_diff", 0.0), diff)}  # fmt: skip
+                            call, engine = (lambda i, run=compiled.run: run(arrays[i])), runtime
+                        elif runtime == CHANNELS_LAST:
+                            cl = on_device.to(memory_format=torch.channels_last)
+                            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+                            call = lambda i, m=cl: m(xs[i])  # noqa: E731
+                        else:
+                            call = lambda i, m=on_device: m(xs[i])  # noqa: E731
+                            engine = "native" if isinstance(on_device, PlannedModel) else "pytorch"
+                        t = time_blocks({name: call}, lcfg.iterations, lcfg.warmup, device)[name]
+                        team = (on_device.threads_per_image(xs[0].shape[1:], used, batch)
+                                if compiled is None and isinstance(on_device, PlannedModel) else None)
+                        rows.append({"variant": name, "device": device_name, "threads": used, "batch": batch,
+                                     "runtime": engine, "threads_per_image": team, **t.as_dict()})  # fmt: skip
+                    del compiled
+            on_device.to("cpu")
+    return {"variant": name, "rows": rows, "check": check}
+
+
+# ----------------------------------------------------------------------------- sessions of processes
+def session_order(names: list[str], session: int) -> list[str]:
+    """Session 0 runs the variants in order, session 1 backwards, and so on."""
+    return list(names) if session % 2 == 0 else list(reversed(names))
+
+
+def run_sessions(cfg: Config, params: Path, names: list[str] | None = None) -> list[dict]:
+    """``latency.sessions`` sessions; in each, every variant of ``names`` (default :func:`job_names`) timed
+    in a process of its own (:func:`time_variant`). Returns the rows with their session index, and the
+    runtimes' checks."""
+    names = names or job_names(cfg)
+    k = cfg.latency.sessions
+    out = []
+    with tqdm(total=k * len(names), desc="latency", unit="process") as bar:
+        for session in range(k):
+            for name in session_order(names, session):
+                bar.set_postfix_str(f"session {session + 1}/{k}: {name}")
+                out.append({**worker(params, name), "session": session})
+                bar.update()
+    return out
+
+
+def worker(params: Path, name: str) -> dict:
+    """:func:`time_variant` of ``name`` in a fresh Python process (the same interpreter and environment)."""
+    cmd = [sys.executable, "-m", "pipeline.latency", "--worker", name, "--params", str(params)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root(), env=os.environ)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        raise UserError(f"latency: timing {name!r} in its own process failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def aggregate(results: list[dict], sessions: int) -> tuple[list[dict], dict[str, dict]]:
+    """One row per (variant, device, threads, batch): ``session_ms`` the medians of the sessions in session
+    order, ``median_ms`` / ``q1_ms`` / ``q3_ms`` the medians over sessions; and each runtime's check (its
+    largest deviation from PyTorch over every session)."""
+    groups: dict[tuple, list[dict]] = {}
+    checks: dict[str, dict] = {}
+    for res in results:
+        for r in res["rows"]:
+            groups.setdefault((r["variant"], r["device"], r["threads"], r["batch"]), []).append({**r, "session": res["session"]})
+        if res["check"]:
+            rt = res["rows"][0]["runtime"]
+            prev = checks.get(rt, {}).get("max_abs_diff", 0.0)
+            checks[rt] = {**res["check"], "max_abs_diff": max(prev, res["check"]["max_abs_diff"])}
+    rows = []
+    for group in groups.values():
+        group.sort(key=lambda r: r["session"])
+        if [r["session"] for r in group] != list(range(sessions)):
+            raise RuntimeError(f"latency: {group[0]['variant']} was not timed once in each of {sessions} sessions")
+        first = group[0]
+        row = {k: first[k] for k in ("variant", "device", "threads", "batch", "runtime", "threads_per_image")}
+        for q in ("median_ms", "q1_ms", "q3_ms"):
+            row[q] = statistics.median(r[q] for r in group)
+        row.update(iqr_ms=row["q3_ms"] - row["q1_ms"], iterations=first["iterations"],
+                   session_ms=[r["median_ms"] for r in group], per_image_ms=row["median_ms"] / row["batch"])
+        rows.append(row)
+    return rows, checks
+
+
+def _ratio(num: list[float], den: list[float]) -> tuple[float, list[float], float | None, float | None]:
+    """Per-session ratios num/den, their geometric mean and its interval over the sessions (log scale)."""
+    ratios = [a / b for a, b in zip(num, den)]
+    logs = [math.log(r) for r in ratios]
+    mean = math.exp(statistics.fmean(logs))
+    if len(logs) < 2:
+        return mean, ratios, None, None
+    _, lo, hi = stats.t_interval(logs, INTERVAL_LEVEL)
+    return mean, ratios, math.exp(lo), math.exp(hi)
+
+
+def add_speedups(rows: list[dict], complexity: dict[str, dict], runtimes: list[str] = ()) -> list[dict]:
+    """Per (device, threads, batch): the fastest dense runtime (lowest median over sessions) becomes the
+    ``dense`` row (``runtime`` and ``layout`` name it) and every speed-up is against it, session by session
+    (``speedup_sessions``; ``speedup_vs_dense`` their geometric mean, ``speedup_lo``/``speedup_hi`` its
+    interval); ``dense_pytorch`` (PyTorch eager in its faster layout) and ``dense_<runtime>`` stay as rows,
+    and ``speedup_vs_eager`` is the speed-up against PyTorch eager. A row without ``session_ms`` is one
+    session."""
+    name = methods.baseline().name
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        r = {**r, "session_ms": r.get("session_ms") or [r["median_ms"]]}
+        groups.setdefault((r["device"], r["threads"], r["batch"]), []).append(r)
+    for group in groups.values():
+        nchw = next(r for r in group if r["variant"] == name)
+        cl = next(r for r in group if r["variant"] == f"{name}_{CHANNELS_LAST}")
+        eager = min((nchw, cl), key=lambda r: r["median_ms"])
+        layout = CHANNELS_LAST if eager is cl else "nchw"
+        dense = [{**eager, "variant": f"{name}_pytorch", "runtime": "pytorch", "layout": layout}]
+        for rt in runtimes:
+            found = next((r for r in group if r["variant"] == f"{name}_{rt}"), None)
+            if found is not None:
+                dense.append({**found, "runtime": rt, "layout": "nchw"})
+        best = min(dense, key=lambda r: r["median_ms"])
+        baseline = {**best, "variant": name}
+        timed_dense = {r["variant"] for r in dense} | {name, f"{name}_{CHANNELS_LAST}"}
+        methods_rows = [{"runtime": "pytorch", **r, "layout": "nchw"} for r in group if r["variant"] not in timed_dense]
+        for r in [baseline, *dense, *methods_rows]:
+            c = complexity[name if r["variant"] in timed_dense else r["variant"]]
+            mac_speedup = complexity[name]["macs_per_image"] / c["macs_per_image"]
+            speedup, per_session, lo, hi = _ratio(best["session_ms"], r["session_ms"])
+            out.append({**r, **c, "speedup_vs_dense": speedup, "speedup_sessions": per_session,
+                        "speedup_lo": lo, "speedup_hi": hi,
+                        "speedup_vs_eager": _ratio(eager["session_ms"], r["session_ms"])[0],
+                        "mac_speedup": mac_speedup, "realized_over_ideal": speedup / mac_speedup,
+                        "best_dense": best["runtime"], "dense_nchw_ms": nchw["median_ms"],
+                        "dense_channels_last_ms": cl["median_ms"],
+                        **{f"dense_{d['runtime']}_ms": d["median_ms"] for d in dense}})  # fmt: skip
+    return out
+
+
+def headline(rows: list[dict], accuracy: dict[str, dict]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The numbers the claims are checked on: CPU, all cores, batch 1 (and the batch size), against the
+    fastest dense runtime (``_speedup_``, the geometric mean over sessions) and against PyTorch eager
+    (``_speedup_vs_eager_``); and the per-session speed-ups behind each ``_speedup_``."""
+    base = methods.baseline().name
+    cpu = [r for r in rows if r["device"] == "cpu"]
+    most = max(r["threads"] for r in cpu)
+    out, sessions = {}, {}
+    for r in cpu:
+        if r["threads"] == most and r["variant"] != base and not r["variant"].startswith(f"{base}_"):
+            key = f"{r['variant']}_speedup_b{r['batch']}"
+            out[key] = r["speedup_vs_dense"]
+            sessions[key] = r["speedup_sessions"]
+            out[f"{r['variant']}_speedup_vs_eager_b{r['batch']}"] = r["speedup_vs_eager"]
+    out.update({f"{name}_acc_change": a["acc_change"] for name, a in accuracy.items() if name != base})
+    out["threads"] = float(most)
+    return out, sessions
+
+
+def runtime_accuracy(model: Compiled, split: tuple[torch.Tensor, torch.Tensor], norm: Normalizer,
+                     batch_size: int) -> float:
+    """Test accuracy of the dense model as a runtime computes it."""
+    images, labels = split
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = norm(images[i : i + batch_size]).contiguous().numpy()
+        correct += int((torch.from_numpy(model.run(x)).argmax(1) == labels[i : i + batch_size]).sum())
+    return correct / len(images)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Time one latency variant alone in this process (JSON on stdout).")
+    parser.add_argument("--worker", required=True, help="variant name (see job_names)")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+    try:
+        result = time_variant(load_config(Path(args.params)), args.worker)
+    except UserError as err:
+        sys.exit(f"latency worker: error: {err}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
