@@ -425,6 +425,7 @@ class TrackingCfg(Section):
     experiment: Annotated[Str, Field(min_length=1)]
     study: Annotated[Str, Field(min_length=1)] | None  # set by the seed-study command: groups its runs in MLflow
     vary_data_seed: Bool  # set by the seed-study command: data.seed varies with train_seed (a seed, not a setting)
+    system_metrics_interval: Annotated[Float, Field(ge=0.0, le=3600.0)]  # s between CPU/memory samples; 0 = off
 
 
 MethodGroups = dict[Str, dict[Str, Any]]

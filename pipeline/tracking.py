@@ -125,10 +125,11 @@ class StageRun:
         )  # fmt: skip
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
-    def log_model(self, model, example, registered_name: str | None = None) -> None:
-        """The trained model logged to this run with its signature (the runs table's Model column), and
-        registered under ``registered_name`` when the store has a model registry. Loading it needs this
-        project installed (its modules define the layers)."""
+    def log_model(self, model, example, name: str) -> None:
+        """The trained model logged to this run under ``name`` (what it is: ``dynet``, ``sdconv-searched``,
+        ``dynet-transfer``; the experiment's Models tab lists it so) with its signature, and registered under
+        the same name when the store has a model registry: a rerun adds a version, tagged with the run's git
+        commit and params hash. Loading it needs this project installed (its modules define the layers)."""
         import copy
 
         import mlflow
@@ -144,18 +145,24 @@ class StageRun:
         signature = infer_signature(example.numpy(), output.numpy())
         mlflow.set_tracking_uri(tracking_uri())
         mlflow.start_run(run_id=self.run_id)  # the fluent API logs models to the active run
+        provenance = {k: self.tags[k] for k in MODEL_TAGS if k in self.tags}
+        common = dict(name=name, signature=signature, pip_requirements=requirements(), serialization_format="pickle",
+                      tags=provenance)  # pickle: masks and plans do not trace (pt2)
         try:
             try:
-                mlflow.pytorch.log_model(model, name="model", signature=signature, pip_requirements=requirements(),
-                                         registered_model_name=registered_name, await_registration_for=0,
-                                         serialization_format="pickle")  # masks and plans do not trace (pt2)
+                info = mlflow.pytorch.log_model(model, registered_model_name=name, await_registration_for=0, **common)
             except MlflowException:  # a store without a model registry: the logged model stays
-                if registered_name is None:
-                    raise
-                mlflow.pytorch.log_model(model, name="model", signature=signature, pip_requirements=requirements(),
-                                         serialization_format="pickle")
+                info = mlflow.pytorch.log_model(model, **common)
+            version = getattr(info, "registered_model_version", None)
+            if version is not None:
+                for key, value in provenance.items():
+                    self.client.set_model_version_tag(name, str(version), key, value)
         finally:
             mlflow.end_run(status="RUNNING")  # the stage's context ends the run
+
+
+# Run tags a registered model version carries: which code and which params made it.
+MODEL_TAGS = ("git_commit", "git_dirty", "params_hash", "stage")
 
 
 # The MLflow UI opens an experiment on its GenAI traces unless it is tagged as model training.
@@ -193,7 +200,7 @@ class NullRun(StageRun):
     def log_dataset(self, task: str, card: dict, context: str) -> None:
         pass
 
-    def log_model(self, model, example, registered_name: str | None = None) -> None:
+    def log_model(self, model, example, name: str) -> None:
         pass
 
 
@@ -272,14 +279,33 @@ def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = Non
     for i in range(0, len(batch), 90):
         client.log_batch(run.info.run_id, params=batch[i : i + 90])
     handle = StageRun(client, run.info.run_id)
-    handle.experiment_id, handle.pipeline_run_id, handle.tags = exp_id, parent, tags
+    handle.experiment_id, handle.pipeline_run_id, handle.tags = exp_id, parent, {**tags, "stage": stage}
+    monitor = system_metrics(run.info.run_id, cfg.tracking.system_metrics_interval)
     try:
         yield handle
     except BaseException:
+        if monitor is not None:
+            monitor.finish()
         client.set_terminated(run.info.run_id, "FAILED")
         raise
+    if monitor is not None:
+        monitor.finish()
     client.set_terminated(run.info.run_id, "FINISHED")
     client.set_terminated(parent, "FINISHED")
+
+
+def system_metrics(run_id: str, interval: float):
+    """MLflow's own system metrics monitor on the run (``system/cpu_utilization_percentage``, memory, disk,
+    network; GPU where there is one), sampling every ``interval`` s in a thread of this process; None when off."""
+    if interval <= 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
+                                   tracking_uri=tracking_uri())
+    monitor.start()
+    return monitor
 
 
 def client_and_experiment(cfg: Config):
@@ -321,6 +347,12 @@ def ui_base() -> str:
 def run_url(experiment_id: str, run_id: str) -> str:
     """The MLflow UI page of a run."""
     return redact(f"{ui_base()}/#/experiments/{experiment_id}/runs/{run_id}")
+
+
+def runs_table_url(experiment_id: str) -> str:
+    """The MLflow UI's table of the experiment's runs (where the stage runs are compared); the experiment's
+    own page opens on its GenAI overview in MLflow 3."""
+    return redact(f"{ui_base()}/#/experiments/{experiment_id}/runs")
 
 
 def write_run_info(path: Path, run: StageRun, stage: str) -> None:

@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,6 +75,10 @@ def open_study(ctx: SearchContext, sampler_seed: int):
     directions = ["maximize"] + ["minimize"] * (len(ctx.objectives) - 1)
     study = optuna.create_study(storage=storage, study_name=f"{ctx.method.name}-{ctx.study_key[:12]}",
                                 directions=directions, load_if_exists=True)  # fmt: skip
+    if study.metric_names != list(ctx.objectives):  # optuna-dashboard shows these instead of "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(ctx.objectives))
     # Seeded from the trials already in the store: a resumed search does not replay the first suggestions.
     study.sampler = make_sampler(ctx.sp.sampler, sampler_seed + len(study.trials))
     return study

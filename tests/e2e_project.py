@@ -113,6 +113,7 @@ def tiny_profile(params: dict) -> dict:
     params["transfer"]["train"]["epochs"] = 1
     params["latency"].update(batch_size=4, threads=[1], warmup=1, iterations=30, sessions=2)
     params["report"]["samples_per_dataset"] = 8
+    params["tracking"]["system_metrics_interval"] = 1  # the tiny stages run for seconds
     _one_thread(params)
     return params
 

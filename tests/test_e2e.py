@@ -12,8 +12,10 @@ import time
 import mlflow
 import mlflow.models
 import mlflow.pytorch
+import optuna
 import pytest
 import yaml
+from optuna.storages.journal import JournalFileBackend
 
 from .e2e_project import (CFG, METHODS, N_TRIALS, SEARCHED, STAGES, TRANSFERRED, VARIANTS, _runs, _sh, project,
                           tracking_server)
@@ -82,6 +84,8 @@ def test_mlflow_holds_the_runs(repro):
     assert stages["tags.pipeline_id"].nunique() == 1
     assert (stages["status"] == "FINISHED").all()
     pre = stages[stages["tags.stage"] == "pretrain"].iloc[0]
+    assert 0.0 < pre["metrics.system/cpu_utilization_percentage"] <= 100.0  # MLflow's system metrics
+    assert pre["metrics.system/system_memory_usage_megabytes"] > 0
     metrics = json.loads((root / "results/pretrain/metrics.json").read_text())
     assert pre["metrics.final.test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-6)
     assert pre["params.model.depth"] == "8"
@@ -116,6 +120,15 @@ def test_runs_show_their_datasets_and_models_in_the_tracking_server(repro):
         assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"])[1:] == [1, 32, 32], stage
     registered = {m.name for m in client.search_registered_models()}
     assert {"dense", *METHODS, *CFG.controls, *[f"{m}-transfer" for m in TRANSFERRED]} <= registered
+    # Each logged model carries its registered name (the Models tab tells them apart); each version the
+    # commit and params hash of the run that made it; one name per model, one version per stage run.
+    assert {m.name for m in models} == registered and len(models) == len(registered)
+    for m in models:
+        run_tags = client.get_run(m.source_run_id).data.tags
+        (version,) = client.search_model_versions(f"name = '{m.name}'")
+        assert version.run_id == m.source_run_id, m.name
+        for key in ("git_commit", "params_hash", "stage"):
+            assert version.tags[key] == run_tags[key] == m.tags[key], (m.name, key)
     loaded = mlflow.pytorch.load_model(by_run[stages.loc["convert@dynconv", "run_id"]].model_uri)
     assert sum(1 for _ in loaded.modules()) > 10
 
@@ -132,7 +145,11 @@ def test_search_outputs_and_trial_runs(repro):
         assert 2 <= len(pareto) <= 1 + N_TRIALS
         assert str(best["trial"]) in [row.split(",")[0] for row in pareto[1:]]
         assert (root / "models" / f"search_{method}.pt").is_file()
-        assert (root / "optuna" / method / "journal.log").stat().st_size > 0
+        journal = root / "optuna" / method / "journal.log"
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+        (summary,) = optuna.get_all_study_summaries(storage)  # optuna-dashboard shows the objectives by name
+        names = optuna.load_study(study_name=summary.study_name, storage=storage).metric_names
+        assert names == trials[0].split(",")[2 : 2 + len(names)] and names[0] == "val_acc" and len(names) >= 2
         assert 0.0 <= best["final"]["test_acc"] <= 1.0
         # MLflow: one study run, one finished child run per trial with the objectives.
         study = runs[(runs["tags.kind"] == "study") & (runs["tags.study_name"] == best["study_name"])]
@@ -202,6 +219,14 @@ def test_report_has_its_figures_and_run_ids(repro):
     stages.append("latency")
     for stage in stages:
         assert json.loads((root / f"results/{stage}/run.json").read_text())["run_id"] in md
+    table = f"/#/experiments/{_runs(repro[1])['experiment_id'].iloc[0]}/runs)"  # the runs table, beside run links
+    verdicts, runs_section = md.split("## Runs")[0], md.split("## Runs")[1].split("\n## ")[0]
+    linked = [line for line in verdicts.splitlines() if "/runs/" in line]
+    assert linked and all(table in line for line in linked) and table in runs_section
+    header = next(line for line in runs_section.splitlines() if line.startswith("| stage"))
+    cpu = header.split(" | ").index("mean CPU (%)")
+    row = next(line for line in runs_section.splitlines() if line.startswith("| pretrain "))
+    assert 0 < float(row.split(" | ")[cpu]) <= 100  # each stage's mean CPU utilisation beside its duration
 
 
 def test_dvc_metrics_and_plots_read_the_outputs(repro):
@@ -236,6 +261,10 @@ def test_more_trials_continue_the_persisted_study(repro):
     assert len(after) == len(before) + 1
     key = lambda row: row.split(",")[:4]  # number, state, objectives  # noqa: E731
     assert [key(r) for r in after[1 : len(before)]] == [key(r) for r in before[1:]]  # the old trials were kept
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])  # the rerun added a version, not a name
+    versions = client.search_model_versions("name = 'dynconv-searched'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert len({v.tags["params_hash"] for v in versions}) == 2  # n_trials differs
 
 
 def test_invalid_param_stops_at_validate_and_keeps_outputs(repro):

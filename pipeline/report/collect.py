@@ -21,6 +21,7 @@ class Evidence:
     run_ids: dict[str, str]  # stage -> MLflow run id
     runs: pd.DataFrame  # one row per stage run, indexed by stage
     histories: dict[str, pd.DataFrame] = field(default_factory=dict)  # stage -> per-epoch metrics
+    cpu: dict[str, float] = field(default_factory=dict)  # stage -> mean CPU utilisation (%), MLflow system metrics
 
     def has(self, stage: str) -> bool:
         return stage in self.runs.index
@@ -62,13 +63,21 @@ def collect(experiment: str, results: Path = RESULTS) -> Evidence:
     runs["stage"] = runs["run_id"].map(stage_of)
     runs = runs.set_index("stage").sort_index()
     client = MlflowClient(tracking_uri())
-    histories = {}
+    histories, cpu = {}, {}
     for stage, run_id in run_ids.items():
-        keys = [k for k in client.get_run(run_id).data.metrics if "." not in k]
+        logged = client.get_run(run_id).data.metrics
+        keys = [k for k in logged if "." not in k and not k.startswith(SYSTEM)]
         rows: dict[int, dict[str, float]] = {}
         for key in keys:
             for m in client.get_metric_history(run_id, key):
                 rows.setdefault(m.step, {})[key] = m.value
         if len(rows) > 1:
             histories[stage] = pd.DataFrame.from_dict(rows, orient="index").sort_index()
-    return Evidence(run_ids, runs, histories)
+        if CPU in logged:
+            samples = [m.value for m in client.get_metric_history(run_id, CPU)]
+            cpu[stage] = sum(samples) / len(samples)
+    return Evidence(run_ids, runs, histories, cpu)
+
+
+SYSTEM = "system/"  # MLflow's system metrics (pipeline.tracking.system_metrics)
+CPU = SYSTEM + "cpu_utilization_percentage"

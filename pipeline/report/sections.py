@@ -20,7 +20,7 @@ from pipeline.report.collect import Evidence
 from pipeline.report.document import Figure, Section, Table, Text
 from pipeline.report.verdicts import INTRO, judge_all, rules_table, verdict_rows
 from pipeline.report.within import within_run
-from pipeline.tracking import run_url
+from pipeline.tracking import run_url, runs_table_url
 
 
 @dataclass
@@ -46,9 +46,10 @@ def overview(ctx: Context) -> Section:
     for stage, row in runs.iterrows():
         rows.append({
             "stage": stage,
-            "MLflow run id": row["run_id"],
+            "MLflow run": f"[{row['run_id']}]({run_url(row['experiment_id'], row['run_id'])})",
             "status": row["status"],
             "duration (s)": (row["end_time"] - row["start_time"]).total_seconds() if pd.notna(row["end_time"]) else float("nan"),
+            "mean CPU (%)": ctx.evidence.cpu.get(stage, float("nan")),
             "git commit": str(row.get("tags.git_commit", ""))[:10],
             "dirty": row.get("tags.git_dirty", ""),
             "params hash": row.get("tags.params_hash", ""),
@@ -62,9 +63,16 @@ def overview(ctx: Context) -> Section:
         "keep the run (and pipeline id) of the execution that made them. Every number below is read from the "
         "MLflow run named in its table; open them with `mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db`."
     )
+    if len(runs):
+        text += (f" [The experiment's runs table]({runs_table_url(runs['experiment_id'].iloc[0])}) lists every "
+                 "stage run (in MLflow 3 the experiment's page opens on its GenAI overview; the runs are under "
+                 "\"Training runs\", nested under their pipeline's parent run: expand it).")
     return Section("Runs", [Text(text), Table(pd.DataFrame(rows), "One MLflow run per stage execution; duration "
-                                              "from the run's start and end (process start-up not included).",
-                                              formats={"duration (s)": "{:.1f}"})])
+                                              "from the run's start and end (process start-up not included); mean CPU utilisation of the "
+                                              "machine over the run (MLflow system metrics, every "
+                                              f"{ctx.cfg.tracking.system_metrics_interval:g} s; 100 % = every "
+                                              "core busy): a slow stage on a busy machine shows here.",
+                                              formats={"duration (s)": "{:.1f}", "mean CPU (%)": "{:.0f}"})])
 
 
 def data_section(ctx: Context) -> Section | None:
@@ -153,6 +161,9 @@ def verdicts_section(ctx: Context) -> Section | None:
     table = verdict_rows(ctx.cfg, judgements, lambda stage: link(ev, stage))
     if not len(table):
         return None
+    if len(ev.runs):  # the experiment's runs table beside each claim's run links
+        runs_table = f" ([runs table]({runs_table_url(ev.runs['experiment_id'].iloc[0])}))"
+        table["MLflow runs"] = [cell + runs_table if cell else cell for cell in table["MLflow runs"]]
     v = ctx.cfg.verdicts
     text = (INTRO + f" Family-wise error rate {v.family_error_rate:g} over {len(table)} claims (Holm). This report "
             "covers one pipeline execution (**single seed**): an accuracy effect's interval and p-values come "

@@ -39,7 +39,7 @@ from pipeline.paths import REPORTS
 from pipeline.report import figures
 from pipeline.report.document import Figure, Section, Table, Text, to_html, to_markdown
 from pipeline.report.verdicts import INTRO, judge_all, rules_table, verdict_rows
-from pipeline.tracking import quiet_logs, run_url, tracking_uri
+from pipeline.tracking import quiet_logs, run_url, runs_table_url, tracking_uri
 
 SEED = "train_seed"
 DATA_SEED = "data.seed"
@@ -256,7 +256,10 @@ def build_study_report(study: str, cfg: Config, out: Path = REPORTS, plan: Seque
         setting_cfg = _config_of(st, cfg)
 
         def links(stage: str, st=st) -> str:
-            return " ".join(f"[{e.seed}]({run_url(*e.runs[stage])})" for e in st.executions if stage in e.runs)
+            seeds = [f"[{e.seed}]({run_url(*e.runs[stage])})" for e in st.executions if stage in e.runs]
+            table = next((f" ([runs table]({runs_table_url(e.runs[stage][0])}))" for e in st.executions
+                          if stage in e.runs), "")
+            return " ".join(seeds) + table
 
         judgements = judge_setting(st, setting_cfg, plan)
         table = verdict_rows(setting_cfg, judgements, links)
