@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import time
 
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from optuna.storages.journal import JournalFileBackend
 
+from . import browser
 from .e2e_project import (CFG, METHODS, N_TRIALS, SEARCHED, STAGES, TRANSFERRED, VARIANTS, _runs, _sh, project,
                           tracking_server)
 
@@ -227,6 +229,23 @@ def test_report_has_its_figures_and_run_ids(repro):
     cpu = header.split(" | ").index("mean CPU (%)")
     row = next(line for line in runs_section.splitlines() if line.startswith("| pretrain "))
     assert 0 < float(row.split(" | ")[cpu]) <= 100  # each stage's mean CPU utilisation beside its duration
+
+
+def test_report_and_runs_table_open_in_a_browser(repro):
+    """What a user opens: the report in headless Chromium shows every figure it references, and its
+    runs-table link opens the tracking server's table, which lists every stage run under the pipeline run."""
+    root = repro[0]
+    figures = re.findall(r"!\[[^]]*\]\((figures/[^)]+)\)", (root / "reports/report.md").read_text())
+    assert len(figures) >= 8
+    with browser.page() as tab:
+        tab.goto((root / "reports/report.html").as_uri())
+        assert tab.locator("img").count() == len(figures)
+        assert browser.broken_images(tab) == []
+        link = tab.locator("a", has_text="runs table").first.get_attribute("href")
+        assert link.startswith(repro[1]["MLFLOW_TRACKING_URI"]) and link.endswith("/runs")
+        names = browser.expanded_run_names(tab, link, "pipeline ")
+    missing = set(STAGES) - {"validate"} - set(names)
+    assert not missing, f"the runs table does not list {sorted(missing)}; it lists {names}"
 
 
 def test_dvc_metrics_and_plots_read_the_outputs(repro):
