@@ -332,10 +332,8 @@ class SearchCommon(Section):
 
 
 # -------------------------------------------------------------------------- search
-class SearchCfg(Section):
-    """``storage`` is shared; every other key is a ``search.<method>`` group, validated by its method."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
+class OptunaCfg(Section):
+    """Where the search's studies live (``optuna``), shared by every ``search.<method>`` study."""
 
     # null: a journal file per method under <repo>/optuna/ (or the URL in $OPTUNA_STORAGE); or an RDB URL
     # (postgresql://user@host/db) without a password: it comes from PGPASSWORD, ~/.pgpass or $OPTUNA_STORAGE.
@@ -359,10 +357,20 @@ class SearchCfg(Section):
         return url
 
     @model_validator(mode="after")
-    def _groups(self) -> "SearchCfg":
+    def _grace(self) -> "OptunaCfg":
         if self.grace_period <= self.heartbeat_interval:
             raise ValueError(f"grace_period ({self.grace_period} s) must exceed heartbeat_interval "
                              f"({self.heartbeat_interval} s): a live worker would look dead")
+        return self
+
+
+class SearchCfg(Section):
+    """Every key is a ``search.<method>`` group (a ``search@<method>`` stage), validated by its method."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "SearchCfg":
         for name, group in (self.model_extra or {}).items():
             if not isinstance(group, dict):
                 raise ValueError(f"{name}: expected the mapping of search.{name}, got {type(group).__name__}")
@@ -378,9 +386,9 @@ class SearchCfg(Section):
 class TransferCfg(Section):
     """Fine-tuning on the downstream task (stages/transfer.py)."""
 
+    models: Annotated[list[Str], Field(min_length=1)]  # a transfer@<model> stage each: dense or a converted method
     protocol: Literal["finetune", "linear_probe"]
     use_searched: Bool  # methods with a search: start from the search's final model, else the converted one
-    freeze_masks: Bool  # methods with weight masks (SD-Conv): kept weights stay the kept ones
     train: TrainCfg
 
 
@@ -439,6 +447,7 @@ class Config(Section):
     distributed: DistributedCfg
     convert: MethodGroups  # convert.<method>: validated by the method's schema (pipeline/methods/)
     controls: list[Str]  # the controls that run (pipeline/methods/: static, magnitude, random_mask, uniform_mask)
+    optuna: OptunaCfg
     search: SearchCfg
     transfer: TransferCfg
     latency: LatencyCfg

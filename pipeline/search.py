@@ -4,7 +4,7 @@ Pareto front and the selection rule.
 - Storage: a journal file ``<repo>/optuna/<method>/journal.log`` (absolute,
   derived from the repository root, so ``dvc exp`` temporary copies use the
   same study), or an RDB URL for shared use: ``$OPTUNA_STORAGE`` when set,
-  else ``search.storage`` (without a password; PostgreSQL's client reads it
+  else ``optuna.storage`` (without a password; PostgreSQL's client reads it
   from ``PGPASSWORD`` or ``~/.pgpass``). SQLite is not offered for parallel
   workers: it answers "database is locked". The URL is shown without its
   user-info part wherever it is logged.
@@ -21,8 +21,8 @@ Pareto front and the selection rule.
 - A dead worker's trial (state RUNNING forever) is reclaimed: marked FAIL and
   its parameters queued again, so the study ends with exactly ``n_trials``
   complete trials. With an RDB storage every running trial records a heartbeat
-  every ``search.heartbeat_interval`` seconds (Optuna's heartbeat table); a trial
-  without one for ``search.grace_period`` seconds is stale, whichever host ran
+  every ``optuna.heartbeat_interval`` seconds (Optuna's heartbeat table); a trial
+  without one for ``optuna.grace_period`` seconds is stale, whichever host ran
   it. With the journal file a trial is stale when its worker's pid is gone
   from this host.
 - Sampler: passed explicitly with every argument and seeded (Optuna 5
@@ -55,7 +55,7 @@ from pipeline.redact import redact
 warnings.filterwarnings("ignore", message=".*heartbeat_interval.*experimental", category=Warning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
-STORAGE_ENV = "OPTUNA_STORAGE"  # an RDB URL, password included if need be; wins over search.storage
+STORAGE_ENV = "OPTUNA_STORAGE"  # an RDB URL, password included if need be; wins over optuna.storage
 
 HOST_ATTR, PID_ATTR, REQUEUED_ATTR = "worker_host", "worker_pid", "requeued_from"
 MAX_CONSECUTIVE_FAILURES = 3
@@ -66,7 +66,7 @@ def store_dir(method: str) -> Path:
 
 
 def storage_url(configured: str | None) -> str | None:
-    """The RDB URL of the studies: ``$OPTUNA_STORAGE`` when set, else ``search.storage`` (None: journal files)."""
+    """The RDB URL of the studies: ``$OPTUNA_STORAGE`` when set, else ``optuna.storage`` (None: journal files)."""
     return os.environ.get(STORAGE_ENV) or configured
 
 

@@ -21,7 +21,7 @@ from pipeline.config import Config, fingerprint, to_dict
 from pipeline.data import load_task, read_card, sha256_file
 from pipeline.methods.files import load_any_model, save_method_model
 from pipeline.metrics import PER_IMAGE, write_history, write_metrics, write_per_image
-from pipeline.paths import CHECKPOINTS, RESULTS
+from pipeline.paths import CHECKPOINTS
 from pipeline.tracking import stage_run, write_run_info
 from pipeline.train import Normalizer, evaluate, fit, normalized, seed_everything
 
@@ -29,7 +29,7 @@ from pipeline.train import Normalizer, evaluate, fit, normalized, seed_everythin
 def main(cfg: Config, name: str) -> None:
     method = methods.get(name)
     p = method.params(cfg)
-    out = RESULTS / "convert" / name
+    out = method.results_dir
     data = load_task("upstream")
     dense_file = methods.baseline().model_file
     dense, dense_record, _ = load_any_model(dense_file)

@@ -38,7 +38,6 @@ from pipeline.data import read_card
 from pipeline.errors import UserError
 from pipeline.methods.files import load_any_model, save_method_model
 from pipeline.metrics import write_metrics
-from pipeline.paths import RESULTS
 from pipeline.search import (
     count_trials,
     describe_storage,
@@ -70,8 +69,8 @@ def open_study(ctx: SearchContext, sampler_seed: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    search = ctx.cfg.search
-    storage = make_storage(storage_url(search.storage), ctx.method.name, search.heartbeat_interval, search.grace_period)
+    storage = make_storage(storage_url(ctx.cfg.optuna.storage), ctx.method.name, ctx.cfg.optuna.heartbeat_interval,
+                           ctx.cfg.optuna.grace_period)
     directions = ["maximize"] + ["minimize"] * (len(ctx.objectives) - 1)
     study = optuna.create_study(storage=storage, study_name=f"{ctx.method.name}-{ctx.study_key[:12]}",
                                 directions=directions, load_if_exists=True)  # fmt: skip
@@ -134,7 +133,7 @@ def _study_run(client, exp_id: str, study, ctx: SearchContext, parent_tags: dict
     if run_id:
         return run_id
     tags = {**parent_tags, "method": ctx.method.name,
-            "storage": describe_storage(storage_url(ctx.cfg.search.storage), ctx.method.name)}
+            "storage": describe_storage(storage_url(ctx.cfg.optuna.storage), ctx.method.name)}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     run_id = find_or_create_run(client, exp_id, {"kind": "study", "study_name": study.study_name},
@@ -184,12 +183,12 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
     if worker:
         return extra_worker(ctx)
     sp, objectives = ctx.sp, ctx.objectives
-    out = RESULTS / "search" / name
+    out = ctx.method.search_dir
     with stage_run(f"search@{name}", cfg) as run:
         study = open_study(ctx, cfg.train_seed)
         study_run_id = _study_run(run.client, run.experiment_id, study, ctx, run.tags, run.pipeline_run_id)
         run.set_tags({"method": name, "study_name": study.study_name, "study_run_id": study_run_id,
-                      "storage": describe_storage(storage_url(cfg.search.storage), name)})
+                      "storage": describe_storage(storage_url(cfg.optuna.storage), name)})
         before = count_trials(study)
         if before["complete"]:
             print(f"search@{name}: resuming study {study.study_name} with {before['complete']} complete trial(s)")
@@ -233,7 +232,7 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
                           metrics=stable, search_params=dict(chosen.params), study=study.study_name)
         best = {
             "study_name": study.study_name,
-            "storage": describe_storage(storage_url(cfg.search.storage), name),
+            "storage": describe_storage(storage_url(cfg.optuna.storage), name),
             "rule": RULE.format(within=sp.select_within, cost=cost),
             "trial": chosen.number,
             "params": dict(chosen.params),

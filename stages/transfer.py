@@ -25,7 +25,7 @@ from pipeline.errors import UserError
 from pipeline.methods.files import load_any_model
 from pipeline.metrics import PER_IMAGE, write_history, write_metrics, write_per_image
 from pipeline.models.surgery import new_head
-from pipeline.paths import CHECKPOINTS, RESULTS
+from pipeline.paths import CHECKPOINTS
 from pipeline.tracking import stage_run, write_run_info
 from pipeline.train import Hooks, Normalizer, fit, normalized, seed_everything
 
@@ -33,7 +33,7 @@ from pipeline.train import Hooks, Normalizer, fit, normalized, seed_everything
 def main(cfg: Config, name: str) -> None:
     method = methods.get(name)
     tcfg = cfg.transfer
-    out = RESULTS / "transfer" / name
+    out = method.transfer_dir
     source = method.transfer_source(cfg)
     if not source.is_file():
         raise UserError(f"'{source}' not found: run the stage that writes it first (dvc repro)")

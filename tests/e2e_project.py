@@ -27,7 +27,7 @@ from .conftest import REPO
 CFG = load_config(REPO / "params.yaml")
 METHODS = list(CFG.convert)
 SEARCHED = list(CFG.search.methods)
-TRANSFERRED = [m.name for m in methods.in_pipeline(CFG)]
+TRANSFERRED = [m.name for m in methods.transferred(CFG)]
 VARIANTS = {v.name for m in methods.in_pipeline(CFG) for v in m.latency_variants()}
 STAGES = ["validate", "prepare", "pretrain", *[f"convert@{m}" for m in METHODS], *[f"control@{c}" for c in CFG.controls],
           *[f"search@{m}" for m in SEARCHED], *[f"transfer@{m}" for m in TRANSFERRED], "latency", "report"]

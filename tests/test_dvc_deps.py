@@ -3,6 +3,7 @@ and the foreach lists name exactly the methods params.yaml configures."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -92,11 +93,39 @@ def test_foreach_lists_name_the_methods_of_params():
         group, _, item = stage.partition("@")
         if item:
             items.setdefault(group, []).append(item)
-    assert items["convert"] == list(cfg.convert)
-    assert items["control"] == [m.name for m in methods.registry().values() if m.control_of]
-    assert [s.partition("@")[2] for s in _stages() if s.startswith("control@")] == cfg.controls
-    assert items["search"] == list(cfg.search.methods)
-    assert items["transfer"] == [m.name for m in methods.in_pipeline(cfg)]
-    for m in methods.in_pipeline(cfg):
-        source = (m.searched_file if m.search else m.model_file).as_posix()
-        assert source in STAGES[f"transfer@{m.name}"][1], f"transfer@{m.name} must depend on {source}"
+    assert sorted(items["convert"]) == sorted(cfg.convert)
+    assert sorted(items["control"]) == sorted(m.name for m in methods.registry().values() if m.control_of)
+    assert sorted(s.partition("@")[2] for s in _stages() if s.startswith("control@")) == sorted(cfg.controls)
+    assert sorted(items["search"]) == sorted(cfg.search.methods)
+    assert sorted(items["transfer"]) == sorted(cfg.transfer.models) == sorted(m.name for m in methods.transferred(cfg))
+    for m in methods.transferred(cfg):  # wherever the method's transfer starts from, the stage depends on it
+        for choice in (False, True):
+            c = cfg.model_copy(update={"transfer": cfg.transfer.model_copy(update={"use_searched": choice})})
+            source = m.transfer_source(c).as_posix()  # relative to the repository root
+            assert any(source == d or source.startswith(d + "/") for d in STAGES[f"transfer@{m.name}"][1]), \
+                f"transfer@{m.name} must depend on {source}"
+
+
+def test_adding_a_method_edits_no_line_of_dvc_yaml():
+    """dvc.yaml's per-method stages iterate params groups: a new group is a new stage, a missing one none."""
+    import tempfile
+
+    raw = params()
+    raw["convert"]["newmethod"] = raw["convert"]["dynet"]
+    raw["search"] = {k: v for k, v in raw["search"].items() if k != "dynconv"}
+    raw["transfer"]["models"] = [*raw["transfer"]["models"], "newmethod"]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / ".dvc").mkdir()
+        (root / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        (root / "params.yaml").write_text(yaml.safe_dump(raw))
+        stages = _stages(root)
+    assert {"convert@newmethod", "transfer@newmethod"} <= set(stages) and "search@dynconv" not in stages
+    assert "models/newmethod.pt" not in stages["transfer@newmethod"][1]  # the models folder covers it
+    # The controls list the outputs of the methods they control (a control reads its method's results).
+    text = yaml.safe_dump({k: v for k, v in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()
+                           if k != "control"})
+    named = [m.name for m in methods.registry().values() if not m.baseline and not m.control_of
+             and re.search(rf"(?<![\w/]){m.name}(?![\w])", text)]
+    assert named == [], f"dvc.yaml names the methods {named}: iterate a params group instead"

@@ -153,5 +153,5 @@ def test_search_params_are_validated():
         methods.validate(config({"search": {"dynconv": {"space": {"budget": {"low": 0.0, "high": 0.5}}}}}))
     with pytest.raises(ConfigError, match="low must be <= high"):
         methods.validate(config({"search": {"sdconv": {"space": {"reg_weight": {"low": 1.0, "high": 0.1}}}}}))
-    with pytest.raises(ConfigError, match=r"'search.storage': expected an RDB URL .* \(got 'optuna.db'\)$"):
-        config({"search": {"storage": "optuna.db"}})
+    with pytest.raises(ConfigError, match=r"'optuna.storage': expected an RDB URL .* \(got 'optuna.db'\)$"):
+        config({"optuna": {"storage": "optuna.db"}})

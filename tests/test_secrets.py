@@ -48,7 +48,7 @@ def test_password_detection():
 
 
 def test_a_password_in_params_stops_validate_with_where_to_put_it(tmp_path):
-    raw = params({"search": {"storage": f"postgresql://lab:{PASSWORD}@127.0.0.1:5432/optuna"}})
+    raw = params({"optuna": {"storage": f"postgresql://lab:{PASSWORD}@127.0.0.1:5432/optuna"}})
     with pytest.raises(ConfigError) as info:
         config(raw)
     assert PASSWORD not in str(info.value)
@@ -58,10 +58,10 @@ def test_a_password_in_params_stops_validate_with_where_to_put_it(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith("validate: error: params.yaml: 'search.storage': holds a password")
+    assert line.startswith("validate: error: params.yaml: 'optuna.storage': holds a password")
     assert "PGPASSWORD" in line and "~/.pgpass" in line and STORAGE_ENV in line
     assert PASSWORD not in proc.stdout + proc.stderr
-    assert config({"search": {"storage": "postgresql://lab@127.0.0.1:5432/optuna"}}).search.storage
+    assert config({"optuna": {"storage": "postgresql://lab@127.0.0.1:5432/optuna"}}).optuna.storage
 
 
 def test_an_unreachable_store_is_one_line_without_the_password():

@@ -1,8 +1,9 @@
 """The method registry: every module of this package that defines ``METHOD`` is a method.
 
-Adding a method is adding a module here (plus its operator in ``pipeline/ops``,
-its params group ``convert.<name>`` and its entries in the ``foreach`` lists of
-dvc.yaml); nothing else changes. The registry discovers the modules by
+Adding a method is adding a module here, plus its operator in ``pipeline/ops``
+and its params group ``convert.<name>`` (and ``search.<name>``, a name in
+``transfer.models``, where it has them); nothing else changes: dvc.yaml's
+``foreach`` stages iterate those params groups. The registry discovers the modules by
 scanning this package and imports all of them, so every stage that asks it
 depends on every method module (dvc.yaml lists ``pipeline/methods`` and
 ``pipeline/ops`` as its deps; ``tests/test_dvc_deps.py`` checks that).
@@ -11,7 +12,8 @@ depends on every method module (dvc.yaml lists ``pipeline/methods`` and
   another method's behaviour.
 - :func:`in_pipeline` — the baseline, then the methods of ``convert`` in
   params order: what the latency stage times and the report shows;
-  :func:`controls` — the controls of ``controls`` that run.
+  :func:`controls` — the controls of ``controls`` that run; :func:`transferred`
+  — the models of ``transfer.models``.
 - :func:`validate` — every method group of params.yaml against its schema.
 """
 
@@ -86,6 +88,11 @@ def searched(cfg: Config) -> list[Method]:
     return [get(name, f"params.yaml: 'search.{name}'") for name in cfg.search.methods]
 
 
+def transferred(cfg: Config) -> list[Method]:
+    """The models fine-tuned downstream (``transfer.models`` in params order)."""
+    return [get(name, "params.yaml: 'transfer.models'") for name in cfg.transfer.models]
+
+
 def operating_point(stage: str, cfg: Config) -> str:
     """Which model of its method a stage's metrics describe: ``searched`` (a search's final model, or a
     transfer that starts from it) or ``converted`` (the converted model, a control, the dense model)."""
@@ -117,6 +124,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"params.yaml: 'controls': {method.name} controls {method.control_of}, which has no "
                               f"convert.{method.control_of} group")
         method.params(cfg)
+    names = cfg.transfer.models
+    for method in transferred(cfg):
+        if not method.baseline and method.name not in cfg.convert:
+            raise ConfigError(f"params.yaml: 'transfer.models': {method.name} has no convert.{method.name} group; "
+                              f"transfer.models names the dense model and methods of convert")
+        if names.count(method.name) > 1:
+            raise ConfigError(f"params.yaml: 'transfer.models': {method.name} is listed twice")
     for method in in_pipeline(cfg):
         expected = {c.name for c in method.claims()}
         given = cfg.claims.get(method.name, {})

@@ -27,7 +27,7 @@ from pipeline.config import Config, DistillCfg, SearchCommon, Section, Temperatu
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
 from pipeline.models.surgery import narrow_copy
-from pipeline.paths import MODELS
+from pipeline.paths import MODELS, RESULTS
 from pipeline.train import Hooks
 
 
@@ -59,6 +59,7 @@ class SearchSpace:
     Params: ClassVar[type[SearchCommon]]
     objectives: ClassVar[tuple[str, ...]]  # objective 0 (val_acc) is maximised, the rest minimised
     select_cost: ClassVar[str]  # the cost best.json minimises among near-best Pareto trials
+    searches: ClassVar[str]  # what it searches, for the report's heading (e.g. "threshold")
 
     def modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The searched modules (named), whose output resolution defines the stages."""
@@ -95,7 +96,8 @@ class Method:
     # A control runs its target method's recipe without the ingredient under test (e.g. DyNet's training
     # without dynamic kernels); its params are the ones of convert.<control_of> its schema names.
     control_of: ClassVar[str | None] = None
-    columns: ClassVar[dict[str, str]] = {}  # report column -> metric of the convert stage
+    columns: ClassVar[dict[str, str]] = {}  # report column -> metric of the convert stage (a study summarises them)
+    counting: ClassVar[str] = ""  # how its operators count their MACs, for the report (a clause)
 
     # ------------------------------------------------------------------ params
     def params(self, cfg: Config) -> Any:
@@ -133,6 +135,26 @@ class Method:
     def stage(self) -> str:
         """The stage that writes :attr:`model_file`."""
         return f"control@{self.name}" if self.control_of else f"convert@{self.name}"
+
+    @property
+    def results_dir(self) -> Path:
+        """Where :attr:`stage` writes its results (``metrics.json``, ``layers.json``, ...)."""
+        return RESULTS / "convert" / self.name
+
+    @property
+    def layers_file(self) -> Path:
+        """Per-layer values of :meth:`measure` (``layers.json``)."""
+        return self.results_dir / "layers.json"
+
+    @property
+    def search_dir(self) -> Path:
+        """Where ``search@<name>`` writes its results (``best.json``, ``pareto.csv``, ``trials.csv``, ...)."""
+        return RESULTS / "search" / self.name
+
+    @property
+    def transfer_dir(self) -> Path:
+        """Where ``transfer@<name>`` writes its results."""
+        return RESULTS / "transfer" / self.name
 
     def backbone(self, model_cfg: Any, p: Any) -> Any:
         """The backbone params the method builds on (default: the dense one)."""
@@ -214,6 +236,10 @@ class Method:
     def transfer_metrics(self, model: nn.Module, x: torch.Tensor, before: dict[str, float]) -> dict[str, float]:
         """Method metrics after transfer, on the downstream test images ``x``."""
         return {}
+
+    def transfer_note(self, cfg: Config) -> str:
+        """What its transfer keeps or changes beyond the common protocol, for the report (a sentence or "")."""
+        return ""
 
     # ------------------------------------------------------------------ latency
     def latency_variants(self) -> list[Variant]:

@@ -37,11 +37,11 @@ from torch import nn
 from pipeline.config import Bool, Config, Float, PosFloat, RangeCfg, SearchCommon, Section
 from pipeline.errors import ConfigError, UserError
 from pipeline.claims import Claim, difference, value
+from pipeline.methods import get
 from pipeline.methods.base import Method, MethodParams, SearchSpace, Variant, distill_term
 from pipeline.models.cifar_mobilenetv2 import InvertedResidual
 from pipeline.models.cifar_resnet import BasicBlock
 from pipeline.models.surgery import replace_module
-from pipeline.paths import RESULTS
 from pipeline.ops.fixed_masks import RandomMask, UniformMask, density_for_fraction
 from pipeline.ops.sparse_exec import to_sparse_execution
 from pipeline.ops.spatial_gate import BudgetLoss, GatedBasicBlock, GatedInvertedResidual, gated_blocks, set_gumbel
@@ -137,6 +137,7 @@ class DynConvSearch(SearchSpace):
     Params = DynConvSearchParams
     objectives = ("val_acc", "macs_per_image")
     select_cost = "macs_per_image"
+    searches = "budget"
 
     def modules(self, model):
         return named_blocks(model)
@@ -167,6 +168,8 @@ class DynConv(Method):
     Params = DynConvParams
     search = DynConvSearch()
     columns = {"executed fraction": "executed_fraction"}
+    counting = ("its gated blocks count the mask unit and the positions that executed (the dilated mask's for "
+                "the first conv)")
 
     def convert(self, model, p, seed):
         names = []
@@ -319,7 +322,7 @@ class MaskControl(Method):
         return names
 
     def warm_start(self, model, p, cfg, x):
-        layers = RESULTS / "convert" / self.control_of / "layers.json"
+        layers = get(self.control_of).layers_file
         if not layers.is_file():
             raise UserError(f"'{layers}' not found: the {self.label} control needs DynConv to run first")
         fractions = json.loads(layers.read_text())["executed_fraction"]

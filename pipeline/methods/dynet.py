@@ -51,6 +51,7 @@ class DyNet(Method):
     name = "dynet"
     label = "DyNet"
     paper = "Zhang et al., DyNet: Dynamic Convolution for Accelerating CNNs, arXiv 2004.10694 (2020)"
+    counting = "its dynamic convs count the conv, the kernel aggregation and the coefficient branch"
     Params = DyNetParams
     layer_type: type[nn.Module] = DynamicConv2d  # the operator the selected convs become
 

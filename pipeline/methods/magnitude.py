@@ -16,10 +16,10 @@ import json
 
 from pipeline.config import TemperatureCfg
 from pipeline.errors import UserError
-from pipeline.methods import dynet, sdconv
+from pipeline.methods import dynet, get, sdconv
 from pipeline.methods.files import load_any_model
 from pipeline.methods.sdconv import SDConv, freeze_masks, init_thresholds
-from pipeline.paths import RESULTS
+
 
 
 class Magnitude(SDConv):
@@ -32,7 +32,7 @@ class Magnitude(SDConv):
 
     def warm_start(self, model, p, cfg, x):
         source = dynet.METHOD.model_file
-        layers = RESULTS / "convert" / self.control_of / "layers.json"
+        layers = get(self.control_of).layers_file
         for path in (source, layers):
             if not path.is_file():
                 raise UserError(f"'{path}' not found: the {self.label} control needs DyNet and SD-Conv to run first")

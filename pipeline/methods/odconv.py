@@ -53,6 +53,8 @@ class ODConv(DyNet):
     name = "odconv"
     label = "ODConv"
     paper = "Li, Zhou, Yao, Omni-Dimensional Dynamic Convolution, ICLR 2022"
+    counting = ("the conv, the kernel and spatial mixing, the input and output scaling and the four-headed "
+                "attention branch")
     Params = ODConvParams
     layer_type = ODConv2d
 

@@ -15,7 +15,7 @@ output resolution): a trial re-initialises each layer's thresholds at that
 quantile of |W| within each threshold group (pruned weights are 0 and stay 0,
 so targets below the converted model's sparsity leave a layer as it is), then
 learns them under a sampled regulariser weight. Transfer: masks frozen by
-default (``transfer.freeze_masks``): the sparse model is what transfers.
+default (``convert.sdconv.freeze_masks``): the sparse model is what transfers.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from pipeline.config import Config, Float, RangeCfg, SearchCommon, Section, TemperatureCfg
+from pipeline.config import Bool, Config, Float, RangeCfg, SearchCommon, Section, TemperatureCfg
 from pipeline.methods import dynet
 from pipeline.claims import Claim, RunMetrics, difference, ratio, same
 from pipeline.methods.base import SearchSpace, temperature_at
@@ -43,6 +43,7 @@ class SDConvParams(DyNetParams):
     estimator: Literal[ESTIMATORS]  # type: ignore[valid-type]
     reg_weight: Annotated[Float, Field(ge=0.0)]
     min_keep: Annotated[Float, Field(ge=0.0, lt=1.0)]
+    freeze_masks: Bool  # transfer@sdconv: kept weights stay the kept ones
 
 
 class SDConvSpace(Section):
@@ -104,6 +105,7 @@ class SDConvSearch(SearchSpace):
     Params = SDConvSearchParams
     objectives = ("val_acc", "macs_per_image", "nonzero_params")
     select_cost = "nonzero_params"
+    searches = "threshold"
 
     def modules(self, model):
         return dynamic_layers(model)
@@ -130,6 +132,7 @@ class SDConv(DyNet):
     Params = SDConvParams
     search = SDConvSearch()
     columns = {"kernel sparsity": "kernel_sparsity"}
+    counting = "as DyNet's, with only the kept weights of each kernel"
 
     def make_layer(self, conv, p, generator):
         layer = SDConv2d.from_conv(conv, granularity=p.granularity, threshold_init=p.threshold_init,
@@ -183,9 +186,12 @@ class SDConv(DyNet):
         return super().transfer_params(p, cfg)
 
     def transfer_setup(self, model, cfg: Config):
-        """With ``transfer.freeze_masks``: pruned weights set to exactly 0, thresholds to 0 and not trained,
+        """With ``convert.sdconv.freeze_masks``: pruned weights set to exactly 0, thresholds to 0 and not trained,
         so mask = [|W| > 0] and a pruned weight's gradient is 0."""
-        return {"kept_weights_before": freeze_masks(model)} if cfg.transfer.freeze_masks else {}
+        return {"kept_weights_before": freeze_masks(model)} if self.params(cfg).freeze_masks else {}
+
+    def transfer_note(self, cfg: Config) -> str:
+        return f"{self.label} masks {'frozen' if self.params(cfg).freeze_masks else 'free to change'}."
 
     def transfer_metrics(self, model, x, before):
         if "kept_weights_before" not in before:

@@ -51,8 +51,8 @@ def latency_section(ctx: Context) -> Section | None:
     kernels = (f"On the CPU every model the compiled whole-model plan supports ran in it (runtime `native`: one "
                "call per batch, no Python between layers; with fewer images than threads it times, on its first "
                "call, the threads sharing each layer against one thread alone and keeps the faster: column "
-               "threads / image); the others ran as PyTorch modules with their DyNet / "
-               f"SD-Conv layers and sparse DynConv blocks on the per-layer compiled kernels (build {build})."
+               "threads / image); the others ran as PyTorch modules, their dynamic layers and sparse blocks on "
+               f"the per-layer compiled kernels (build {build})."
                if build else "The compiled CPU kernels were not available: every model ran its PyTorch path.")
     checks = result.get("runtimes", {})
     if checks:

@@ -12,7 +12,6 @@ import json
 import pandas as pd
 
 from pipeline import methods
-from pipeline.paths import RESULTS
 from pipeline.report import figures
 from pipeline.report.document import Figure, Section, Table, Text
 from pipeline.report.sections import SECTIONS, Context, _final
@@ -43,10 +42,12 @@ def search_section(ctx: Context) -> Section | None:
     stages = [m for m in methods.searched(ctx.cfg) if ev.has(f"search@{m.name}")]
     if not stages:
         return None
+    costs = "; ".join(f"{m.label}: " + ", ".join(COST_LABELS.get(c, c) for c in m.search.objectives[1:]) + " down"
+                      for m in stages)
     blocks: list = [Text(
         "Multi-objective Optuna studies: every trial fine-tunes the converted model with one sampled "
-        "configuration and is scored on the validation split only (accuracy up, MACs down, and for SD-Conv "
-        "nonzero parameters down). The chosen trial follows the rule in the table; its configuration is then "
+        f"configuration and is scored on the validation split only (accuracy up; {costs}). The chosen trial "
+        "follows the rule in the table; its configuration is then "
         "fine-tuned to the final model, whose test accuracy is measured once. Grey: every complete trial; "
         "orange: the Pareto-optimal ones; star: the chosen one; dense and converted models measured on the same "
         "validation images in the same run."
@@ -57,11 +58,11 @@ def search_section(ctx: Context) -> Section | None:
         stage = f"search@{method}"
         final = _final(ev, stage)
         study = str(ev.runs.loc[stage].get("tags.study_name", ""))
-        best = json.loads((RESULTS / "search" / method / "best.json").read_text())
+        best = json.loads((m.search_dir / "best.json").read_text())
         trials = trial_runs(ctx.cfg.tracking.experiment, study)
         done = trials[trials["tags.state"] == "COMPLETE"] if len(trials) else trials
         if len(done):
-            pareto_numbers = set(pd.read_csv(RESULTS / "search" / method / "pareto.csv")["number"])
+            pareto_numbers = set(pd.read_csv(m.search_dir / "pareto.csv")["number"])
             costs = [(f"metrics.{c}", COST_LABELS.get(c, c)) for c in m.search.objectives[1:]]
             base = {
                 "dense": {"metrics.val_acc": final["dense_val_acc"], "metrics.macs_per_image": final["dense_val_macs"],
@@ -90,12 +91,13 @@ def search_section(ctx: Context) -> Section | None:
     fmt = {"complete trials": "{:.0f}", "failed": "{:.0f}", "Pareto-optimal": "{:.0f}", "chosen trial": "{:.0f}",
            "MAC ratio (test)": "{:.3f}", "nonzero params": "{:.0f}", "search (s)": "{:.0f}"}
     blocks.insert(1, Table(pd.DataFrame(rows), "Searches and their chosen configurations.", "{:.4f}", fmt))
-    return Section("Threshold and budget search", blocks)
+    title = " and ".join(dict.fromkeys(m.search.searches for m in stages))
+    return Section(f"{title[:1].upper()}{title[1:]} search", blocks)
 
 
 def transfer_section(ctx: Context) -> Section | None:
     ev = ctx.evidence
-    stages = [m for m in methods.in_pipeline(ctx.cfg) if ev.has(f"transfer@{m.name}")]
+    stages = [m for m in methods.transferred(ctx.cfg) if ev.has(f"transfer@{m.name}")]
     if not stages:
         return None
     rows = []
@@ -112,9 +114,10 @@ def transfer_section(ctx: Context) -> Section | None:
         })
     table = pd.DataFrame(rows)
     tcfg = ctx.cfg.transfer
+    notes = " ".join(filter(None, (m.transfer_note(ctx.cfg) for m in stages)))
     text = (f"Each model gets a new classifier head and is trained on the downstream task for "
-            f"{tcfg.train.epochs} epochs ({tcfg.protocol}); SD-Conv masks "
-            f"{'frozen' if tcfg.freeze_masks else 'free to change'}. MACs are counted on the downstream test images.")
+            f"{tcfg.train.epochs} epochs ({tcfg.protocol}). {notes + ' ' if notes else ''}MACs are counted on the "
+            "downstream test images.")
     fmt = {"MMACs/image": "{:.2f}", "params": "{:.0f}", "nonzero params": "{:.0f}"}
     return Section("Downstream transfer", [Text(text), Table(table, "Transfer to the downstream task.", "{:.4f}", fmt)])
 

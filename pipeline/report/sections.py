@@ -35,7 +35,7 @@ def stage_order(cfg: Config) -> list[str]:
     """The pipeline's stages in the order they run."""
     return ["prepare", "pretrain", *[m.stage for m in methods.with_controls(cfg)[1:]],
             *[f"search@{m.name}" for m in methods.searched(cfg)],
-            *[f"transfer@{m.name}" for m in methods.in_pipeline(cfg)], "latency"]
+            *[f"transfer@{m.name}" for m in methods.transferred(cfg)], "latency"]
 
 
 def overview(ctx: Context) -> Section:
@@ -213,13 +213,12 @@ def methods_section(ctx: Context) -> Section | None:
                                   ctx.figures / "acc_vs_params.png")
     fmt = {"MMACs/image": "{:.2f}", "MAC ratio": "{:.3f}", "params": "{:.0f}", "nonzero params": "{:.0f}",
            **{col: "{:.3f}" for col in columns}}
+    counting = "; ".join(f"{m.label}: {m.counting}" for m in done if m.counting and not m.control_of)
     blocks = [
         Text("Each method starts from the dense checkpoint and is fine-tuned by the same engine. MACs are "
              "multiply-accumulates of convolutions and linear layers (FLOPs = 2 x MACs), counted by ptflops "
-             "(pytorch backend) with one hook per operator that counts itself: dynamic convs count the conv, the "
-             "kernel aggregation and the attention or coefficient branch; SD-Conv counts only kept weights; "
-             "DynConv blocks count the mask unit and the positions that executed (dilated mask for the first "
-             "conv), averaged over the test set."),
+             "(pytorch backend) with one hook per operator that counts itself"
+             + (f" ({counting})" if counting else "") + ", averaged over the test set."),
         Table(table, "Dense model and converted models; test accuracy measured once after fine-tuning.", "{:.4f}", fmt),
         Figure(fig_macs, "Test accuracy against MACs per image."),
         Figure(fig_params, "Test accuracy against nonzero parameters."),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import stats
+from pipeline import methods, stats
 from pipeline.claims import RunMetrics, Sequential, confidence_interval
 from pipeline.config import Config, parse_config
 from pipeline.errors import DataError
@@ -44,8 +44,13 @@ from pipeline.tracking import quiet_logs, run_url, runs_table_url, tracking_uri
 SEED = "train_seed"
 DATA_SEED = "data.seed"
 IGNORED = ("tracking.",)  # params that name the study, not the experiment
-METRICS = ("test_acc", "val_acc", "macs_per_image", "nonzero_params", "executed_fraction", "kernel_sparsity",
-           "mac_ratio")
+METRICS = ("test_acc", "val_acc", "macs_per_image", "nonzero_params", "mac_ratio")
+
+
+def summary_metrics() -> tuple[str, ...]:
+    """The metrics a study summarises: :data:`METRICS`, then every method's report columns."""
+    own = (metric for m in methods.registry().values() for metric in m.columns.values())
+    return tuple(dict.fromkeys((*METRICS, *own)))
 
 
 @dataclass
@@ -170,7 +175,7 @@ def summary(setting: Setting) -> pd.DataFrame:
     rows = []
     stages = sorted({s for e in setting.executions for s in e.metrics}, key=_stage_order)
     for stage in stages:
-        for name in METRICS:
+        for name in summary_metrics():
             values = [e.metrics[stage][name] for e in setting.executions
                       if stage in e.metrics and name in e.metrics[stage] and not math.isnan(e.metrics[stage][name])]
             if not values:
