@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -39,17 +40,19 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import methods, stats
-from pipeline.config import Config, load_config
+from pipeline.complexity import count_macs, count_params
+from pipeline.config import Config, load_config, to_dict
 from pipeline.data import load_task
 from pipeline.errors import UserError
 from pipeline.fold import fold_batchnorm
 from pipeline.methods.base import Variant
 from pipeline.methods.files import load_any_model
 from pipeline.model_plan import PlannedModel, planned
+from pipeline.ops import native
 from pipeline.paths import repo_root
 from pipeline.runtimes import MODEL_COMPILERS, Compiled, compile_dense, export_onnx, max_abs_diff
-from pipeline.timing import time_blocks, torch_threads, tune_malloc
-from pipeline.train import Normalizer, normalized
+from pipeline.timing import resolve_threads, time_blocks, torch_threads, tune_malloc
+from pipeline.train import Normalizer, evaluate, normalized
 
 CHANNELS_LAST = "channels_last"
 INTERVAL_LEVEL = 0.95  # of the per-row speed-up intervals shown in the latency table
@@ -297,6 +300,68 @@ def runtime_accuracy(model: Compiled, split: tuple[torch.Tensor, torch.Tensor], 
         x = norm(images[i : i + batch_size]).contiguous().numpy()
         correct += int((torch.from_numpy(model.run(x)).argmax(1) == labels[i : i + batch_size]).sum())
     return correct / len(images)
+
+
+def measure(cfg: Config, malloc_tuned: bool) -> tuple[dict, dict[str, float], dict[str, float]]:
+    """The whole measurement of the latency stage: every variant's MACs, parameters and test accuracy, the
+    dense runtimes' accuracy on the ONNX export (outputs checked against PyTorch), then the timing sessions
+    and the speed-ups. Returns (``latency.json``'s record, the headline metrics, every row flattened into
+    MLflow metric names)."""
+    data = load_task("upstream")
+    test_x = normalized(data, "test")
+    models, sources, recorded = build_variants(cfg)
+    norm = Normalizer(data.mean, data.std)
+    complexity, accuracy = {}, {}
+    for name, m in models.items():
+        complexity[name] = {"macs_per_image": count_macs(sources[name], test_x), **count_params(sources[name])}
+        acc = evaluate(m, *data.splits["test"], norm, cfg.latency.eval_batch_size)["acc"]
+        accuracy[name] = {"test_acc": acc, "stage_test_acc": recorded[name], "acc_change": acc - recorded[name]}
+    compiled = native.load()  # the CPU inference kernels the timed modules use (None: PyTorch paths)
+    base = methods.baseline().name
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.latency.runtimes and "cpu" in cfg.latency.devices:
+            onnx = export_onnx(models[base], Path(tmp) / f"{base}.onnx", test_x[:1])
+            for rt in cfg.latency.runtimes:
+                runtime_model = compile_dense(rt, onnx, resolve_threads(0), models[base])
+                acc = runtime_accuracy(runtime_model, data.splits["test"], norm, cfg.latency.eval_batch_size)
+                accuracy[f"{base}_{rt}"] = {"test_acc": acc, "stage_test_acc": recorded[base],
+                                            "acc_change": acc - recorded[base]}  # fmt: skip
+                del runtime_model  # its threads must not spin while the timing processes run
+        accuracy[f"{base}_pytorch"] = accuracy[base]
+        for name in [f"{base}_pytorch", *[f"{base}_{rt}" for rt in cfg.latency.runtimes]]:
+            complexity[name] = complexity[base]
+        params = Path(tmp) / "params.json"  # the validated params, for the timing processes
+        params.write_text(json.dumps(to_dict(cfg)))
+        timed, checks = aggregate(run_sessions(cfg, params), cfg.latency.sessions)
+    rows = add_speedups(timed, complexity, cfg.latency.runtimes)
+    result = {
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cores": resolve_threads(0),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "iterations": cfg.latency.iterations, "warmup": cfg.latency.warmup, "sessions": None,
+        "timing_sessions": cfg.latency.sessions, "malloc_tuned": malloc_tuned,
+        "native_kernels": compiled.__name__ if compiled is not None else None,
+        "runtimes": checks, "rows": rows, "accuracy": accuracy, "complexity": complexity,
+    }  # fmt: skip
+    summary, result["sessions"] = headline(rows, accuracy)
+    return result, summary, flat_metrics(result)
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """Every row, accuracy and runtime check of a ``latency.json`` record under one MLflow metric name each
+    (``<variant>.<device>.t<threads>.b<batch>.median_ms``, ``<variant>.test_acc``, ...)."""
+    flat = {}
+    for r in result["rows"]:
+        key = f"{r['variant']}.{r['device']}.t{r['threads']}.b{r['batch']}"
+        flat.update({f"{key}.median_ms": r["median_ms"], f"{key}.iqr_ms": r["iqr_ms"],
+                     f"{key}.speedup_vs_dense": r["speedup_vs_dense"],
+                     f"{key}.speedup_vs_eager": r["speedup_vs_eager"]})  # fmt: skip
+        if r["speedup_lo"] is not None:
+            flat.update({f"{key}.speedup_lo": r["speedup_lo"], f"{key}.speedup_hi": r["speedup_hi"]})
+    for name, a in result["accuracy"].items():
+        flat.update({f"{name}.test_acc": a["test_acc"], f"{name}.acc_change": a["acc_change"],
+                     f"{name}.macs_per_image": result["complexity"][name]["macs_per_image"]})  # fmt: skip
+    flat.update({f"{rt}.max_abs_diff": c["max_abs_diff"] for rt, c in result["runtimes"].items()})
+    return flat
 
 
 def main() -> None:

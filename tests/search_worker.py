@@ -18,7 +18,7 @@ import optuna  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 
 from pipeline.config import TPESamplerCfg  # noqa: E402
-from pipeline.search import make_sampler, make_storage, run_worker  # noqa: E402
+from pipeline.search.storage import make_sampler, make_storage, run_worker  # noqa: E402
 
 TPE_3 = TPESamplerCfg(name="tpe", n_startup_trials=3, multivariate=True, constant_liar=True, group=False,
                       n_ei_candidates=24)

@@ -74,7 +74,7 @@ def test_the_check_fails_when_any_code_dep_is_dropped(name):
 
 def test_the_check_reports_a_dep_the_stage_does_not_import():
     entry, deps = STAGES["prepare"]
-    assert check(entry, [*deps, "pipeline/search.py"])[1] == {"pipeline/search.py"}
+    assert check(entry, [*deps, "pipeline/search"])[1] == {"pipeline/search"}
 
 
 def test_registry_imports_every_module_of_its_package():

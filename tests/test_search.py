@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 
 from pipeline import methods
 from pipeline.config import ConfigError, SamplerCfg
-from pipeline.search import REQUEUED_ATTR, make_sampler, pareto_trials, run_worker, select_trial
+from pipeline.search.storage import REQUEUED_ATTR, make_sampler, pareto_trials, run_worker, select_trial
 
 from .conftest import config
 

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.search import REQUEUED_ATTR, make_storage
+from pipeline.search.storage import REQUEUED_ATTR, make_storage
 
 WORKER = Path(__file__).with_name("search_worker.py")
 N, PAUSE, HEARTBEAT, GRACE = 10, 1.5, 1, 4

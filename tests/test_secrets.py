@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError
 from pipeline.redact import has_password, redact
-from pipeline.search import STORAGE_ENV, describe_storage, make_storage
+from pipeline.search.storage import STORAGE_ENV, describe_storage, make_storage
 from pipeline.errors import UserError
 
 from .conftest import REPO, TINY, config, merge, params

@@ -16,7 +16,7 @@ from pipeline.methods.sdconv import freeze_masks, kept_weights
 from pipeline.models import build_model
 from pipeline.models.surgery import new_head
 from pipeline.train import make_optimizer, no_weight_decay
-from pipeline.trials import stage_of, train_subset
+from pipeline.search.trials import stage_of, train_subset
 
 from .conftest import build_method, config, model_cfg, train_cfg
 

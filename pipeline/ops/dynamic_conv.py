@@ -57,6 +57,17 @@ def check_input(x: torch.Tensor, channels: int) -> None:
         raise ValueError(f"input must have shape [B, {channels}, H, W], got {list(x.shape)}")
 
 
+class ConvShape:
+    """Output size and input check of a conv module with ``in_channels``, ``kernel_size``, ``stride``,
+    ``padding`` and ``dilation`` (pairs), shared by the dynamic convs."""
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        return conv_output_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_input(x, self.in_channels)
+
+
 def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
     """Constructor arguments of ``DynamicConv2d`` that reproduce ``conv``'s shape and sampling."""
     if not isinstance(conv, nn.Conv2d):
@@ -118,7 +129,7 @@ def direct_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _DirectDynamicConv3x3.apply(x, x.new_ones(x.shape[0], 1), bank, None)
 
 
-class DynamicConv2d(nn.Module):
+class DynamicConv2d(ConvShape, nn.Module):
     """Convolution whose kernel is a per-sample mixture of K static kernels.
 
     Implements W(x) = sum_k a_k(x) W_k and b(x) = sum_k a_k(x) b_k, followed by
@@ -259,12 +270,6 @@ class DynamicConv2d(nn.Module):
         """The K static kernels the mixture uses, shape [K, out, in/groups, kh, kw]."""
         return self.weight
 
-    def output_hw(self, h: int, w: int) -> tuple[int, int]:
-        return conv_output_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.in_channels)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if not torch.is_grad_enabled():
@@ -367,32 +372,17 @@ class DynamicConv2d(nn.Module):
         return torch.cat(outputs)
 
     @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Conv2d,
-        num_kernels: int = 4,
-        activation: str = "softmax",
-        temperature: float = 1.0,
-        reduction: int = 4,
-        min_hidden: int = 4,
-        noise_std: float = 0.01,
-        generator: torch.Generator | None = None,
-    ) -> DynamicConv2d:
-        """A dynamic conv that computes the same function as ``conv`` when ``noise_std`` is 0.
+    def from_conv(cls, conv: nn.Conv2d, noise_std: float = 0.01, generator: torch.Generator | None = None,
+                  **options: Any) -> DynamicConv2d:
+        """A dynamic conv (of this class, with constructor ``options`` beyond the geometry) that computes the
+        same function as ``conv`` when ``noise_std`` is 0.
 
         The last routing layer's weight is zeroed so the coefficients are
         constant, and the static kernels are scaled so that their mixture
         equals the dense kernel; ``noise_std`` (relative to the dense
         weight's std) then perturbs each kernel so they can diverge.
         """
-        module = cls(
-            **conv_geometry(conv),
-            num_kernels=num_kernels,
-            activation=activation,
-            temperature=temperature,
-            reduction=reduction,
-            min_hidden=min_hidden,
-        )
+        module = cls(**conv_geometry(conv), **options)
         module.load_dense(conv, noise_std, generator)
         return module
 

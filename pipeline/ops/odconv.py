@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.ops.dynamic_conv import check_input, conv_output_hw
+from pipeline.ops.dynamic_conv import ConvShape
 
 ATTENTIONS = ("spatial", "channel", "filter", "kernel")
 
@@ -43,7 +43,7 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-class ODConv2d(nn.Module):
+class ODConv2d(ConvShape, nn.Module):
     """Omni-dimensional dynamic convolution (Li, Zhou, Yao, ICLR 2022, Eq. 3); see the module docstring."""
 
     def __init__(
@@ -126,12 +126,6 @@ class ODConv2d(nn.Module):
             z = head(h) / self.temperature
             out[name] = torch.softmax(z, dim=1) if name == "kernel" else torch.sigmoid(z)
         return out
-
-    def output_hw(self, h: int, w: int) -> tuple[int, int]:
-        return conv_output_hw(h, w, self.kernel_size, self.stride, self.padding, self.dilation)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.ops.dynamic_conv import DynamicConv2d, IntPair, conv_geometry
+from pipeline.ops.dynamic_conv import DynamicConv2d
 
 GRANULARITIES = ("layer", "kernel", "filter", "channel")
 ESTIMATORS = ("ste", "long_tailed")
@@ -60,29 +60,12 @@ class SDConv2d(DynamicConv2d):
     each kernel, or per (kernel, filter, input channel) slice.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntPair,
-        stride: IntPair = 1,
-        padding: IntPair = 0,
-        dilation: IntPair = 1,
-        groups: int = 1,
-        bias: bool = False,
-        num_kernels: int = 4,
-        activation: str = "softmax",
-        temperature: float = 1.0,
-        reduction: int = 4,
-        min_hidden: int = 4,
-        granularity: str = "filter",
-        threshold_init: float = 0.0,
-        estimator: str = "long_tailed",
-    ):
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            num_kernels, activation, temperature, reduction, min_hidden,
-        )  # fmt: skip
+    def __init__(self, *args: Any, granularity: str = "filter", threshold_init: float = 0.0,
+                 estimator: str = "long_tailed", **kwargs: Any):
+        """``DynamicConv2d``'s arguments, then the masks' threshold granularity, start and gradient estimator.
+        ``from_conv`` (inherited) carries a dense conv over; with ``threshold_init`` 0 every nonzero weight is
+        kept, so the module computes the dense conv's function when ``noise_std`` is 0."""
+        super().__init__(*args, **kwargs)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if estimator not in ESTIMATORS:
@@ -196,40 +179,6 @@ class SDConv2d(DynamicConv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, granularity={self.granularity}, estimator={self.estimator}"
-
-    @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Conv2d,
-        num_kernels: int = 4,
-        activation: str = "softmax",
-        temperature: float = 1.0,
-        reduction: int = 4,
-        min_hidden: int = 4,
-        noise_std: float = 0.01,
-        generator: torch.Generator | None = None,
-        granularity: str = "filter",
-        threshold_init: float = 0.0,
-        estimator: str = "long_tailed",
-    ) -> SDConv2d:
-        """Carry a dense conv's weights over as in ``DynamicConv2d.from_conv``.
-
-        With ``threshold_init`` 0 every nonzero weight is kept, so the module
-        computes the dense conv's function when ``noise_std`` is 0.
-        """
-        module = cls(
-            **conv_geometry(conv),
-            num_kernels=num_kernels,
-            activation=activation,
-            temperature=temperature,
-            reduction=reduction,
-            min_hidden=min_hidden,
-            granularity=granularity,
-            threshold_init=threshold_init,
-            estimator=estimator,
-        )
-        module.load_dense(conv, noise_std, generator)
-        return module
 
     @torch.no_grad()
     def export_pruned(self) -> dict[str, Any]:

@@ -60,7 +60,7 @@ at::Tensor conv3x3_direct(const at::Tensor& x, const at::Tensor& matrix, const c
 // Dynamic 3x3 conv (stride 1, padding 1, ungrouped) with given coefficients a [B, K]: sample n convolved with
 // sum_k a[n, k] bank[k] (the bank is [K, 9 * C_in * C_out] in [(ky, kx, c_in), c_out] matrix layout) plus
 // sum_k a[n, k] bias_bank[k]. Output [B, C_out, H, W] in channels_last memory format. The forward of both the
-// inference plan and the training op (pipeline/ops/native_autograd.py).
+// inference plan and the training op (pipeline/ops/dynamic_conv.py).
 at::Tensor dynamic_conv3x3(const at::Tensor& x, const at::Tensor& a, const at::Tensor& bank,
                            const c10::optional<at::Tensor>& bias_bank);
 // Its gradients for the output gradient gy: (grad x [channels_last], grad a, grad bank, grad bias bank), each
