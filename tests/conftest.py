@@ -107,6 +107,28 @@ def build_method(name: str, backbone: ModelCfg, overrides: dict | None = None, d
     return methods.get(name).build(backbone, method_params(name, overrides), in_channels, num_classes, seed, dense)
 
 
+def random_batchnorm(channels: int):
+    """An eval-mode BatchNorm with random running statistics and affine parameters (folding tests)."""
+    import torch
+
+    bn = torch.nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    return bn
+
+
+def fold_into(conv, bn) -> None:
+    """Fold the eval-mode ``bn`` into ``conv`` through the operator's ``fold_batchnorm(scale, shift)``."""
+    import torch
+
+    with torch.no_grad():
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        assert conv.fold_batchnorm(s, bn.bias - bn.running_mean * s)
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server on 127.0.0.1 for this test session (tests/pg_server.py)."""

@@ -18,7 +18,7 @@ from pipeline.models import build_model
 from pipeline.ops.kernel_warehouse import KWConv2d, Warehouse, assignment, convert_convs, plan_warehouses
 from pipeline.models.surgery import replace_module
 
-from .conftest import build_method, method_params, model_cfg
+from .conftest import build_method, fold_into, method_params, model_cfg, random_batchnorm
 
 RTOL = 1e-5
 RESNET = model_cfg(arch="cifar_resnet", depth=8)
@@ -143,18 +143,11 @@ def test_parameters_count_each_shared_warehouse_once():
 
 
 def test_batchnorm_folds_into_an_output_scale_and_bias():
-    layer = random_layer(bias=True)
-    bn = torch.nn.BatchNorm2d(12).eval()
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
+    layer, bn = random_layer(bias=True), random_batchnorm(12)
     x = torch.randn(4, 8, 8, 8)
     with torch.no_grad():
         ref = bn(layer(x))
-        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        assert layer.fold_batchnorm(s, bn.bias - bn.running_mean * s)
+        fold_into(layer, bn)
         close(layer(x), ref)
         close(layer.forward_reference(x), ref)
 

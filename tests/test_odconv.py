@@ -16,7 +16,7 @@ from pipeline.models import build_model
 from pipeline.ops.dynamic_conv import DynamicConv2d
 from pipeline.ops.odconv import ATTENTIONS, ODConv2d
 
-from .conftest import build_method, config, method_params, model_cfg
+from .conftest import build_method, config, fold_into, method_params, model_cfg, random_batchnorm
 
 RTOL = 1e-5
 
@@ -138,18 +138,11 @@ def test_mac_count_is_the_flop_counter_plus_the_elementwise_scalings():
 
 
 def test_batchnorm_folds_into_the_kernels_and_a_bias():
-    m = random_odconv()
-    bn = torch.nn.BatchNorm2d(12).eval()
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
+    m, bn = random_odconv(), random_batchnorm(12)
     x = torch.randn(4, 8, 8, 8)
     with torch.no_grad():
         ref = bn(m(x))
-        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        assert m.fold_batchnorm(s, bn.bias - bn.running_mean * s)
+        fold_into(m, bn)
         close(m(x), ref)
 
 
