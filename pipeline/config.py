@@ -446,7 +446,7 @@ class Config(Section):
     pretrain: TrainCfg
     distributed: DistributedCfg
     convert: MethodGroups  # convert.<method>: validated by the method's schema (pipeline/methods/)
-    controls: list[Str]  # the controls that run (pipeline/methods/: static, magnitude, random_mask, uniform_mask)
+    controls: list[Str]  # the controls that run (pipeline/methods/ modules with a control_of)
     optuna: OptunaCfg
     search: SearchCfg
     transfer: TransferCfg

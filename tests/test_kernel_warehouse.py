@@ -18,7 +18,7 @@ from pipeline.models import build_model
 from pipeline.ops.kernel_warehouse import KWConv2d, Warehouse, assignment, convert_convs, plan_warehouses
 from pipeline.models.surgery import replace_module
 
-from .conftest import build_method, fold_into, method_params, model_cfg, random_batchnorm
+from .conftest import build_method, config, fold_into, method_params, model_cfg, random_batchnorm
 
 RTOL = 1e-5
 RESNET = model_cfg(arch="cifar_resnet", depth=8)
@@ -175,3 +175,14 @@ def test_model_file_round_trip_keeps_the_sharing_the_function_and_the_temperatur
         close(folded(x), loaded(x))
     assert n > 0
     assert count_macs(loaded, x) > count_macs(build_model(RESNET, 1, 10), x)
+
+
+def test_the_unshared_control_keeps_the_recipe_with_one_warehouse_per_conv():
+    control, kw = methods.get("unshared_warehouse"), methods.get("kernelwarehouse")
+    cfg = config()
+    assert control.control_of == "kernelwarehouse" and control.params(cfg).share == "layer"
+    assert control.params(cfg).model_copy(update={"share": "stage"}) == kw.params(cfg)
+    dense = build_model(RESNET, 1, 10)
+    model, names = control.build(RESNET, control.params(cfg).model_copy(update={"width": 1.0}), 1, 10, 0, dense)
+    assert len({id(model.get_submodule(n).warehouse) for n in names}) == len(names)
+    assert "acc_vs_unshared" in {c.name for c in kw.claims()}
