@@ -102,13 +102,17 @@ def test_plan_takes_the_gcd_of_the_channels_as_cell_shape():
     assert plan == {"a": (9 * 1 + 9 * 2, 32, 16), "b": (9, 64, 32)}
 
 
-def test_converted_model_starts_as_the_dense_model():
+def test_converted_model_starts_as_the_dense_model_at_any_temperature():
     torch.manual_seed(0)
     dense = build_model(RESNET, 1, 10).eval()
     model, names = build_method("kernelwarehouse", RESNET, {"width": 1.0, "noise_std": 0.0}, dense)
     x = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
         close(model.eval()(x), dense(x))
+        for n in names:
+            model.get_submodule(n).set_temperature(0.0)  # the attention alone: its start is the assignment
+        torch.testing.assert_close(model(x), dense(x), rtol=0, atol=1e-2 * dense(x).abs().max().item())
+        assert not torch.equal(model(x), dense(x))  # 1 / (1 + EPS) per layer
 
 
 def test_grouped_convs_are_refused_with_the_key():

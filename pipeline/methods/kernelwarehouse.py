@@ -9,8 +9,10 @@ ResNet) or kept per conv (``share: layer``: no cross-layer sharing, the ingredie
 sets each warehouse's size: that many times the cells of the convs sharing it (the paper's 1/4 x to 4 x).
 The conversion writes each conv's dense kernel into the cells it is assigned, so at the attention's
 temperature 1 (the paper's temperature initialisation: each mixture on its own cell) the converted model
-computes the dense one (budget >= 1); the temperature then anneals linearly to 0, where the learned
-attention alone mixes the warehouse. Fine-tuning follows DyNet's engine (conv selection, distillation,
+computes the dense one (budget >= 1), and starts the attention itself at that assignment, so the model
+keeps the dense function when the temperature has annealed linearly to 0, where the learned attention
+alone mixes the warehouse (the paper trains from scratch with a random attention; converting a
+pretrained network that way loses it at temperature 0). Fine-tuning follows DyNet's engine (conv selection, distillation,
 schedule).
 """
 

@@ -178,7 +178,10 @@ class KWConv2d(ConvShape, nn.Module):
     def load_dense(self, conv: nn.Conv2d) -> None:
         """Write ``conv``'s kernel into the cells this layer is assigned (``gamma``): at ``tau = 1`` with a
         budget >= 1 the layer then computes ``conv`` exactly. Cells shared by several mixtures (budget < 1)
-        keep the first one's values."""
+        keep the first one's values. The attention starts at the assignment too (its last linear layer's
+        weight 0, its bias ``gamma``), so the layer computes ``conv`` at any temperature (scaled by
+        1 / (1 + EPS) at 0) until fine-tuning moves it: a pretrained network converted with a random
+        attention loses its function once the temperature reaches 0."""
         kernel = conv.weight.detach()
         if tuple(kernel.shape) != (self.out_channels, self.in_channels, *self.kernel_size):
             raise ValueError(f"conv weight {list(kernel.shape)} does not match this layer")
@@ -192,6 +195,8 @@ class KWConv2d(ConvShape, nn.Module):
                 cells[cell] = split[index]
         if conv.bias is not None:
             self.bias = nn.Parameter(conv.bias.detach().clone())
+        self.fc2.weight.zero_()
+        self.fc2.bias.copy_(self.gamma.flatten())
 
     # ------------------------------------------------------------------ what the library asks of operators
     def macs(self, input_shape: tuple[int, int, int]) -> dict[str, int]:
