@@ -10,9 +10,10 @@ sets each warehouse's size: that many times the cells of the convs sharing it (t
 The conversion writes each conv's dense kernel into the cells it is assigned, so at the attention's
 temperature 1 (the paper's temperature initialisation: each mixture on its own cell) the converted model
 computes the dense one (budget >= 1), and starts the attention itself at that assignment, so the model
-keeps the dense function when the temperature has annealed linearly to 0, where the learned attention
-alone mixes the warehouse (the paper trains from scratch with a random attention; converting a
-pretrained network that way loses it at temperature 0). Fine-tuning follows DyNet's engine (conv selection, distillation,
+is the dense one at any temperature. The temperature then anneals linearly towards 0, where the learned
+attention alone mixes the warehouse; the paper anneals over the first 10 of 300 epochs from scratch, a
+fine-tune of a pretrained network needs the whole fine-tune for it (annealed over a quarter of it, the
+network collapsed when the temperature reached 0). Fine-tuning follows DyNet's engine (conv selection, distillation,
 schedule).
 """
 
