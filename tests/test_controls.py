@@ -91,7 +91,9 @@ def test_controls_are_in_the_report_and_their_claims_judged(pipeline):
     md = (folder / "reports/report.md").read_text()
     assert "control: static" in md and "control: magnitude pruning" in md
     verdicts = md.split("## Verdicts", 1)[1].split("\n## ", 1)[0]
-    assert "static control" in verdicts and "not run (control" not in verdicts
+    assert "static control" in verdicts
+    assert not [c for c in cfg.controls if f"not run (control {c} " in verdicts]  # every control that ran is judged
+    assert "not run (control unshared_warehouse off" in verdicts  # and one left out of `controls` says so
 
 
 def test_density_matches_the_fraction_it_was_solved_for():
