@@ -129,6 +129,27 @@ def fold_into(conv, bn) -> None:
         assert conv.fold_batchnorm(s, bn.bias - bn.running_mean * s)
 
 
+def round_trip(path, model, method, p, cfg):
+    """Save ``model`` as ``method``'s model file, load it back, check it computes the same function and
+    folds its BatchNorms exactly (rtol 1e-5); returns the loaded model."""
+    import torch
+
+    from pipeline.fold import fold_batchnorm
+    from pipeline.methods.files import load_any_model, save_method_model
+
+    save_method_model(path, model, method, p, cfg, {"in_channels": 1, "num_classes": 10, "meta": {}})
+    loaded, record, loaded_method = load_any_model(path)
+    assert loaded_method is method and record["method"] == method.name
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded.eval()(x))
+        folded, n = fold_batchnorm(loaded)
+        ref = loaded(x)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert n > 0
+    return loaded
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server on 127.0.0.1 for this test session (tests/pg_server.py)."""

@@ -12,13 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import methods
 from pipeline.complexity import count_macs, count_params
 from pipeline.errors import ConfigError
-from pipeline.fold import fold_batchnorm
-from pipeline.methods.files import load_any_model, save_method_model
 from pipeline.models import build_model
 from pipeline.ops.kernel_warehouse import KWConv2d, Warehouse, assignment, convert_convs, plan_warehouses
 from pipeline.models.surgery import replace_module
 
-from .conftest import build_method, config, fold_into, method_params, model_cfg, random_batchnorm
+from .conftest import build_method, config, fold_into, method_params, model_cfg, random_batchnorm, round_trip
 
 RTOL = 1e-5
 RESNET = model_cfg(arch="cifar_resnet", depth=8)
@@ -165,19 +163,11 @@ def test_model_file_round_trip_keeps_the_sharing_the_function_and_the_temperatur
     for _, m in kw.layers(model):
         m.set_temperature(0.25)
         torch.nn.init.normal_(m.fc2.weight, std=0.3)
-    save_method_model(tmp_path / "kw.pt", model, kw, p, cfg, {"in_channels": 1, "num_classes": 10, "meta": {}})
-    loaded, record, method = load_any_model(tmp_path / "kw.pt")
-    assert method is kw and record["method"] == "kernelwarehouse"
+    loaded = round_trip(tmp_path / "kw.pt", model, kw, p, cfg)
     assert {m.temperature for _, m in kw.layers(loaded)} == {0.25}
     a, b = loaded.get_submodule(names[0]), loaded.get_submodule(names[1])
     assert a.warehouse is b.warehouse  # the sharing survives the file
     x = torch.randn(3, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), loaded.eval()(x))
-    folded, n = fold_batchnorm(loaded)
-    with torch.no_grad():
-        close(folded(x), loaded(x))
-    assert n > 0
     assert count_macs(loaded, x) > count_macs(build_model(RESNET, 1, 10), x)
 
 

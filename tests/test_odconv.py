@@ -10,13 +10,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import methods
 from pipeline.complexity import count_macs
 from pipeline.errors import ConfigError
-from pipeline.fold import fold_batchnorm
-from pipeline.methods.files import load_any_model, save_method_model
 from pipeline.models import build_model
 from pipeline.ops.dynamic_conv import DynamicConv2d
 from pipeline.ops.odconv import ATTENTIONS, ODConv2d
 
-from .conftest import build_method, config, fold_into, method_params, model_cfg, random_batchnorm
+from .conftest import build_method, config, fold_into, method_params, model_cfg, random_batchnorm, round_trip
 
 RTOL = 1e-5
 
@@ -184,14 +182,5 @@ def test_model_file_round_trip_restores_the_function_and_temperature(tmp_path, t
             m.set_temperature(2.0)
             for head in m.heads.values():
                 torch.nn.init.normal_(head.weight, std=0.3)
-    save_method_model(tmp_path / "o.pt", model, odconv, p, cfg, {"in_channels": 1, "num_classes": 10, "meta": {}})
-    loaded, record, method = load_any_model(tmp_path / "o.pt")
-    assert method is odconv and record["method"] == "odconv"
+    loaded = round_trip(tmp_path / "o.pt", model, odconv, p, cfg)
     assert {m.temperature for m in loaded.modules() if isinstance(m, ODConv2d)} == {2.0}
-    x = torch.randn(3, 1, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model.eval()(x), loaded.eval()(x))
-    folded, n = fold_batchnorm(loaded)
-    with torch.no_grad():
-        close(folded(x), loaded(x))
-    assert n > 0
