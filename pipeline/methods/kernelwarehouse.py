@@ -101,6 +101,7 @@ class KernelWarehouse(DyNet):
             return (metric(r, dyn, "softmax_coefficients") == 1.0 and metric(r, me, "budget") == 1.0
                     and same(r, me, dyn, ("width",)))
 
+        as_dyconv = "budget 1 x; DyNet with softmax coefficients at the same width"
         return [
             Claim(self.name, "acc_vs_dense", PAPER, "official README (ImageNet, 300 epochs)",
                   "KernelWarehouse (1 x) raises ResNet-18's top-1 accuracy from 70.44 % to 74.77 %.",
@@ -112,7 +113,7 @@ class KernelWarehouse(DyNet):
                   "(DY-Conv) on the same backbone.",
                   "test accuracy, KernelWarehouse minus DyNet with softmax coefficients", "superiority",
                   difference((me, "test_acc"), (dyn, "test_acc")), "DyNet (DY-Conv)", 100, " points",
-                  comparable=same_as_dyconv, condition="budget 1 x; DyNet with softmax coefficients at the same width"),
+                  comparable=same_as_dyconv, condition=as_dyconv),
             Claim(self.name, "acc_vs_unshared", PAPER, "Sec. 3 (warehouse sharing)",
                   "Sharing one warehouse across the convs of a stage beats the same budget kept per conv.",
                   "test accuracy, KernelWarehouse minus its unshared control (same budget, recipe, epochs)",
@@ -123,7 +124,7 @@ class KernelWarehouse(DyNet):
                   "is parameter-efficient: fewer parameters than DY-Conv.",
                   "parameters, KernelWarehouse / DyNet with softmax coefficients", "ratio_at_most",
                   ratio((me, "params"), (dyn, "params")), "DyNet (DY-Conv)", 1, " x",
-                  comparable=same_as_dyconv, condition="budget 1 x; DyNet with softmax coefficients at the same width"),
+                  comparable=same_as_dyconv, condition=as_dyconv),
         ]
 
 

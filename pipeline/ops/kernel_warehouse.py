@@ -224,12 +224,14 @@ class KWConv2d(ConvShape, nn.Module):
         self.bias = nn.Parameter(bias * scale + shift)
         return True
 
-    def no_weight_decay(self) -> list[str]:
-        return []
-
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, mixtures={self.num_mixtures}, temperature={self.temperature:g}")
+
+
+def cells_of(conv: nn.Conv2d, cell_out: int, cell_in: int) -> int:
+    """How many [cell_out, cell_in] 1 x 1 cells tile ``conv``'s kernel (the mixtures of its KWConv2d)."""
+    return conv.kernel_size[0] * conv.kernel_size[1] * (conv.out_channels // cell_out) * (conv.in_channels // cell_in)
 
 
 def plan_warehouses(convs: list[tuple[str, nn.Conv2d]], group_of, budget: float) -> dict[str, tuple[int, int, int]]:
@@ -242,8 +244,7 @@ def plan_warehouses(convs: list[tuple[str, nn.Conv2d]], group_of, budget: float)
     for key, members in groups.items():
         co = math.gcd(*[c.out_channels for c in members])
         ci = math.gcd(*[c.in_channels for c in members])
-        total = sum(c.kernel_size[0] * c.kernel_size[1] * (c.out_channels // co) * (c.in_channels // ci)
-                    for c in members)
+        total = sum(cells_of(c, co, ci) for c in members)
         out[key] = (max(1, int(total * budget)), co, ci)
     return out
 
@@ -265,8 +266,7 @@ def convert_convs(model: nn.Module, convs: list[tuple[str, nn.Conv2d]], group_of
         key = group_of(name)
         wh = warehouses[key]
         geometry = conv_geometry(conv)
-        layer_cells = (conv.kernel_size[0] * conv.kernel_size[1] * (conv.out_channels // wh.cells.shape[1])
-                       * (conv.in_channels // wh.cells.shape[2]))
+        layer_cells = cells_of(conv, *wh.cells.shape[1:])
         assigned = assignment(used[key], layer_cells, budget, wh.num_cells)
         used[key] += layer_cells
         layer = KWConv2d(**geometry, warehouse=wh, assigned=assigned, reduction=reduction, min_hidden=min_hidden)
