@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -47,7 +48,7 @@ from pipeline.errors import UserError
 from pipeline.fold import fold_batchnorm
 from pipeline.methods.base import Variant
 from pipeline.methods.files import load_any_model
-from pipeline.model_plan import PlannedModel, planned
+from pipeline.ops.plan import PlannedModel, plan_or_reason
 from pipeline.ops import native
 from pipeline.paths import repo_root
 from pipeline.runtimes import MODEL_COMPILERS, Compiled, compile_dense, export_onnx, max_abs_diff
@@ -55,6 +56,9 @@ from pipeline.timing import resolve_threads, time_blocks, torch_threads, tune_ma
 from pipeline.train import Normalizer, evaluate, normalized
 
 CHANNELS_LAST = "channels_last"
+# Variant -> the layer that stopped the compiled plan and why (filled by load_variant).
+PLAN_STOPPED: dict[str, str] = {}
+log = logging.getLogger(__name__)
 INTERVAL_LEVEL = 0.95  # of the per-row speed-up intervals shown in the latency table
 
 
@@ -73,16 +77,21 @@ def job_names(cfg: Config) -> list[str]:
 
 def load_variant(v: Variant) -> tuple[nn.Module, nn.Module, float]:
     """The timed model of ``v`` (eval mode, BN folded; a method's variant in the compiled whole-model plan
-    where the plan supports it), the model as its stage saved it (what the MAC counters understand), and the
-    test accuracy it had in its stage."""
+    where the plan supports it, else its PyTorch modules, with the layer that stopped the plan in
+    :data:`PLAN_STOPPED` and the log), the model as its stage saved it (what the MAC counters understand), and
+    the test accuracy it had in its stage."""
     if not v.file.is_file():
         raise UserError(f"'{v.file}' not found: run the stages before latency (dvc repro)")
     model, record, _ = load_any_model(v.file)
     source = model.eval()
     timed = v.transform(model) if v.transform else model
     folded = fold_batchnorm(timed)[0]
-    return (folded if v.name == methods.baseline().name else planned(folded)), source, float(
-        record["meta"]["metrics"]["test_acc"])
+    if v.name != methods.baseline().name:
+        folded, reason = plan_or_reason(folded)
+        if reason is not None:
+            PLAN_STOPPED[v.name] = reason
+            log.warning("latency: %s runs as PyTorch modules, the compiled plan stopped at %s", v.name, reason)
+    return folded, source, float(record["meta"]["metrics"]["test_acc"])
 
 
 def build_variants(cfg: Config) -> tuple[dict[str, nn.Module], dict[str, nn.Module], dict[str, float]]:
@@ -150,6 +159,8 @@ def time_variant(cfg: Config, name: str) -> dict:
                         else:
                             call = lambda i, m=on_device: m(xs[i])  # noqa: E731
                             engine = "native" if isinstance(on_device, PlannedModel) else "pytorch"
+                            if name in PLAN_STOPPED:
+                                engine = f"pytorch (plan stopped at {PLAN_STOPPED[name]})"
                         t = time_blocks({name: call}, lcfg.iterations, lcfg.warmup, device)[name]
                         team = (on_device.threads_per_image(xs[0].shape[1:], used, batch)
                                 if compiled is None and isinstance(on_device, PlannedModel) else None)

@@ -21,7 +21,7 @@ it is deployed, ``pipeline/latency.py``):
 - Every runtime's output on the timed inputs is compared with PyTorch's
   (``max_abs_diff``), so a baseline never computes a different function.
 - ``native`` runs the dense model through the same whole-model compiled plan
-  (``pipeline/model_plan.py``) that runs the dynamic and sparse models, so
+  (``pipeline/ops/plan``) that runs the dynamic and sparse models, so
   a method's speed-up is never an artefact of the plan beating the runtimes on
   the dense model too: if the plan is the fastest dense runtime, it is the
   baseline. Its threads are torch's intra-op threads (OpenMP, which sleeps
@@ -100,7 +100,7 @@ def openvino_model(path: Path, threads: int) -> Compiled:
 def native_model(model: nn.Module, threads: int) -> Compiled:
     """The dense model (eval mode, BN folded) as the compiled whole-model plan; runs with torch's intra-op
     thread count, which the caller sets to ``threads``."""
-    from pipeline.model_plan import PlannedModel, Unsupported, probe_shape
+    from pipeline.ops.plan import PlannedModel, Unsupported, probe_shape
     from pipeline.ops import native
 
     planned = PlannedModel(model)
@@ -112,7 +112,7 @@ def native_model(model: nn.Module, threads: int) -> Compiled:
     def run(x: np.ndarray) -> np.ndarray:
         return planned.plan_for(x.shape[1:]).forward(torch.from_numpy(x)).numpy()
 
-    return Compiled("native", native.build_name(), threads, run, {"engine": "pipeline/model_plan.py"})
+    return Compiled("native", native.build_name(), threads, run, {"engine": "pipeline/ops/plan"})
 
 
 # Runtimes compiled from the ONNX export, and those built from the PyTorch model.

@@ -9,7 +9,7 @@ the compiled whole-model plan: ``pipeline/runtimes.py``, outputs checked
 against PyTorch), then every method's variants (``Method.latency_variants``:
 e.g. DynConv computing densely and masking, the same model with gather-scatter
 blocks, the searched model), each in the compiled plan where the plan supports
-the model (``pipeline/model_plan.py``; row ``runtime`` says which ran), methods
+the model (``pipeline/ops/plan``; row ``runtime`` says which ran), methods
 in the order of ``convert`` in params.yaml.
 
 Every variant is timed alone in a process of its own, in ``latency.sessions``

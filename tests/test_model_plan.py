@@ -1,5 +1,6 @@
-"""Whole-model compiled plan (pipeline/model_plan.py) against the model's own PyTorch forward on random
-inputs: static, dynamic (three coefficient activations) and SD-Conv (pruned) CIFAR ResNets, odd shapes and
+"""Whole-model compiled plan (pipeline/ops/plan) against the model's own PyTorch forward on random
+inputs: static, dynamic (three coefficient activations), SD-Conv (pruned) and ODConv CIFAR ResNets and
+MobileNetV2s, odd shapes and
 channel counts, batch sizes that run sample-parallel and thread-shared, rebuilds, and what it refuses."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from pipeline.fold import fold_batchnorm
-from pipeline.model_plan import PlannedModel, Unsupported, compile_model, planned
+from pipeline.ops.plan import PlannedModel, Unsupported, compile_model, planned
+from pipeline.models.cifar_mobilenetv2 import CifarMobileNetV2
 from pipeline.models.cifar_resnet import CifarResNet
 from pipeline.models.surgery import replace_module
 from pipeline.ops import native
@@ -200,15 +202,15 @@ def test_planned_model_falls_back_and_follows_parameter_changes():
     assert_matches(y.detach(), first + 1.0)
 
 
-@pytest.mark.parametrize("what", ["bn", "odconv", "training", "other_model", "dilated", "dense_after_sparse"])
+@pytest.mark.parametrize("what", ["bn", "no_plan", "training", "other_model", "dilated", "dense_after_sparse"])
 def test_unsupported_models_are_refused_by_name(what):
     model = resnet("dynamic", seed=4)
     if what == "bn":
         model = CifarResNet(depth=8, width=0.5, in_channels=1).eval()  # BatchNorm not folded
         match = "bn"
-    elif what == "odconv":
-        replace_module(model, "layer2.0.conv2", ODConv2d(16, 16, 3, padding=1).eval())
-        match = "layer2.0.conv2: ODConv2d"
+    elif what == "no_plan":  # a block without plan_into: the dense-masked gated block
+        model.layer2[0] = fold_batchnorm(GatedBasicBlock.from_block(model.layer2[0]).eval())[0]
+        match = "layer2.0: GatedBasicBlock has no compiled plan"
     elif what == "training":
         model.train()
         match = "training"
@@ -241,3 +243,105 @@ def test_plan_rejects_a_wrong_input_shape():
     plan, _ = compile_model(resnet("static"), (1, 16, 16))
     with pytest.raises(RuntimeError, match="plan input must be"):
         plan.forward(torch.randn(1, 1, 16, 15))
+
+
+def _randomize_odconv(layer: ODConv2d, gen: torch.Generator) -> None:
+    """Attention heads and squeeze statistics away from their conversion values, so every attention varies
+    with the input."""
+    with torch.no_grad():
+        for head in layer.heads.values():
+            head.weight.normal_(0.0, 1.0, generator=gen)
+            head.bias.normal_(0.0, 0.3, generator=gen)
+        layer.bn.running_mean.normal_(0.0, 0.1, generator=gen)
+        layer.bn.running_var.uniform_(0.5, 1.5, generator=gen)
+        layer.bn.weight.uniform_(0.5, 1.5, generator=gen)
+        layer.bn.bias.normal_(0.0, 0.1, generator=gen)
+
+
+def odconv_model(model: nn.Module, seed: int, kernels: tuple[int, ...] = (3,), **kwargs) -> nn.Module:
+    """``model`` (random BN statistics) with every conv of the given kernel sizes but the stem as ODConv, eval
+    mode, BN folded."""
+    gen = torch.Generator().manual_seed(seed)
+    _randomize_bn(model, gen)
+    for name, conv in [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]:
+        if name != "stem" and conv.kernel_size[0] in kernels:
+            layer = ODConv2d.from_conv(conv, noise_std=0.3, generator=gen, **kwargs)
+            _randomize_odconv(layer, gen)
+            replace_module(model, name, layer)
+    return fold_batchnorm(model.eval())[0]
+
+
+def odconv_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model with every ODConv running its per-sample loop of Eq. 3 (``forward_reference``)."""
+    slow = copy.deepcopy(model)
+    for m in slow.modules():
+        if isinstance(m, ODConv2d):
+            m.forward = m.forward_reference
+    with torch.no_grad():
+        return slow(x)
+
+
+ODCONV_CASES = [
+    # ODConv keyword arguments, kernel sizes converted, input [C, H, W]
+    ({"num_kernels": 4}, (3,), (1, 32, 32)),
+    ({"num_kernels": 4, "temperature": 0.6}, (1, 3), (3, 19, 13)),  # 1x1 shortcuts too: no spatial attention
+    ({"num_kernels": 1}, (3,), (1, 16, 16)),  # no kernel attention
+    ({"num_kernels": 2, "attentions": ("kernel", "channel")}, (3,), (1, 12, 20)),
+]
+
+
+@pytest.mark.parametrize("case", ODCONV_CASES, ids=lambda c: "-".join(map(str, c[0].values())) + f"-{c[1]}")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_odconv_plan_matches_the_per_sample_reference(case, threads):
+    kwargs, kernels, shape = case
+    torch.manual_seed(7)
+    model = odconv_model(CifarResNet(depth=8, width=0.5, in_channels=shape[0], num_classes=6), 7, kernels, **kwargs)
+    assert any(isinstance(m, ODConv2d) for m in model.modules())
+    plan, _ = compile_model(model, shape)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_batches(plan, lambda x: odconv_reference(model, x), shape, threads, torch.Generator().manual_seed(3))
+    finally:
+        torch.set_num_threads(before)
+
+
+def mobilenet(kind: str, seed: int = 0, width: float = 0.5, in_channels: int = 3) -> nn.Module:
+    """A folded, eval-mode CIFAR MobileNetV2 whose depthwise and 1x1 convs (not the stem) are static, DyNet
+    mixtures (softmax or sigmoid), SD-Conv (pruned) or ODConv."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = CifarMobileNetV2(width=width, in_channels=in_channels, num_classes=5, last_channels=64)
+    if kind == "odconv":
+        return odconv_model(model, seed, (1, 3), num_kernels=3)
+    _randomize_bn(model, gen)
+    if kind != "static":
+        activation = "sigmoid" if kind == "dynamic_sigmoid" else "softmax"
+        cls = SDConv2d if kind == "sdconv" else DynamicConv2d
+        for name, conv in [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d and n != "stem"]:
+            layer = cls.from_conv(conv, num_kernels=3, activation=activation, noise_std=0.3, generator=gen)
+            nn.init.normal_(layer.routing[-1].weight, std=1.0, generator=gen)
+            if kind == "sdconv":
+                with torch.no_grad():
+                    layer.weight.mul_(torch.rand(layer.weight.shape, generator=gen) >= 0.7)
+            replace_module(model, name, layer)
+        if activation != "softmax":
+            for block in model.blocks:
+                block.bn1, block.bn2, block.bn3 = nn.Identity(), nn.Identity(), nn.Identity()
+            model.head_bn = nn.Identity()
+    return fold_batchnorm(model.eval())[0]
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic", "dynamic_sigmoid", "sdconv", "odconv"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mobilenetv2_plan_matches_the_models_forward(kind, threads):
+    model = mobilenet(kind, seed=11)
+    shape = (3, 15, 13)  # odd sizes: 15 -> 8 -> 4 -> 2 through the stride-2 stages
+    plan, _ = compile_model(model, shape)
+    ref = reference  # ODConv's forward_reference covers ungrouped convs; its depthwise ones: the grouped conv
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_batches(plan, lambda x: ref(model, x), shape, threads, torch.Generator().manual_seed(4), batches=(1, 3))
+    finally:
+        torch.set_num_threads(before)

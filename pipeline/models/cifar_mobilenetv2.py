@@ -45,6 +45,16 @@ class InvertedResidual(nn.Module):
         out = self.residual(x)
         return x + out if self.use_res else out
 
+    def plan_into(self, b, name: str, x: int) -> int:
+        """The compiled plan (``pipeline/ops/plan``) of the BN-folded block: 1x1 expand + ReLU6, depthwise 3x3
+        + ReLU6, 1x1 project [+ the input]."""
+        b.folded(name, self.bn1, self.bn2, self.bn3)
+        if type(self.act) is not nn.ReLU6:
+            raise b.Unsupported(f"{name}.act: only ReLU6 is compiled")
+        t = b.conv(f"{name}.conv1", self.conv1, x, act=b.ACT_RELU6)
+        t = b.conv(f"{name}.conv2", self.conv2, t, act=b.ACT_RELU6)
+        return b.conv(f"{name}.conv3", self.conv3, t, res=x if self.use_res else -1)
+
 
 class CifarMobileNetV2(nn.Module):
     def __init__(self, width: float = 1.0, in_channels: int = 3, num_classes: int = 10, last_channels: int = 1280):
@@ -77,3 +87,15 @@ class CifarMobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+    def plan_into(self, b) -> None:
+        """The compiled plan (``pipeline/ops/plan``) of the BN-folded network: stem + ReLU6, the blocks, the
+        1x1 head conv + ReLU6, pooling and the classifier."""
+        b.folded("bn", self.bn)
+        b.folded("head_bn", self.head_bn)
+        if type(self.act) is not nn.ReLU6:
+            raise b.Unsupported("act: only ReLU6 is compiled")
+        x = b.conv("stem", self.stem, 0, act=b.ACT_RELU6)
+        x = b.sequence("blocks", self.blocks.named_children(), x)
+        x = b.conv("head", self.head, x, act=b.ACT_RELU6)
+        b.head("pool/fc", x, self.pool, self.fc)

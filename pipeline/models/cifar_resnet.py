@@ -39,6 +39,22 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.shortcut(x) + self.residual(x))
 
+    def plan_into(self, b, name: str, x: int) -> int:
+        """The compiled plan (``pipeline/ops/plan``) of the BN-folded block: shortcut, conv1 + ReLU, conv2 +
+        shortcut + ReLU."""
+        if b.is_rows(x):
+            raise b.Unsupported(f"{name}: a dense block after a sparse one is not compiled")
+        b.folded(name, self.bn1, self.bn2)
+        if type(self.shortcut) is nn.Identity:
+            res = x
+        elif type(self.shortcut) is nn.Sequential and len(self.shortcut) == 2:
+            b.folded(f"{name}.shortcut", self.shortcut[1])
+            res = b.conv(f"{name}.shortcut.0", self.shortcut[0], x)
+        else:
+            raise b.Unsupported(f"{name}.shortcut: only identity or a folded 1x1 conv is compiled")
+        t = b.conv(f"{name}.conv1", self.conv1, x, act=b.ACT_RELU)
+        return b.conv(f"{name}.conv2", self.conv2, t, res=res, act=b.ACT_RELU)
+
 
 class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, width: float = 1.0, base_width: int = 16, in_channels: int = 3, num_classes: int = 10):
@@ -70,3 +86,16 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+    def plan_into(self, b) -> None:
+        """The compiled plan (``pipeline/ops/plan``) of the BN-folded network: stem + ReLU, the blocks, pooling
+        and the classifier."""
+        b.folded("bn", self.bn)
+        first = self.layer1[0] if len(self.layer1) else None
+        if getattr(first, "plan_reads_rows", False):
+            x = b.conv_on_rows("stem", self.stem, 0, act=b.ACT_RELU)
+        else:
+            x = b.conv("stem", self.stem, 0, act=b.ACT_RELU)
+        for s in (1, 2, 3):
+            x = b.sequence(f"layer{s}", getattr(self, f"layer{s}").named_children(), x)
+        b.head("pool/fc", x, self.pool, self.fc)

@@ -290,6 +290,23 @@ class DynamicConv2d(ConvShape, nn.Module):
         )
         return y.view(b, self.out_channels, *y.shape[2:])
 
+    def plan_into(self, b, name: str, x: int, res: int = -1, act: int = 0) -> int:
+        """This conv in the compiled whole-model plan (``pipeline/ops/plan``): the kernels of :meth:`kernels`
+        mixed per sample by the routing's coefficients (ungrouped, or depthwise 3x3)."""
+        from pipeline.ops.plan.builder import KERNEL, Head, Routing, Unsupported, conv_geometry
+
+        ks, stride = conv_geometry(name, self.kernel_size, self.stride, self.padding, self.dilation)
+        fc1, fc2 = self._fc
+        inv_t = 1.0 / self.temperature if self.activation == "softmax" else 1.0
+        routing = Routing(fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                          [Head(KERNEL, self.num_kernels, ACTIVATIONS.index(self.activation), inv_t)])
+        b.watch(*self._native_sources())
+        if self.groups == 1:
+            return b.mixture(name, x, self.kernels(), self.bias, routing, stride, res, act)
+        if self.groups == self.in_channels == self.out_channels and ks == 3:
+            return b.depthwise(name, x, self.kernels(), self.bias, routing, stride, res, act)
+        raise Unsupported(f"{name}: a grouped dynamic conv other than depthwise 3x3 is not compiled")
+
     def _native_sources(self) -> tuple[torch.Tensor | None, ...]:
         """The tensors the compiled inference plan is built from (it is rebuilt when one is replaced or changed)."""
         fc1, fc2 = self._fc

@@ -35,8 +35,11 @@ from types import ModuleType
 
 import torch
 
-SOURCES = ("module.cpp", "dynamic_conv.cpp", "dynamic_conv_grad.cpp", "sparse_blocks.cpp", "model_plan.cpp")
-HEADERS = ("native.h", "row_gemm.h", "direct_conv.h")
+SOURCES = (
+    "module.cpp", "dynamic_conv.cpp", "dynamic_conv_grad.cpp", "sparse_blocks.cpp", "plan_build.cpp", "plan_rows.cpp",
+    "plan_exec.cpp",
+)
+HEADERS = ("native.h", "simd.h", "row_gemm.h", "direct_conv.h", "model_plan.h", "plan_kernels.h")
 STALE_LOCK_SECONDS = 15 * 60  # a build takes about 2 minutes; a lock this old belongs to a dead build
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")

@@ -246,6 +246,41 @@ class ODConv2d(ConvShape, nn.Module):
         self.bias = nn.Parameter(old * scale + shift)
         return True
 
+    @torch.no_grad()
+    def plan_into(self, b, name: str, x: int, res: int = -1, act: int = 0) -> int:
+        """This conv in the compiled whole-model plan (``pipeline/ops/plan``), eval mode: the squeeze with its
+        BatchNorm folded into the FC, the four heads in one routing, and a_w, a_s, a_c, a_f applied to the
+        mixed kernel (Eq. 3: each scales it along one axis, so folding them there is exact); the bias is
+        added after a_f, as in ``forward_with``."""
+        from pipeline.ops.plan.builder import (CHANNEL, FILTER, KERNEL, SIGMOID, SOFTMAX, SPATIAL, Head, Routing,
+                                               Unsupported, conv_geometry)  # fmt: skip
+
+        ks, stride = conv_geometry(name, self.kernel_size, self.stride, self.padding, self.dilation)
+        if self.bn.training or self.bn.running_var is None:
+            raise Unsupported(f"{name}.bn: the squeeze's BatchNorm needs running statistics in eval mode")
+        b.watch(*self.parameters(), *self.buffers())
+        kernels = self.weight if "kernel" in self.attentions else self.weight.sum(0, keepdim=True)
+        depthwise = self.groups == self.in_channels == self.out_channels and ks == 3
+        if self.groups != 1 and not depthwise:
+            raise Unsupported(f"{name}: a grouped ODConv other than depthwise 3x3 is not compiled")
+        if not self.heads:  # every attention off: a static conv
+            if depthwise:
+                return b.depthwise(name, x, kernels, self.bias, None, stride, res, act)
+            return b.static_conv(name, x, kernels[0], self.bias, stride, res, act)
+        bn = self.bn
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+        roles = {"kernel": KERNEL, "spatial": SPATIAL, "channel": CHANNEL, "filter": FILTER}
+        heads = [Head(roles[a], head.out_features, SOFTMAX if a == "kernel" else SIGMOID, 1.0 / self.temperature)
+                 for a, head in self.heads.items()]  # fmt: skip
+        routing = Routing(self.fc.weight * scale[:, None], shift, torch.cat([h.weight for h in self.heads.values()]),
+                          torch.cat([h.bias for h in self.heads.values()]), heads)  # fmt: skip
+        if depthwise:
+            return b.depthwise(name, x, kernels, self.bias, routing, stride, res, act)
+        return b.mixture(name, x, kernels, self.bias, routing, stride, res, act)
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, num_kernels={self.num_kernels}, attentions={self.attentions}, "

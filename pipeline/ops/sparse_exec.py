@@ -574,6 +574,24 @@ class SparseBasicBlock(_SparseBlock):
         sparse._copy_costs(block)
         return sparse.eval()
 
+    plan_reads_rows = True  # in the whole-model plan its input is rows: the op before may write them directly
+
+    def plan_into(self, b, name: str, x: int) -> int:
+        """The block in the compiled whole-model plan (``pipeline/ops/plan``), on rows (position-major): mask
+        unit, shortcut at every position, conv1 at the dilated mask's positions, conv2 at the mask's (added to
+        the shortcut, which passes alone elsewhere), ReLU after the sum."""
+        from pipeline.ops.plan.builder import ACT_RELU
+
+        p, s = self._buffers, self.stride
+        x = b.as_rows(x)
+        gate = self.gate.plan_into(b, f"{name}.gate", x, s)
+        b.watch(*[t for t in p.values() if t is not None])
+        res = x
+        if p["ws"] is not None:
+            res = b.rows_conv(x, p["ws"], p["bs"], s)
+        t = b.rows_conv(x, p["w1"], p["b1"], s, ACT_RELU, gate=gate, which=0)
+        return b.rows_conv(t, p["w2"], p["b2"], 1, ACT_RELU, res=res, gate=gate, which=1)
+
     def _check(self, x: Tensor) -> None:
         _check_input(x, self.in_channels, type(self).__name__)
 

@@ -20,9 +20,6 @@
 namespace native {
 namespace {
 
-constexpr int64_t kLinear = 0;
-constexpr int64_t kSigmoid = 1;
-constexpr int64_t kSoftmax = 2;
 
 // sum of x[0..n) in 8 lanes: a scalar float sum is one dependent add per element (the compiler may not
 // reorder it), 4 to 8 times slower on the pooled map.
@@ -138,15 +135,7 @@ void DynamicConvPlan::coefficients(const float* pooled, float* a) const {
   std::vector<float> hidden(hidden_);
   linear(fc1_, fc1_bias_, pooled, hidden.data(), true);
   linear(fc2_, fc2_bias_, hidden.data(), a, false);
-  if (activation_ == kSigmoid) {
-    for (int64_t k = 0; k < k_; ++k) a[k] = 1.f / (1.f + std::exp(-a[k]));
-  } else if (activation_ == kSoftmax) {
-    float top = a[0] * inv_temperature_;
-    for (int64_t k = 1; k < k_; ++k) top = std::max(top, a[k] * inv_temperature_);
-    float total = 0.f;
-    for (int64_t k = 0; k < k_; ++k) total += (a[k] = std::exp(a[k] * inv_temperature_ - top));
-    for (int64_t k = 0; k < k_; ++k) a[k] /= total;
-  }
+  activate(a, k_, activation_, activation_ == kSoftmax ? inv_temperature_ : 1.f);
 }
 
 // Global average pool of one sample: [C, H*W] (NCHW) or [H*W, C] (channels_last) floats.
@@ -190,25 +179,6 @@ at::Tensor DynamicConvPlan::aggregate(const at::Tensor& a) const {
   return weight;
 }
 
-bool DynamicConvPlan::watch(const std::vector<c10::optional<at::Tensor>>& sources) {
-  watched_.clear();
-  versions_.clear();
-  storage_.clear();
-  for (const auto& t : sources) {
-    if (!t.has_value() || !t->defined()) continue;
-    if (t->is_inference()) return false;
-    watched_.push_back(*t);
-    versions_.push_back(t->_version());
-    storage_.push_back(t->data_ptr());
-  }
-  return true;
-}
-
-bool DynamicConvPlan::current() const {
-  for (size_t i = 0; i < watched_.size(); ++i)
-    if (watched_[i]._version() != versions_[i] || watched_[i].data_ptr() != storage_[i]) return false;
-  return true;
-}
 
 at::Tensor DynamicConvPlan::forward(const at::Tensor& input) const {
   check_float_cpu(input, "input");

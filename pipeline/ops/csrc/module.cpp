@@ -30,6 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("gather", &native::ModelPlan::gather)
       .def("fixed_conv", &native::ModelPlan::fixed_conv)
       .def("dynamic_conv", &native::ModelPlan::dynamic_conv)
+      .def("depthwise_conv", &native::ModelPlan::depthwise_conv)
       .def("head", &native::ModelPlan::head)
       .def("rows_buffer", &native::ModelPlan::rows_buffer)
       .def("to_rows", &native::ModelPlan::to_rows)

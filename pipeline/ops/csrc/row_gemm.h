@@ -1,6 +1,8 @@
 // Direct small convolutions on channels-last rows (see row_gemm), shared by the compiled plans.
 #pragma once
 
+#include "simd.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
@@ -20,29 +22,6 @@ namespace direct {
 // consumes each finished chunk. MKL GEMMs at these sizes (tens to hundreds of rows, 16-64 columns)
 // measured several times slower, call overhead included.
 constexpr int64_t kMaxTaps = 9;
-
-// SIMD values of L floats (GCC / Clang vector extension): V in registers, U for unaligned loads and stores.
-// Eight lanes everywhere; sixteen where the compiler targets AVX-512 (one zmm register, twice the FMAs of
-// a ymm one per instruction).
-template <int L>
-struct Simd;
-template <>
-struct Simd<8> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef float U __attribute__((vector_size(32), aligned(4)));
-};
-#if defined(__AVX512F__)
-template <>
-struct Simd<16> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef float U __attribute__((vector_size(64), aligned(4)));
-};
-constexpr int kWideLanes = 16;
-#else
-constexpr int kWideLanes = 8;
-#endif
-using Vec8 = Simd<8>::V;
-using Lanes8 = Simd<8>::U;
 
 // Register-block heights (output rows per block) of the 64 / 32 / 16-column chunks of row_gemm and of the
 // weight gradient (dynamic_conv_grad.cpp): 24 of 32 zmm registers as accumulators with 16 lanes, 32 of 32

@@ -1,0 +1,402 @@
+// Running the whole-model plan (model_plan.h): the per-sample executor, its thread team, the plane ops.
+#include "model_plan.h"
+#include "plan_kernels.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+namespace native {
+
+using namespace plan;
+
+// Zero-initialised, 64-byte aligned floats.
+struct ModelPlan::Workspace {
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> data;
+  int64_t size = 0;
+  float* get(int64_t n) {
+    if (n > size) {
+      const int64_t bytes = round_up(std::max<int64_t>(n, 1) * 4, 64);
+      data.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      TORCH_CHECK(data != nullptr, "out of memory for a ", bytes, "-byte plan workspace");
+      std::memset(data.get(), 0, bytes);
+      size = n;
+    }
+    return data.get();
+  }
+};
+
+ModelPlan::ModelPlan(int64_t channels, int64_t height, int64_t width) { buffer(channels, height, width); }
+
+ModelPlan::~ModelPlan() = default;
+
+// Global average pool of a buffer from the per-thread sums of `parts` shares.
+void ModelPlan::pool(int64_t id, const float* base, int64_t parts, float* pooled) const {
+  const auto& g = geometry_[id];
+  const float inv = 1.f / static_cast<float>(g.h * g.w);
+  for (int64_t c = 0; c < g.c; ++c) {
+    float total = 0.f;
+    for (int64_t j = 0; j < parts; ++j) total += base[g.sums + j * g.c + c];
+    pooled[c] = total * inv;
+  }
+}
+
+// The attentions of routing r for the sample in `base` into att (its heads' outputs in order); scratch holds
+// the pooled input and the hidden layer.
+void ModelPlan::route(const Routing& r, const float* base, float* att, float* scratch, int64_t parts) const {
+  const auto& g = geometry_[r.route];
+  float* pooled = scratch;
+  float* hidden = scratch + max_route_;
+  pool(r.route, base, parts, pooled);
+  for (int64_t j = 0; j < r.hidden; ++j) {
+    float acc = r.fc1_bias[j];
+    for (int64_t ci = 0; ci < g.c; ++ci) acc += r.fc1[j * g.c + ci] * pooled[ci];
+    hidden[j] = std::max(acc, 0.f);
+  }
+  for (int64_t j = 0; j < r.outputs; ++j) {
+    float acc = r.fc2_bias[j];
+    for (int64_t h = 0; h < r.hidden; ++h) acc += r.fc2[j * r.hidden + h] * hidden[h];
+    att[j] = acc;
+  }
+  for (const auto& [role, size, activation, inv_t] : r.heads)
+    activate(att + r.at[role], size, activation, static_cast<float>(inv_t));
+}
+
+void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[c.in];
+  const auto& go = geometry_[c.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  const float* res = c.res >= 0 ? base + geometry_[c.res].offset : nullptr;
+  const bool dynamic = c.routing.route >= 0;
+  float* att = scratch;                                // the heads' outputs, then a 1 for a missing kernel head
+  float* routing = att + round_up(max_att_, L);        // pooled and hidden
+  float* mixed = routing + round_up(max_route_ + max_hidden_, L);
+  float* mixed_bias = mixed + round_up(max_ew_, L);
+  const float* a = att;
+  const float *spatial = nullptr, *channel = nullptr, *filter = nullptr;
+  if (dynamic) {
+    const Routing& r = c.routing;
+    route(r, base, att, routing, nt);
+    att[r.outputs] = 1.f;
+    a = att + (r.at[kKernelHead] >= 0 ? r.at[kKernelHead] : r.outputs);
+    spatial = r.at[kSpatialHead] >= 0 ? att + r.at[kSpatialHead] : nullptr;
+    channel = r.at[kChannelHead] >= 0 ? att + r.at[kChannelHead] : nullptr;
+    filter = r.at[kFilterHead] >= 0 ? att + r.at[kFilterHead] : nullptr;
+  }
+  // This thread's share. A large map by positions: a contiguous range of its vectors for every output
+  // channel (the rows a thread writes are mostly those it reads next, in its core's caches). A small one by
+  // output channels (blocks balanced by entry count): split by positions, its few vectors would leave each
+  // thread only short register tiles.
+  const int64_t first = go.wp + 1, nvec = vectors(go);
+  const bool by_positions = nt > 1 && nvec >= nt * kSplitTiles * (c.blocks.empty() ? 1 : kTile[c.blocks[0].cob]);
+  int64_t v0 = 0, v1 = nvec, b0 = 0, b1 = static_cast<int64_t>(c.blocks.size());
+  if (by_positions) {
+    v0 = nvec * t / nt;
+    v1 = nvec * (t + 1) / nt;
+  } else if (nt > 1) {
+    const int64_t total = c.work.back();
+    b0 = std::lower_bound(c.work.begin(), c.work.end(), total * t / nt) - c.work.begin();
+    b1 = t + 1 == nt ? b1 : std::lower_bound(c.work.begin(), c.work.end(), total * (t + 1) / nt) - c.work.begin();
+    b0 = std::min(b0, b1);
+  }
+  float* sums = base + go.sums;
+  for (int64_t bi = b0; bi < b1; ++bi) {
+    const Block& b = c.blocks[bi];
+    const float* w;
+    const float* bias;
+    if (dynamic) {
+      mix(a, c.k, c.w.data() + b.w0, c.ew, b.ne * b.cob, mixed);
+      if (spatial != nullptr || channel != nullptr || filter != nullptr) {  // ODConv: a_s a_c per entry, a_f per channel
+        const int32_t* entry = c.entry.data() + b.e0;
+        float fs[4] = {1.f, 1.f, 1.f, 1.f};
+        for (int64_t co = 0; co < b.cob; ++co) fs[co] = filter != nullptr ? filter[b.co0 + co] : 1.f;
+        for (int64_t i = 0; i < b.ne; ++i) {
+          const int64_t e = entry[i];
+          const float s = (spatial != nullptr ? spatial[e % c.taps] : 1.f) * (channel != nullptr ? channel[e / c.taps] : 1.f);
+          for (int64_t co = 0; co < b.cob; ++co) mixed[i * b.cob + co] *= s * fs[co];
+        }
+      }
+      for (int64_t co = 0; co < b.cob; ++co) {
+        float acc = 0.f;
+        if (c.bias_mixed) {
+          for (int64_t j = 0; j < c.k; ++j) acc += a[j] * c.bias[j * c.cout + b.co0 + co];
+        } else {
+          acc = c.bias[b.co0 + co];
+        }
+        mixed_bias[co] = acc;
+      }
+      w = mixed;
+      bias = mixed_bias;
+    } else {
+      w = c.w.data() + b.w0;
+      bias = c.bias.data() + b.co0;
+    }
+    float* outs[4];
+    const float* ress[4];
+    for (int64_t co = 0; co < b.cob; ++co) {
+      outs[co] = out + (b.co0 + co) * go.plane;
+      ress[co] = res != nullptr ? res + (b.co0 + co) * go.plane : nullptr;
+    }
+    const int32_t* off = c.off.data() + b.e0;
+    const float* const* r = res != nullptr ? ress : nullptr;
+    float parts[4] = {0.f, 0.f, 0.f, 0.f};
+    if (v1 > v0) {
+      const float* pad = c.pad.data();
+      if (b.cob == 4) {
+        conv_block<4, kTile[4]>(in, off, w, b.seg, bias, outs, r, c.act, pad, first + v0 * L, v1 - v0, parts);
+      } else {
+        conv_block<1, kTile[1]>(in, off, w, b.seg, bias, outs, r, c.act, pad, first + v0 * L, v1 - v0, parts);
+      }
+    }
+    for (int64_t co = 0; co < b.cob; ++co) {
+      const float part = parts[co];
+      if (by_positions) {
+        sums[t * go.c + b.co0 + co] = part;
+      } else {  // the whole channel is this thread's: its sum in the first share, the others zero
+        for (int64_t j = 0; j < nt; ++j) sums[j * go.c + b.co0 + co] = j == 0 ? part : 0.f;
+      }
+    }
+  }
+}
+
+int64_t ModelPlan::vectors(const Geometry& g) {
+  const int64_t first = g.wp + 1, last = g.h * g.wp + g.w + 1;
+  return (last - first + L - 1) / L;
+}
+
+void ModelPlan::run_gather(const Gather& op, float* base, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[op.in];
+  const auto& go = geometry_[op.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  const int64_t planes = go.c, cin = gi.c;
+  for (int64_t q = 0; q < planes; ++q) {  // this thread's output rows of every tap plane
+    const int64_t tap = q / cin, ci = q % cin, ky = tap / 3, kx = tap % 3;
+    const float* src = in + ci * gi.plane;
+    float* dst = out + q * go.plane;
+    for (int64_t oy = go.h * t / nt; oy < go.h * (t + 1) / nt; ++oy) {
+      const float* row = src + (2 * oy + ky) * gi.wp + kx;
+      float* o = dst + (oy + 1) * go.wp + 1;
+#if defined(__AVX512F__)
+      // 16 outputs from 32 inputs by one two-source permute; the loads may run past the row (into the next
+      // rows or the plane's slack, all inside the workspace), the stores are masked to the row.
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      for (int64_t ox = 0; ox < go.w; ox += 16) {
+        const __m512 v = _mm512_permutex2var_ps(_mm512_loadu_ps(row + 2 * ox), even, _mm512_loadu_ps(row + 2 * ox + 16));
+        const int64_t n = std::min<int64_t>(16, go.w - ox);
+        _mm512_mask_storeu_ps(o + ox, static_cast<__mmask16>((1u << n) - 1u), v);
+      }
+#else
+      for (int64_t ox = 0; ox < go.w; ++ox) o[ox] = row[2 * ox];
+#endif
+    }
+  }
+}
+
+
+// Depthwise 3x3: each thread a share of the channels (whole planes), its weights mixed and scaled per sample
+// where the op is routed (DyNet: sum_k a_k W_k; ODConv: times a_s per tap and a_c per channel).
+void ModelPlan::run_depthwise(const Depthwise& d, float* base, float* scratch, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[d.in];
+  const auto& go = geometry_[d.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  const float* res = d.res >= 0 ? base + geometry_[d.res].offset : nullptr;
+  float* att = scratch;
+  float* routing = att + round_up(max_att_, L);
+  float* mixed = routing + round_up(max_route_ + max_hidden_, L);
+  const float* a = nullptr;
+  const float *spatial = nullptr, *channel = nullptr, *filter = nullptr;
+  if (d.routing.route >= 0) {
+    const Routing& r = d.routing;
+    route(r, base, att, routing, nt);
+    att[r.outputs] = 1.f;
+    a = att + (r.at[kKernelHead] >= 0 ? r.at[kKernelHead] : r.outputs);
+    spatial = r.at[kSpatialHead] >= 0 ? att + r.at[kSpatialHead] : nullptr;
+    channel = r.at[kChannelHead] >= 0 ? att + r.at[kChannelHead] : nullptr;
+    filter = r.at[kFilterHead] >= 0 ? att + r.at[kFilterHead] : nullptr;
+  }
+  const int64_t first = go.wp + 1, nvec = vectors(go);
+  const int64_t c0 = d.c * t / nt, c1 = d.c * (t + 1) / nt;
+  float* sums = base + go.sums;
+  const int64_t offsets[9] = {-go.wp - 1, -go.wp, -go.wp + 1, -1, 0, 1, go.wp - 1, go.wp, go.wp + 1};
+  for (int64_t c = c0; c < c1; ++c) {
+    float w[9];
+    float bias;
+    if (a != nullptr) {
+      for (int tap = 0; tap < 9; ++tap) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < d.k; ++j) acc += a[j] * d.w[(j * d.c + c) * 9 + tap];
+        const float s = (spatial != nullptr ? spatial[tap] : 1.f) * (channel != nullptr ? channel[c] : 1.f) *
+                        (filter != nullptr ? filter[c] : 1.f);
+        w[tap] = acc * s;
+      }
+      bias = 0.f;
+      if (d.bias_mixed) {
+        for (int64_t j = 0; j < d.k; ++j) bias += a[j] * d.bias[j * d.c + c];
+      } else {
+        bias = d.bias[c];
+      }
+    } else {
+      std::copy_n(d.w.data() + c * 9, 9, w);
+      bias = d.bias[c];
+    }
+    const float* planes[9];
+    for (int tap = 0; tap < 9; ++tap)
+      planes[tap] = d.stride == 1 ? in + c * gi.plane + offsets[tap] : in + (tap * d.c + c) * gi.plane;
+    const float part = plan::depthwise_plane(planes, w, bias, out + c * go.plane, res != nullptr ? res + c * go.plane : nullptr,
+                                             d.act, d.pad.data(), first, nvec);
+    for (int64_t j = 0; j < nt; ++j) sums[j * go.c + c] = j == 0 ? part : 0.f;
+  }
+  (void)mixed;
+}
+
+void ModelPlan::run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const {
+  const auto& g0 = geometry_[0];
+  for (int64_t c = 0; c < g0.c; ++c) {  // this thread's rows of every channel, and their sum
+    float* plane = base + g0.offset + c * g0.plane;
+    const int64_t y0 = g0.h * t / nt, y1 = g0.h * (t + 1) / nt;
+    for (int64_t y = y0; y < y1; ++y) std::memcpy(plane + (y + 1) * g0.wp + 1, x + (c * g0.h + y) * g0.w, g0.w * 4);
+    base[g0.sums + t * g0.c + c] = plane_sum(plane + (y0 + 1) * g0.wp, (y1 - y0) * g0.wp);
+  }
+  for (const auto& op : ops_) {
+    if (nt > 1 && op.wait) {
+#pragma omp barrier
+    }
+    if (op.kind == kConv) {
+      run_conv(convs_[op.index], base, scratch, t, nt);
+    } else if (op.kind == kDepthwise) {
+      run_depthwise(depthwise_[op.index], base, scratch, t, nt);
+    } else if (op.kind == kGather) {
+      run_gather(gathers_[op.index], base, t, nt);
+    } else if (op.kind == kToRows) {
+      run_to_rows(gathers_[op.index], base, t, nt);
+    } else if (op.kind == kRowsConv) {
+      run_rows_conv(rows_convs_[op.index], base, t, nt);
+    } else {  // the mask unit on rows: pooled input and logits (shared by rows), lists (one thread)
+      const RowsGate& g = rows_gates_[op.index];
+      const int64_t h = geometry_[g.in].h;
+      rows_sums(g.in, base, h * t / nt, h * (t + 1) / nt, t);
+      if (nt > 1) {
+#pragma omp barrier
+      }
+      rows_gate_mask(g, base, t, nt);
+      if (nt > 1) {
+#pragma omp barrier
+      }
+      if (t == 0) rows_gate_lists(g, base);
+    }
+  }
+  if (nt > 1) {
+#pragma omp barrier
+  }
+  if (t == 0) {
+    const auto& g = geometry_[head_in_];
+    if (g.rows) rows_sums(head_in_, base, 0, g.h, 0);
+    float* pooled = scratch;
+    pool(head_in_, base, g.rows ? 1 : nt, pooled);
+    for (int64_t j = 0; j < classes_; ++j) {
+      float acc = head_b_[j];
+      for (int64_t c = 0; c < g.c; ++c) acc += head_w_[j * g.c + c] * pooled[c];
+      logits[j] = acc;
+    }
+  }
+  if (nt > 1) {
+#pragma omp barrier  // the workspace is reused by the next sample
+  }
+}
+
+at::Tensor ModelPlan::forward(const at::Tensor& input) {
+  check_float_cpu(input, "input");
+  TORCH_CHECK(head_in_ >= 0, "plan has no head");
+  const auto& g0 = geometry_[0];
+  TORCH_CHECK(input.dim() == 4 && input.size(1) == g0.c && input.size(2) == g0.h && input.size(3) == g0.w,
+              "plan input must be [B, ", g0.c, ", ", g0.h, ", ", g0.w, "], got ", input.sizes());
+  const auto x = input.contiguous();
+  const int64_t b = x.size(0);
+  auto out = at::empty({b, classes_}, x.options());
+  const float* px = x.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const int64_t per_image = g0.c * g0.h * g0.w;
+  const int64_t scratch_size =
+      round_up(max_att_, L) + round_up(max_route_ + max_hidden_, L) + round_up(max_ew_, L) + round_up(max_cout_, L) +
+      round_up(geometry_[head_in_].c, L) + L;
+  const int nt = std::max(1, at::get_num_threads());
+  std::lock_guard<std::mutex> guard(mutex_);  // the workspaces are the plan's
+  while (static_cast<int64_t>(work_.size()) < nt) work_.push_back(std::make_unique<Workspace>());
+  while (static_cast<int64_t>(scratch_.size()) < nt) scratch_.push_back(std::make_unique<Workspace>());
+  for (int i = 0; i < nt; ++i) {
+    work_[i]->get(total_ + L);
+    scratch_[i]->get(scratch_size);
+  }
+  auto run = [&](int team) {  // the batch, `team` threads sharing each image
+    if (team > 1) {
+#pragma omp parallel num_threads(team)
+      {
+        const int64_t tid = omp_get_thread_num(), size = omp_get_num_threads();
+        for (int64_t n = 0; n < b; ++n)
+          run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[tid]->data.get(), tid,
+                     size);
+      }
+    } else {
+      for (int64_t n = 0; n < b; ++n)
+        run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[0]->data.get(), 0, 1);
+    }
+  };
+  if (b >= nt && nt > 1) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t n = 0; n < b; ++n) {
+      const int tid = omp_get_thread_num();
+      run_sample(px + n * per_image, po + n * classes_, work_[tid]->data.get(), scratch_[tid]->data.get(), 0, 1);
+    }
+  } else if (nt > 1) {
+    // A small image's layers are too short to share well (barriers, maps moving between cores), so the
+    // first call per (threads, batch) times both ways in turns and keeps the faster one.
+    const int shared = std::min<int>(nt, kMaxTeam);
+    int64_t& team = teams_[{nt, b}];
+    if (team_policy_ != 0) {
+      team = team_policy_ == 1 ? 1 : shared;
+    } else if (team == 0) {
+      constexpr int kRounds = 9;
+      double seconds[2][kRounds];
+      for (int r = 0; r < kRounds; ++r)
+        for (int way = 0; way < 2; ++way) {
+          const auto start = std::chrono::steady_clock::now();
+          run(way == 0 ? shared : 1);
+          seconds[way][r] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        }
+      for (auto& s : seconds) std::nth_element(s, s + kRounds / 2, s + kRounds);
+      team = seconds[0][kRounds / 2] <= seconds[1][kRounds / 2] ? shared : 1;
+    }
+    run(static_cast<int>(team));
+  } else {
+    run(1);
+  }
+  return out;
+}
+
+void ModelPlan::set_team_policy(int64_t policy) {
+  TORCH_CHECK(policy >= 0 && policy <= 2, "team policy must be 0 (measure), 1 (one thread) or 2 (shared)");
+  std::lock_guard<std::mutex> guard(mutex_);
+  team_policy_ = policy;
+  teams_.clear();
+}
+
+int64_t ModelPlan::team(int64_t threads, int64_t batch) const {
+  std::lock_guard<std::mutex> guard(mutex_);
+  const auto it = teams_.find({threads, batch});
+  return it == teams_.end() ? 0 : it->second;
+}
+
+}  // namespace native
