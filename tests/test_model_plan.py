@@ -21,7 +21,7 @@ from pipeline.ops.dynamic_conv import DynamicConv2d
 from pipeline.ops.odconv import ODConv2d
 from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import to_sparse_execution
-from pipeline.ops.spatial_gate import GatedBasicBlock
+from pipeline.ops.spatial_gate import GatedBasicBlock, GatedInvertedResidual
 
 # Relative to the largest logit: the plan sums each output in another order than PyTorch's convs.
 RTOL = 1e-4
@@ -202,7 +202,7 @@ def test_planned_model_falls_back_and_follows_parameter_changes():
     assert_matches(y.detach(), first + 1.0)
 
 
-@pytest.mark.parametrize("what", ["bn", "no_plan", "training", "other_model", "dilated", "dense_after_sparse"])
+@pytest.mark.parametrize("what", ["bn", "no_plan", "training", "other_model", "dilated"])
 def test_unsupported_models_are_refused_by_name(what):
     model = resnet("dynamic", seed=4)
     if what == "bn":
@@ -217,14 +217,9 @@ def test_unsupported_models_are_refused_by_name(what):
     elif what == "other_model":
         model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1))
         match = "Sequential"
-    elif what == "dilated":
+    else:
         replace_module(model, "layer1.0.conv1", nn.Conv2d(8, 8, 3, padding=2, dilation=2))
         match = "layer1.0.conv1"
-    else:
-        model = gated_resnet(0.0)[1]
-        model.layer3[0] = CifarResNet(depth=8, width=0.5, in_channels=1).layer3[0].eval()
-        model = fold_batchnorm(model)[0]
-        match = "layer3.0: a dense block after a sparse one"
     with pytest.raises(Unsupported, match=match):
         compile_model(model, (1, 16, 16))
     assert planned(model) is model
@@ -343,5 +338,59 @@ def test_mobilenetv2_plan_matches_the_models_forward(kind, threads):
     torch.set_num_threads(threads)
     try:
         run_batches(plan, lambda x: ref(model, x), shape, threads, torch.Generator().manual_seed(4), batches=(1, 3))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_dense_block_after_sparse_ones_reads_their_rows_as_planes(threads):
+    gated, sparse = gated_resnet(0.0, seed=8)
+    gen = torch.Generator().manual_seed(8)
+    dense_block = CifarResNet(depth=8, width=0.5, in_channels=1).layer3[0]
+    _randomize_bn(dense_block, gen)
+    for model in (gated, sparse):
+        model.layer3[0] = fold_batchnorm(copy.deepcopy(dense_block).eval())[0]
+    plan, _ = compile_model(sparse, (1, 16, 16))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_batches(plan, lambda x: reference(gated, x), (1, 16, 16), threads, gen, batches=(1, 3))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("open_bias", [-50.0, 0.0, 50.0], ids=["closed", "partial", "open"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gated_inverted_residuals_match_the_dense_masked_model(open_bias, threads):
+    """DynConv's MobileNetV2: every stride-1 residual block gated (expand at the dilated mask, depthwise and
+    project at the mask), the others dense between them (rows and planes meet both ways)."""
+    torch.manual_seed(9)
+    gen = torch.Generator().manual_seed(9)
+    model = CifarMobileNetV2(width=0.5, in_channels=3, num_classes=5, last_channels=64)
+    _randomize_bn(model, gen)
+    for i, block in enumerate(model.blocks):
+        if block.use_res:
+            gated = GatedInvertedResidual.from_block(block, open_bias)
+            with torch.no_grad():
+                gated.gate.conv.weight.normal_(0.0, 0.5, generator=gen)
+                gated.gate.fc.weight.normal_(0.0, 0.5, generator=gen)
+            model.blocks[i] = gated
+    model.eval()
+    gated_model, sparse = fold_batchnorm(model)[0], fold_batchnorm(to_sparse_execution(model))[0]
+    shape = (3, 17, 14)
+    plan, _ = compile_model(sparse, shape)
+
+    def expected(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = gated_model(x)
+        if open_bias == 0.0:
+            fractions = [float(b.last_mask.mean()) for b in gated_model.modules() if isinstance(b, GatedInvertedResidual)]
+            assert 0.05 < sum(fractions) / len(fractions) < 0.95, fractions
+        return out
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_batches(plan, expected, shape, threads, gen, batches=(1, 3))
     finally:
         torch.set_num_threads(before)

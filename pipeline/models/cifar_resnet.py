@@ -42,8 +42,6 @@ class BasicBlock(nn.Module):
     def plan_into(self, b, name: str, x: int) -> int:
         """The compiled plan (``pipeline/ops/plan``) of the BN-folded block: shortcut, conv1 + ReLU, conv2 +
         shortcut + ReLU."""
-        if b.is_rows(x):
-            raise b.Unsupported(f"{name}: a dense block after a sparse one is not compiled")
         b.folded(name, self.bn1, self.bn2)
         if type(self.shortcut) is nn.Identity:
             res = x

@@ -472,6 +472,19 @@ class SparseInvertedResidual(_SparseBlock):
         sparse._copy_costs(block)
         return sparse.eval()
 
+    def plan_into(self, b, name: str, x: int) -> int:
+        """The block in the compiled whole-model plan (``pipeline/ops/plan``), on rows: mask unit, the 1x1
+        expansion + ReLU6 at the dilated mask's positions, the depthwise 3x3 + ReLU6 and the 1x1 projection
+        (added to the input) at the mask's, the input passing alone elsewhere (the official MobileNetV2 code's
+        masks)."""
+        p = self._buffers
+        x = b.as_rows(x)
+        gate = self.gate.plan_into(b, f"{name}.gate", x, 1)
+        b.watch(*p.values())
+        t = b.rows_conv(x, p["w1"], p["b1"], 1, b.ACT_RELU6, gate=gate, which=0)
+        t = b.rows_depthwise(t, p["w2"], p["b2"], b.ACT_RELU6, gate=gate, which=1)
+        return b.rows_conv(t, p["w3"], p["b3"], 1, b.ACT_NONE, res=x, gate=gate, which=1)
+
     def _check(self, x: Tensor) -> None:
         _check_input(x, self.in_channels, type(self).__name__)
 
@@ -580,8 +593,6 @@ class SparseBasicBlock(_SparseBlock):
         """The block in the compiled whole-model plan (``pipeline/ops/plan``), on rows (position-major): mask
         unit, shortcut at every position, conv1 at the dilated mask's positions, conv2 at the mask's (added to
         the shortcut, which passes alone elsewhere), ReLU after the sum."""
-        from pipeline.ops.plan.builder import ACT_RELU
-
         p, s = self._buffers, self.stride
         x = b.as_rows(x)
         gate = self.gate.plan_into(b, f"{name}.gate", x, s)
@@ -589,8 +600,8 @@ class SparseBasicBlock(_SparseBlock):
         res = x
         if p["ws"] is not None:
             res = b.rows_conv(x, p["ws"], p["bs"], s)
-        t = b.rows_conv(x, p["w1"], p["b1"], s, ACT_RELU, gate=gate, which=0)
-        return b.rows_conv(t, p["w2"], p["b2"], 1, ACT_RELU, res=res, gate=gate, which=1)
+        t = b.rows_conv(x, p["w1"], p["b1"], s, b.ACT_RELU, gate=gate, which=0)
+        return b.rows_conv(t, p["w2"], p["b2"], 1, b.ACT_RELU, res=res, gate=gate, which=1)
 
     def _check(self, x: Tensor) -> None:
         _check_input(x, self.in_channels, type(self).__name__)

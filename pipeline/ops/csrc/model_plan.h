@@ -46,7 +46,9 @@
 // vectors at half the positions active), so their maps are kept as rows (position-major, the channels of one
 // padded position contiguous, `rows` buffers) and each gated conv runs the direct row GEMM (row_gemm.h)
 // over the list of active positions only: conv1 at the dilated mask, conv2 at the mask (its output added to
-// the shortcut, relu(shortcut) passed at the other positions), the shortcut and the mask unit everywhere.
+// the shortcut, relu(shortcut) passed at the other positions), the shortcut and the mask unit everywhere; in
+// the gated inverted residual the 1x1 expansion at the dilated mask, the depthwise 3x3 (per channel, a vector
+// of channels at a time) and the 1x1 projection at the mask, the input passing elsewhere.
 //
 // Threads. With at least as many samples per call as threads each thread runs whole samples in its own
 // workspace. With fewer, the threads share each layer (a large map by positions: a contiguous range of its
@@ -117,6 +119,12 @@ class ModelPlan : public SourceWatch {
   // act(res) at its other positions (which 1).
   int64_t rows_conv(int64_t in, int64_t out, int64_t res, int64_t act, int64_t stride, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& bias, int64_t gate, int64_t which);
+  // out = act(depthwise3x3(in) + bias) on rows (stride 1, padding 1), weight [C, 1, 3, 3], at every position
+  // or (gate >= 0) at the gate's dilated mask (which 0) or mask (which 1); the other positions are not written.
+  int64_t rows_depthwise(int64_t in, int64_t out, int64_t act, const at::Tensor& weight, const at::Tensor& bias,
+                         int64_t gate, int64_t which);
+  // The op copying a rows buffer into planes (with their per-channel sums, for pooling and routing).
+  int64_t to_planes(int64_t in, int64_t out);
   // Logits [B, classes] of a float32 input [B, C, H, W].
   at::Tensor forward(const at::Tensor& input);
   // How a batch smaller than the thread count runs: 0 (default) times both ways on the first such call per
@@ -171,6 +179,7 @@ class ModelPlan : public SourceWatch {
   };
   struct RowsConv {
     int64_t in = -1, out = -1, res = -1, act = 0, stride = 1, taps = 9, gate = -1, which = 0;
+    bool depthwise = false;  // matrix [9][C] of per-channel taps instead of [(tap, c_in)][c_out]
     std::vector<float> matrix, bias;
     std::vector<int32_t> all;  // every interior position of the output
   };
@@ -185,6 +194,7 @@ class ModelPlan : public SourceWatch {
   static constexpr int64_t kToRows = 3;
   static constexpr int64_t kRowsGate = 4;
   static constexpr int64_t kRowsConv = 5;
+  static constexpr int64_t kToPlanes = 6;
 
   const Geometry& geometry(int64_t id) const;
   int64_t add_buffer(int64_t channels, int64_t height, int64_t width, bool rows);
@@ -202,6 +212,10 @@ class ModelPlan : public SourceWatch {
   void rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_t nt) const;
   void rows_gate_lists(const RowsGate& g, float* base) const;
   void run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const;
+  void run_rows_depthwise(const RowsConv& c, float* base, int64_t t, int64_t nt) const;
+  void run_to_planes(const Gather& op, float* base, int64_t t, int64_t nt) const;
+  // The position list of a gated rows op in the workspace (count, first) for `which`; every position if ungated.
+  std::pair<const int32_t*, int64_t> positions(const RowsConv& c, const float* base) const;
   void rows_sums(int64_t id, float* base, int64_t y0, int64_t y1, int64_t part) const;
   void pool(int64_t id, const float* base, int64_t parts, float* pooled) const;
 

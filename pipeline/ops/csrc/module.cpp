@@ -36,6 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("to_rows", &native::ModelPlan::to_rows)
       .def("rows_gate", &native::ModelPlan::rows_gate)
       .def("rows_conv", &native::ModelPlan::rows_conv)
+      .def("rows_depthwise", &native::ModelPlan::rows_depthwise)
+      .def("to_planes", &native::ModelPlan::to_planes)
       .def("forward", &native::ModelPlan::forward)
       .def("set_team_policy", &native::ModelPlan::set_team_policy)
       .def("team", &native::ModelPlan::team)

@@ -282,6 +282,8 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
       run_gather(gathers_[op.index], base, t, nt);
     } else if (op.kind == kToRows) {
       run_to_rows(gathers_[op.index], base, t, nt);
+    } else if (op.kind == kToPlanes) {
+      run_to_planes(gathers_[op.index], base, t, nt);
     } else if (op.kind == kRowsConv) {
       run_rows_conv(rows_convs_[op.index], base, t, nt);
     } else {  // the mask unit on rows: pooled input and logits (shared by rows), lists (one thread)

@@ -211,7 +211,97 @@ int64_t ModelPlan::rows_conv(int64_t in, int64_t out, int64_t res, int64_t act, 
   return op;
 }
 
+int64_t ModelPlan::rows_depthwise(int64_t in, int64_t out, int64_t act, const at::Tensor& weight,
+                                  const at::Tensor& bias, int64_t gate, int64_t which) {
+  const auto& gi = geometry(in);
+  const auto& go = geometry(out);
+  TORCH_CHECK(gi.rows && go.rows && gi.c == go.c && gi.h == go.h && gi.w == go.w, "rows depthwise: rows buffers of one shape");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == go.c && weight.size(1) == 1 && weight.size(2) == 3 &&
+                  weight.size(3) == 3 && bias.numel() == go.c, "rows depthwise: weight [C, 1, 3, 3], bias [C]");
+  if (gate >= 0) {
+    TORCH_CHECK(gate < static_cast<int64_t>(rows_gates_.size()) && (which == 0 || which == 1), "rows depthwise: gate");
+    const auto& gm = geometry_[rows_gates_[gate].mask];
+    TORCH_CHECK(gm.h == go.h && gm.w == go.w, "rows depthwise: the mask and the output differ in size");
+  }
+  RowsConv c;
+  c.in = in;
+  c.out = out;
+  c.act = act;
+  c.depthwise = true;
+  c.matrix = floats(weight.reshape({go.c, 9}).t(), "weight");  // [9][C]
+  c.bias = floats(bias, "bias");
+  c.gate = gate;
+  c.which = which;
+  for (int64_t y = 1; y <= go.h; ++y)
+    for (int64_t x = 1; x <= go.w; ++x) c.all.push_back(static_cast<int32_t>(y * go.wp + x));
+  rows_convs_.push_back(std::move(c));
+  return push_op(kRowsConv, rows_convs_.size());
+}
+
+std::pair<const int32_t*, int64_t> ModelPlan::positions(const RowsConv& c, const float* base) const {
+  if (c.gate < 0) return {c.all.data(), static_cast<int64_t>(c.all.size())};
+  const RowsGate& g = rows_gates_[c.gate];
+  const int32_t* lists = reinterpret_cast<const int32_t*>(base + g.lists);
+  return c.which == 0 ? std::make_pair(lists + 16, static_cast<int64_t>(lists[0]))
+                      : std::make_pair(lists + 16 + g.positions, static_cast<int64_t>(lists[1]));
+}
+
+// Depthwise 3x3 on rows: a vector of channels at a time, nine taps of the same channels at the neighbours.
+void ModelPlan::run_rows_depthwise(const RowsConv& c, float* base, int64_t t, int64_t nt) const {
+  const auto& go = geometry_[c.out];
+  const float* in = base + geometry_[c.in].offset;
+  float* out = base + go.offset;
+  const int64_t ch = go.c, wp = go.wp;
+  const auto [list, n] = positions(c, base);
+  const int64_t shift[9] = {-wp - 1, -wp, -wp + 1, -1, 0, 1, wp - 1, wp, wp + 1};
+  const float* w = c.matrix.data();
+  for (int64_t i = n * t / nt; i < n * (t + 1) / nt; ++i) {
+    const int64_t p = list[i];
+    float* dst = out + p * ch;
+    int64_t c0 = 0;
+    for (; c0 + L <= ch; c0 += L) {
+      V acc = *reinterpret_cast<const U*>(c.bias.data() + c0);
+      for (int tap = 0; tap < 9; ++tap)
+        acc += *reinterpret_cast<const U*>(w + tap * ch + c0) * *reinterpret_cast<const U*>(in + (p + shift[tap]) * ch + c0);
+      *reinterpret_cast<U*>(dst + c0) = activated(acc, c.act);
+    }
+    for (; c0 < ch; ++c0) {
+      float acc = c.bias[c0];
+      for (int tap = 0; tap < 9; ++tap) acc += w[tap * ch + c0] * in[(p + shift[tap]) * ch + c0];
+      dst[c0] = activated(acc, c.act);
+    }
+  }
+}
+
+int64_t ModelPlan::to_planes(int64_t in, int64_t out) {
+  const auto& gi = geometry(in);
+  const auto& go = geometry(out);
+  TORCH_CHECK(gi.rows && !go.rows && gi.c == go.c && gi.h == go.h && gi.w == go.w, "to_planes: shape mismatch");
+  gathers_.push_back({in, out});
+  return push_op(kToPlanes, gathers_.size());
+}
+
+// Rows to planes over this thread's share of the rows, with the per-channel sums of that share.
+void ModelPlan::run_to_planes(const Gather& op, float* base, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[op.in];
+  const auto& go = geometry_[op.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  const int64_t y0 = go.h * t / nt, y1 = go.h * (t + 1) / nt;
+  for (int64_t y = 1 + y0; y < 1 + y1; ++y)
+    for (int64_t x = 1; x <= go.w; ++x) {
+      const int64_t p = y * go.wp + x;
+      for (int64_t c = 0; c < go.c; ++c) out[c * go.plane + p] = in[p * go.c + c];
+    }
+  rows_sums(op.in, base, y0, y1, t);
+  std::copy_n(base + gi.sums + t * gi.c, gi.c, base + go.sums + t * go.c);
+}
+
 void ModelPlan::run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const {
+  if (c.depthwise) {
+    run_rows_depthwise(c, base, t, nt);
+    return;
+  }
   const auto& gi = geometry_[c.in];
   const auto& go = geometry_[c.out];
   const float* in = base + gi.offset;

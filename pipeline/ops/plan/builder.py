@@ -94,6 +94,7 @@ class PlanBuilder:
         self.sources: list[torch.Tensor] = []
         self.taps: dict[int, int] = {}  # input buffer -> its gathered stride-2 taps
         self.rows: set[int] = set()  # rows buffers (DynConv's sparse blocks); the others are planes
+        self.copies: dict[int, int] = {}  # buffer -> its copy in the other layout
 
     # ------------------------------------------------------------------ buffers
     def buffer(self, c: int, h: int, w: int, rows: bool = False) -> int:
@@ -113,10 +114,14 @@ class PlanBuilder:
         """Rebuild the plan when one of ``tensors`` changes."""
         self.sources += [t for t in tensors if t is not None]
 
-    def _planes(self, name: str, x: int) -> int:
-        if x in self.rows:
-            raise Unsupported(f"{name}: a plane op after a sparse block is not compiled")
-        return x
+    def planes(self, x: int) -> int:
+        """``x`` as planes (copied from its rows, once, unless it is planes)."""
+        if x < 0 or x not in self.rows:
+            return x
+        if x not in self.copies:
+            self.copies[x] = self.buffer(*self.shapes[x])
+            self.plan.to_planes(x, self.copies[x])
+        return self.copies[x]
 
     def _reads(self, src: int, ks: int, stride: int) -> tuple[int, int, int, int]:
         """(buffer, conv mode, output height, width) of a ``ks`` x ``ks`` conv with ``stride`` on ``src``:
@@ -165,7 +170,7 @@ class PlanBuilder:
     def static_conv(self, name: str, x: int, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
                     res: int = -1, act: int = ACT_NONE) -> int:
         """``act(conv(x) + bias [+ res])`` for an input-independent kernel [C_out, C_in, k, k]."""
-        x = self._planes(name, x)
+        x, res = self.planes(x), self.planes(res)
         read, mode, ho, wo = self._reads(x, weight.shape[-1], stride)
         out = self.buffer(weight.shape[0], ho, wo)
         self.plan.fixed_conv(read, out, res, act, mode, _f(weight), _f(bias))
@@ -175,7 +180,7 @@ class PlanBuilder:
                 stride: int, res: int = -1, act: int = ACT_NONE) -> int:
         """A dynamic conv: the kernels [K, C_out, C_in, k, k] mixed per sample by the routing's kernel head and
         scaled by its other heads; ``bias`` [K, C_out] (mixed) or [C_out] (added as it is)."""
-        x = self._planes(name, x)
+        x, res = self.planes(x), self.planes(res)
         read, mode, ho, wo = self._reads(x, kernels.shape[-1], stride)
         out = self.buffer(kernels.shape[1], ho, wo)
         self.plan.dynamic_conv(read, x, out, res, act, mode, _f(kernels), _f(bias), *self._routing(routing))
@@ -184,7 +189,7 @@ class PlanBuilder:
     def depthwise(self, name: str, x: int, kernels: torch.Tensor, bias: torch.Tensor | None,
                   routing: Routing | None, stride: int, res: int = -1, act: int = ACT_NONE) -> int:
         """A depthwise 3x3 conv (padding 1): kernels [K, C, 1, 3, 3] (K = 1 without a routing)."""
-        x = self._planes(name, x)
+        x, res = self.planes(x), self.planes(res)
         read, _, ho, wo = self._reads(x, 3, stride)
         out = self.buffer(kernels.shape[1], ho, wo)
         fc = self._routing(routing) if routing is not None else (None, None, None, None, [])
@@ -210,20 +215,30 @@ class PlanBuilder:
     # ------------------------------------------------------------------ rows ops (DynConv's sparse blocks)
     def as_rows(self, x: int) -> int:
         """``x`` as a rows buffer (copied from its planes unless it is one)."""
-        if x in self.rows:
+        if x < 0 or x in self.rows:
             return x
-        out = self.buffer(*self.shapes[x], rows=True)
-        self.plan.to_rows(x, out)
-        return out
+        if x not in self.copies:
+            self.copies[x] = self.buffer(*self.shapes[x], rows=True)
+            self.plan.to_rows(x, self.copies[x])
+        return self.copies[x]
 
     def rows_conv(self, x: int, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, act: int = ACT_NONE,
                   res: int = -1, gate: int = -1, which: int = 0) -> int:
         """``act(conv(x) + bias [+ res])`` on rows (3x3 padding 1 or 1x1), at every position, or with ``gate``
         at its dilated mask (``which`` 0) or at its mask with ``act(res)`` elsewhere (``which`` 1)."""
-        x = self.as_rows(x)
+        x, res = self.as_rows(x), self.as_rows(res)
         _, h, w = self.shapes[x]
         out = self.buffer(weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1, rows=True)
         self.plan.rows_conv(x, out, res, act, stride, _f(weight), _f(bias), gate, which)
+        return out
+
+    def rows_depthwise(self, x: int, weight: torch.Tensor, bias: torch.Tensor, act: int = ACT_NONE, gate: int = -1,
+                       which: int = 0) -> int:
+        """``act(depthwise3x3(x) + bias)`` on rows (stride 1, padding 1) at every position or, with ``gate``, at
+        its dilated mask (``which`` 0) or its mask (``which`` 1)."""
+        x = self.as_rows(x)
+        out = self.buffer(*self.shapes[x], rows=True)
+        self.plan.rows_depthwise(x, out, act, _f(weight), _f(bias), gate, which)
         return out
 
     def rows_gate(self, x: int, stride: int, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
