@@ -75,10 +75,9 @@ def tracking_server(postgres, tmp_path_factory, request):
     server.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, tracking_server):
-    """A committed copy of the repository (tracked and non-ignored files) with a tiny profile."""
-    root = tmp_path_factory.mktemp("e2e") / "project"
+def copy_project(root: Path, tracking_server: str, overlay=None) -> tuple[Path, dict]:
+    """A committed copy of the repository (tracked and non-ignored files) at ``root`` with a tiny profile,
+    then ``overlay(params)`` if given; and the environment its commands run in."""
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for rel in filter(None, files):
@@ -87,6 +86,8 @@ def project(tmp_path_factory, tracking_server):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)
     params = tiny_profile(yaml.safe_load((root / "params.yaml").read_text()))
+    if overlay is not None:
+        overlay(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(GIT_ENV, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -94,6 +95,12 @@ def project(tmp_path_factory, tracking_server):
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "e2e"]):
         _sh(cmd, root, env)
     return root, env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tracking_server):
+    """A committed copy of the repository (tracked and non-ignored files) with a tiny profile."""
+    return copy_project(tmp_path_factory.mktemp("e2e") / "project", tracking_server)
 
 
 def tiny_profile(params: dict) -> dict:

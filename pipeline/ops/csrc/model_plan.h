@@ -204,6 +204,14 @@ class ModelPlan : public SourceWatch {
                        const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const std::vector<Head>& heads,
                        int64_t k, int64_t cin, int64_t cout, int64_t taps);
   std::vector<float> pad_mask(const Geometry& go) const;
+  // Check that buffer res (< 0: none) can be added to an output of geometry go, in the same layout.
+  void check_residual(int64_t res, const Geometry& go, const char* what) const;
+  // A routed op's attentions for this sample: a (the kernel attention, or a single 1) and ODConv's spatial,
+  // input-channel and filter attentions (nullptr where absent).
+  struct Attention {
+    const float *a, *spatial, *channel, *filter;
+  };
+  Attention attend(const Routing& r, const float* base, float* att, float* scratch, int64_t parts) const;
   void route(const Routing& r, const float* base, float* att, float* scratch, int64_t parts) const;
   void run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const;
   void run_depthwise(const Depthwise& d, float* base, float* scratch, int64_t t, int64_t nt) const;

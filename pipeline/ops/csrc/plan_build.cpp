@@ -77,10 +77,7 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
   const int64_t k = weight.size(0), cout = weight.size(1), cin = weight.size(2), kh = weight.size(3),
                 kw = weight.size(4);
   TORCH_CHECK(go.c == cout, "conv: the output buffer has ", go.c, " channels, the weight ", cout);
-  if (conv.res >= 0) {
-    const auto& gr = geometry(conv.res);
-    TORCH_CHECK(gr.c == go.c && gr.h == go.h && gr.w == go.w, "conv: the residual must have the output's shape");
-  }
+  check_residual(conv.res, go, "conv");
   // (input channel, tap) -> offset of the entry relative to the output position.
   std::vector<int32_t> entry_off;
   if (mode == kConv3x3) {
@@ -241,10 +238,7 @@ int64_t ModelPlan::depthwise_conv(int64_t in, int64_t route, int64_t out, int64_
   TORCH_CHECK(stride == 1 || stride == 2, "depthwise conv: stride 1 or 2");
   TORCH_CHECK(go.h == gi.h && go.w == gi.w && gi.c == (stride == 1 ? go.c : 9 * go.c),
               "depthwise conv: the input must be the output-sized map (stride 1) or its gathered taps (stride 2)");
-  if (res >= 0) {
-    const auto& gr = geometry(res);
-    TORCH_CHECK(gr.c == go.c && gr.h == go.h && gr.w == go.w, "depthwise conv: the residual must have the output's shape");
-  }
+  check_residual(res, go, "depthwise conv");
   Depthwise d;
   d.in = in;
   d.out = out;
@@ -271,6 +265,13 @@ int64_t ModelPlan::depthwise_conv(int64_t in, int64_t route, int64_t out, int64_
   max_cout_ = std::max(max_cout_, go.c);
   depthwise_.push_back(std::move(d));
   return push_op(kDepthwise, depthwise_.size());
+}
+
+void ModelPlan::check_residual(int64_t res, const Geometry& go, const char* what) const {
+  if (res < 0) return;
+  const auto& gr = geometry(res);
+  TORCH_CHECK(gr.rows == go.rows && gr.c == go.c && gr.h == go.h && gr.w == go.w, what,
+              ": the residual must have the output's shape and layout");
 }
 
 // The pad mask of an output geometry over every position a share's last vector can reach: 1 at the map's

@@ -72,6 +72,15 @@ void ModelPlan::route(const Routing& r, const float* base, float* att, float* sc
     activate(att + r.at[role], size, activation, static_cast<float>(inv_t));
 }
 
+ModelPlan::Attention ModelPlan::attend(const Routing& r, const float* base, float* att, float* scratch,
+                                       int64_t parts) const {
+  route(r, base, att, scratch, parts);
+  att[r.outputs] = 1.f;
+  auto head = [&](int64_t role) { return r.at[role] >= 0 ? att + r.at[role] : nullptr; };
+  return {r.at[kKernelHead] >= 0 ? att + r.at[kKernelHead] : att + r.outputs, head(kSpatialHead),
+          head(kChannelHead), head(kFilterHead)};
+}
+
 void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const {
   const auto& gi = geometry_[c.in];
   const auto& go = geometry_[c.out];
@@ -83,17 +92,8 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
   float* routing = att + round_up(max_att_, L);        // pooled and hidden
   float* mixed = routing + round_up(max_route_ + max_hidden_, L);
   float* mixed_bias = mixed + round_up(max_ew_, L);
-  const float* a = att;
-  const float *spatial = nullptr, *channel = nullptr, *filter = nullptr;
-  if (dynamic) {
-    const Routing& r = c.routing;
-    route(r, base, att, routing, nt);
-    att[r.outputs] = 1.f;
-    a = att + (r.at[kKernelHead] >= 0 ? r.at[kKernelHead] : r.outputs);
-    spatial = r.at[kSpatialHead] >= 0 ? att + r.at[kSpatialHead] : nullptr;
-    channel = r.at[kChannelHead] >= 0 ? att + r.at[kChannelHead] : nullptr;
-    filter = r.at[kFilterHead] >= 0 ? att + r.at[kFilterHead] : nullptr;
-  }
+  const auto [a, spatial, channel, filter] =
+      dynamic ? attend(c.routing, base, att, routing, nt) : Attention{att, nullptr, nullptr, nullptr};
   // This thread's share. A large map by positions: a contiguous range of its vectors for every output
   // channel (the rows a thread writes are mostly those it reads next, in its core's caches). A small one by
   // output channels (blocks balanced by entry count): split by positions, its few vectors would leave each
@@ -215,18 +215,8 @@ void ModelPlan::run_depthwise(const Depthwise& d, float* base, float* scratch, i
   const float* res = d.res >= 0 ? base + geometry_[d.res].offset : nullptr;
   float* att = scratch;
   float* routing = att + round_up(max_att_, L);
-  float* mixed = routing + round_up(max_route_ + max_hidden_, L);
-  const float* a = nullptr;
-  const float *spatial = nullptr, *channel = nullptr, *filter = nullptr;
-  if (d.routing.route >= 0) {
-    const Routing& r = d.routing;
-    route(r, base, att, routing, nt);
-    att[r.outputs] = 1.f;
-    a = att + (r.at[kKernelHead] >= 0 ? r.at[kKernelHead] : r.outputs);
-    spatial = r.at[kSpatialHead] >= 0 ? att + r.at[kSpatialHead] : nullptr;
-    channel = r.at[kChannelHead] >= 0 ? att + r.at[kChannelHead] : nullptr;
-    filter = r.at[kFilterHead] >= 0 ? att + r.at[kFilterHead] : nullptr;
-  }
+  const auto [a, spatial, channel, filter] = d.routing.route >= 0 ? attend(d.routing, base, att, routing, nt)
+                                                                  : Attention{nullptr, nullptr, nullptr, nullptr};
   const int64_t first = go.wp + 1, nvec = vectors(go);
   const int64_t c0 = d.c * t / nt, c1 = d.c * (t + 1) / nt;
   float* sums = base + go.sums;
@@ -259,7 +249,6 @@ void ModelPlan::run_depthwise(const Depthwise& d, float* base, float* scratch, i
                                              d.act, d.pad.data(), first, nvec);
     for (int64_t j = 0; j < nt; ++j) sums[j * go.c + c] = j == 0 ? part : 0.f;
   }
-  (void)mixed;
 }
 
 void ModelPlan::run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const {

@@ -178,10 +178,7 @@ int64_t ModelPlan::rows_conv(int64_t in, int64_t out, int64_t res, int64_t act, 
               "rows conv: weight must be [C_out, C_in, 3, 3] or [C_out, C_in, 1, 1]");
   TORCH_CHECK((stride == 1 || stride == 2) && go.h == (gi.h - 1) / stride + 1 && go.w == (gi.w - 1) / stride + 1,
               "rows conv: output size");
-  if (res >= 0) {
-    const auto& gr = geometry(res);
-    TORCH_CHECK(gr.rows && gr.c == go.c && gr.h == go.h && gr.w == go.w, "rows conv: residual shape");
-  }
+  check_residual(res, go, "rows conv");
   RowsConv c;
   c.in = in;
   c.out = out;

@@ -1,0 +1,43 @@
+"""End to end on the MobileNetV2 backbone: the tiny profile with ``model.arch: cifar_mobilenetv2`` and the
+methods whose operators the compiled plan takes (DyNet, ODConv, DynConv's gated inverted residuals), run up
+to the latency stage; every method's model runs in the compiled plan, with the function of its PyTorch model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .e2e_project import _sh, copy_project, tracking_server
+
+pytestmark = pytest.mark.e2e
+__all__ = ["tracking_server"]  # fixture, used by name
+METHODS = ("dynet", "odconv", "dynconv")
+
+
+def mobilenetv2(params: dict) -> None:
+    params["model"] = {"arch": "cifar_mobilenetv2", "width": 0.25}
+    params["pretrain"]["epochs"] = 2  # timing and the plan's function need no accuracy
+    params["convert"] = {m: params["convert"][m] for m in METHODS}
+    params["controls"] = []
+    params["search"] = {"dynconv": {**params["search"]["dynconv"], "n_trials": 2}}
+    params["transfer"]["models"] = ["dense"]
+
+
+@pytest.fixture(scope="module")
+def latency(tmp_path_factory, tracking_server):
+    root, env = copy_project(tmp_path_factory.mktemp("e2e-mobilenetv2") / "project", tracking_server, mobilenetv2)
+    _sh(["dvc", "repro", "latency"], root, env)
+    return json.loads((root / "results/latency.json").read_text())
+
+
+def test_every_method_runs_in_the_compiled_plan(latency):
+    engines = {r["variant"]: r["runtime"] for r in latency["rows"] if r["batch"] == 1}
+    planned = {"dense_native", "dynet", "odconv", "dynconv_sparse", "dynconv_searched_sparse"}
+    assert {v for v, e in engines.items() if e == "native"} == planned, engines
+    assert engines["dynconv_masked"].startswith("pytorch (plan stopped at blocks.")  # the dense-masked reference
+    assert all(c["max_abs_diff"] < 1e-3 for c in latency["runtimes"].values())
+    for v in ("dynet", "odconv"):  # BN folded and summed in another order: no flips
+        assert abs(latency["accuracy"][v]["acc_change"]) < 0.01
+    assert abs(latency["accuracy"]["dynconv_sparse"]["acc_change"]) < 0.01
+    assert all(r["median_ms"] > 0 and r["speedup_vs_dense"] > 0 for r in latency["rows"])
