@@ -95,9 +95,9 @@ def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator) -> 
         h.remove()
 
 
-def build(arch: str, variant: str) -> tuple[nn.Module, nn.Module]:
+def build(arch: str, variant: str, sparsity: float) -> tuple[nn.Module, nn.Module]:
     """(the timed model, the model the MAC counter reads) of ``variant`` (``dense`` or a method of
-    ``convert``) on backbone ``arch``, deterministic."""
+    ``convert``) on backbone ``arch``, SD-Conv with ``sparsity`` of its weights zero; deterministic."""
     cfg = load_config(repo_root() / "params.yaml")
     model_cfg = cfg.model.model_copy(update={"arch": arch})
     gen = torch.Generator().manual_seed(SEED)
@@ -117,7 +117,7 @@ def build(arch: str, variant: str) -> tuple[nn.Module, nn.Module]:
                 for head in m.heads.values():
                     head.weight.normal_(0.0, 0.3, generator=gen)
             if isinstance(m, SDConv2d):  # exactly the pruned weights are zero, the thresholds keep |W| > 0
-                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= ARGS_SPARSITY[0])
+                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= sparsity)
                 m.threshold.zero_()
     if any(isinstance(m, MaskUnit) for m in model.modules()):
         _set_masks(model, _images(8), gen)
@@ -128,14 +128,12 @@ def build(arch: str, variant: str) -> tuple[nn.Module, nn.Module]:
     return fold_batchnorm(model)[0], source
 
 
-ARGS_SPARSITY = [0.8]
-
 
 def worker(arch: str, variant: str, runtime: str | None, threads: int, batches: list[int], iterations: int,
-           warmup: int) -> dict:  # fmt: skip
+           warmup: int, sparsity: float) -> dict:  # fmt: skip
     """Timings of one variant alone in this process, and its largest deviation from the PyTorch model."""
     tune_malloc()
-    model, _ = build(arch, variant)
+    model, _ = build(arch, variant, sparsity)
     reason = None
     images = _images()
     rows = []
@@ -193,15 +191,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(repo_root() / "params.yaml")
     args.batches = args.batches or f"1,{cfg.latency.batch_size}"
-    ARGS_SPARSITY[0] = args.sdconv_sparsity
     if args.worker:
         arch, variant, runtime = (args.worker.split(":") + [""])[:3]
         print(json.dumps(worker(arch, variant, runtime or None, args.threads, [int(b) for b in args.batches.split(",")],
-                                args.iterations, args.warmup)))  # fmt: skip
+                                args.iterations, args.warmup, args.sdconv_sparsity)))  # fmt: skip
         return
     if args.processes < 1 or args.iterations < 30:
         parser.error("--processes >= 1 and --iterations >= 30")
-    method_names = [m for m in cfg.convert]
+    method_names = list(cfg.convert)
     for arch in args.arch.split(","):
         jobs = [f"{arch}:dense:", f"{arch}:dense:native", *[f"{arch}:dense:{rt}" for rt in RUNTIMES],
                 *[f"{arch}:{m}:" for m in method_names]]  # fmt: skip
@@ -210,7 +207,7 @@ def main() -> None:
             _, variant, _ = job.split(":")
             if variant not in macs:
                 try:
-                    macs[variant] = count_macs(build(arch, variant)[1], _images(8))
+                    macs[variant] = count_macs(build(arch, variant, args.sdconv_sparsity)[1], _images(8))
                 except UserError as err:  # a method that does not take this backbone
                     print(f"{arch}: {variant} left out: {err}")
                     jobs.remove(job)

@@ -104,12 +104,6 @@ class PlanBuilder:
             self.rows.add(i)
         return i
 
-    def shape(self, x: int) -> tuple[int, int, int]:
-        return self.shapes[x]
-
-    def is_rows(self, x: int) -> bool:
-        return x in self.rows
-
     def watch(self, *tensors: torch.Tensor | None) -> None:
         """Rebuild the plan when one of ``tensors`` changes."""
         self.sources += [t for t in tensors if t is not None]
