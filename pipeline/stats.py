@@ -26,7 +26,23 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from scipy import optimize, stats
+
+
+class _LazyModule:
+    """A module imported on first attribute access: every stage imports the claims (and so this module), and
+    importing scipy.stats costs about a second per process (the latency stage starts dozens)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+stats = _LazyModule("scipy.stats")
+optimize = _LazyModule("scipy.optimize")
 
 Side = Literal["greater", "less"]  # the alternative: mean > bound, or mean < bound
 Spending = Literal["obrien_fleming", "pocock"]
