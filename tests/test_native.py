@@ -14,7 +14,7 @@ from pipeline.ops import native
 from pipeline.ops.dynamic_conv import DynamicConv2d, direct_conv3x3
 from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import SparseBasicBlock, SparseInvertedResidual
-from tests.test_sparse_exec import dense_masked, gated_block, random_mask
+from tests.test_sparse_exec import gated_block
 
 # float32; the compiled loops sum in another order than the PyTorch ops (a few hundred terms per output),
 # so the absolute tolerance scales with the largest output.
@@ -269,49 +269,45 @@ def test_direct_conv_with_other_thread_counts(compiled, threads):
 
 @pytest.mark.parametrize("name", ["inverted_residual", "inverted_residual_wide", "basic_identity",
                                   "basic_projection_stride2"])
-@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 1.0])
-@pytest.mark.parametrize("dense_above", [2.0, 0.0, None])
-def test_block_plans_match_pytorch_path_and_dense_masked(name, fraction, dense_above):
+@pytest.mark.parametrize("open_bias", [-3.0, 3.0])
+def test_one_block_plans_with_closed_and_open_masks_match_the_dense_masked_block(name, open_bias):
+    """Partial masks: tests/test_sparse_exec.py (both engines, 1 and 2 threads)."""
     block, channels, (h, w) = gated_block(name, seed=3)
+    with torch.no_grad():
+        block.gate.init_open(open_bias)
     cls = SparseInvertedResidual if "inverted" in name else SparseBasicBlock
-    compiled_block, pytorch_block = cls.from_gated(block), cls.from_gated(block)
-    pytorch_block.use_native = False
-    compiled_block.dense_above = pytorch_block.dense_above = dense_above
+    sparse = cls.from_gated(block)
     x = torch.randn(2, channels, h, w)
-    out_h, out_w = compiled_block._out_size(x)
-    mask = random_mask(2, out_h, out_w, fraction, seed=4)
-    expected = dense_masked(block, x, mask)
     with torch.inference_mode():
-        got = compiled_block.forward_with_mask(x, mask)
-        assert_close(got, expected)
-        assert_close(got, pytorch_block.forward_with_mask(x, mask))
-        torch.testing.assert_close(compiled_block.last_mask, mask)
-        torch.testing.assert_close(compiled_block.macs_per_image(), pytorch_block.macs_per_image())
-        # The mask unit's own decision, computed in the plan, against the gated block's.
-        own = compiled_block(x)
-        with torch.no_grad():
-            reference = block(x)
-        torch.testing.assert_close(compiled_block.last_mask, block.last_mask)
-        assert_close(own, reference)
+        got = sparse(x)
+    assert sparse.last_path == "native"
+    with torch.no_grad():
+        expected = block(x)
+    assert_close(got, expected)
+    torch.testing.assert_close(sparse.last_mask, block.last_mask, rtol=0, atol=0)
+    torch.testing.assert_close(sparse.last_dilated, block.last_dilated, rtol=0, atol=0)
+    torch.testing.assert_close(sparse.macs_per_image(), block.macs_per_image(), rtol=0, atol=0)
     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_block_plan_is_rebuilt_when_weights_change():
+def test_one_block_plan_is_rebuilt_when_weights_change():
     block, channels, (h, w) = gated_block("basic_identity", seed=5)
+    with torch.no_grad():
+        block.gate.conv.bias.zero_()
     sparse = SparseBasicBlock.from_gated(block)
     x = torch.randn(1, channels, h, w)
-    mask = random_mask(1, h, w, 0.5, seed=6)
     with torch.inference_mode():
-        before = sparse.forward_with_mask(x, mask)
+        before = sparse(x)
     with torch.no_grad():
         sparse.w2.mul_(0.5)
     with torch.inference_mode():
-        after = sparse.forward_with_mask(x, mask)
+        after = sparse(x)
+    assert sparse.last_path == "native" and 0 < sparse.last_mask.mean() < 1
     pytorch = copy.deepcopy(sparse)
     pytorch.use_native = False
     assert not torch.allclose(before, after)
     with torch.inference_mode():
-        assert_close(after, pytorch.forward_with_mask(x, mask))
+        assert_close(after, pytorch(x))
 
 
 def test_opt_out_runs_the_pytorch_paths(monkeypatch):

@@ -1,6 +1,7 @@
 """Sparse (gather / scatter) execution of DynConv gated blocks: equality with the
-dense-masked gated blocks for explicit and self-made masks, every execution path
-(patches, tiles, dense fallback), whole converted networks, and input checks."""
+dense-masked gated blocks for explicit and self-made masks, both engines (the
+compiled one-block plan and the PyTorch reference), whole converted networks, and
+input checks."""
 
 from __future__ import annotations
 
@@ -29,14 +30,15 @@ BLOCKS = {
     "basic_identity": (lambda: GatedBasicBlock(8, 8, 1), 8, (9, 10)),
     "basic_projection_stride2": (lambda: GatedBasicBlock(6, 12, 2), 6, (11, 8)),
 }
-# Execution paths: (strategy, tile, dense_above); dense_above 2.0 never runs densely, 0.0 always does.
-PATHS = {
-    "patches": ("patches", None, 2.0),
-    "tiles4": ("tiles", 4, 2.0),
-    "tiles3": ("tiles", 3, 2.0),
-    "dense": ("auto", None, 0.0),
-    "default": ("auto", None, None),
-}
+ENGINES = {"native": True, "pytorch": False}  # use_native
+
+
+@pytest.fixture
+def num_threads():
+    """Set torch's intra-op threads for the test; restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
 def randomize(module: nn.Module, seed: int) -> nn.Module:
@@ -78,12 +80,9 @@ def dense_masked(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch
         return forced(x)
 
 
-def sparse_copy(block: nn.Module, path: str) -> nn.Module:
+def sparse_copy(block: nn.Module, engine: str) -> nn.Module:
     sparse = to_sparse_execution(block)
-    strategy, tile, dense_above = PATHS[path]
-    sparse.strategy, sparse.tile = strategy, tile
-    if dense_above is not None:
-        sparse.dense_above = dense_above
+    sparse.use_native = ENGINES[engine]
     return sparse
 
 
@@ -97,10 +96,9 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
-@pytest.mark.parametrize("path", list(PATHS))
-def test_explicit_masks_match_dense_masked_block(name, path):
+def test_explicit_masks_match_dense_masked_block(name):
     block, channels, (h, w) = gated_block(name)
-    sparse = sparse_copy(block, path)
+    sparse = to_sparse_execution(block)
     for batch, fraction in itertools.product((1, 3), (0.0, 0.1, 0.5, 1.0)):
         seed = int(fraction * 100) + batch
         x = torch.randn(batch, channels, h, w, generator=torch.Generator().manual_seed(seed))
@@ -115,59 +113,63 @@ def test_explicit_masks_match_dense_masked_block(name, path):
         torch.testing.assert_close(sparse.last_dilated, dilated, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("path", "fraction", "expected"), [
-    ("patches", 0.3, "patches"), ("tiles4", 0.3, "tiles"), ("dense", 0.3, "dense"), ("default", 0.0, "shortcut"),
-    ("default", 0.1, "patches"), ("default", 1.0, "dense"),
-])
-def test_last_path_reports_the_execution(path, fraction, expected):
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_last_path_names_the_engine(engine):
     block, channels, (h, w) = gated_block("inverted_residual")
-    sparse = sparse_copy(block, path)
+    sparse = sparse_copy(block, engine)
     assert sparse.last_path is None and sparse.last_mask is None
-    x = torch.randn(2, channels, h, w)
-    sparse.forward_with_mask(x, random_mask(2, h, w, fraction, 0))
-    assert sparse.last_path == expected
+    sparse(torch.randn(2, channels, h, w))
+    assert sparse.last_path == engine
+    sparse.forward_with_mask(torch.randn(2, channels, h, w), random_mask(2, h, w, 0.3, 0))
+    assert sparse.last_path == "pytorch"  # an explicit mask runs in PyTorch
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_no_active_position_gives_the_shortcut_path(name):
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_no_active_position_gives_the_shortcut(name, engine):
     block, channels, (h, w) = gated_block(name)
-    sparse = to_sparse_execution(block)
+    with torch.no_grad():
+        block.gate.init_open(-3.0)  # every logit negative
+    sparse = sparse_copy(block, engine)
     x = torch.randn(2, channels, h, w)
-    mask = torch.zeros(2, 1, *sparse._out_size(x))
-    out = sparse.forward_with_mask(x, mask)
-    if isinstance(block, GatedBasicBlock):
-        expected = torch.relu(block.shortcut(x))
-    else:
-        expected = x
-    assert_matches(out, expected)
-    assert out.data_ptr() != x.data_ptr()
+    with torch.no_grad():
+        expected = torch.relu(block.shortcut(x)) if isinstance(block, GatedBasicBlock) else x
+    for out in (sparse(x), sparse.forward_with_mask(x, torch.zeros(2, 1, *sparse._out_size(x)))):
+        assert_matches(out, expected)
+        assert out.data_ptr() != x.data_ptr()
+        assert sparse.last_mask.sum() == 0 and sparse.last_dilated.sum() == 0
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
-@pytest.mark.parametrize("path", ["patches", "tiles4", "default"])
-def test_own_gate_masks_match_gated_block(name, path):
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_own_gate_masks_match_gated_block(name, engine, threads, num_threads):
     block, channels, (h, w) = gated_block(name, seed=1)
     with torch.no_grad():  # about half of the positions fire
         block.gate.conv.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(5))
         block.gate.conv.bias.zero_()
         block.gate.fc.bias.zero_()
-    x = torch.randn(3, channels, h, w, generator=torch.Generator().manual_seed(6))
-    sparse = sparse_copy(block, path)
-    with torch.no_grad():
-        expected = block(x)
-        logits = block.gate.last_logits
-    # The fast mask unit sums in another order: keep clear of logits that round either way.
-    assert logits.abs().min() > 1e-4
-    assert 0.25 < block.last_mask.mean() < 0.75
-    out = sparse(x)
-    assert_matches(out, expected)
-    torch.testing.assert_close(sparse.last_mask, block.last_mask, rtol=0, atol=0)
-    torch.testing.assert_close(sparse.last_dilated, block.last_dilated, rtol=0, atol=0)
-    torch.testing.assert_close(sparse.macs_per_image(), block.macs_per_image(), rtol=0, atol=0)
+    sparse = sparse_copy(block, engine)
+    num_threads(threads)
+    for batch in (1, 3):
+        x = torch.randn(batch, channels, h, w, generator=torch.Generator().manual_seed(6 + batch))
+        with torch.no_grad():
+            expected = block(x)
+            logits = block.gate.last_logits
+        # The compiled mask unit sums in another order: keep clear of logits that round either way.
+        assert logits.abs().min() > 1e-4
+        assert 0.2 < block.last_mask.mean() < 0.8
+        out = sparse(x)
+        assert sparse.last_path == engine
+        assert_matches(out, expected)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(sparse.last_mask, block.last_mask, rtol=0, atol=0)
+        torch.testing.assert_close(sparse.last_dilated, block.last_dilated, rtol=0, atol=0)
+        torch.testing.assert_close(sparse.macs_per_image(), block.macs_per_image(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_fast_gate_equals_mask_unit_and_follows_parameter_changes(name):
+def test_compiled_mask_unit_equals_the_modules_and_follows_parameter_changes(name):
     block, channels, (h, w) = gated_block(name, seed=2)
     sparse = to_sparse_execution(block)
     x = torch.randn(2, channels, h, w)
@@ -179,12 +181,13 @@ def test_fast_gate_equals_mask_unit_and_follows_parameter_changes(name):
         logits = sparse.gate.last_logits
         assert logits.abs().min() > 1e-4
         sparse(x)
+        assert sparse.last_path == "native"
         torch.testing.assert_close(sparse.last_mask, expected, rtol=0, atol=0)
 
 
 def test_channels_last_and_nchw_inputs_agree_and_output_is_channels_last():
     block, channels, (h, w) = gated_block("inverted_residual")
-    sparse = sparse_copy(block, "patches")
+    sparse = to_sparse_execution(block)
     x = torch.randn(2, channels, h, w)
     mask = random_mask(2, h, w, 0.3, 0)
     a = sparse.forward_with_mask(x, mask)
@@ -194,18 +197,22 @@ def test_channels_last_and_nchw_inputs_agree_and_output_is_channels_last():
     assert torch.equal(x, x.contiguous())  # input untouched
 
 
-def test_index_tables_follow_batch_and_map_size():
+def test_tables_and_plans_follow_batch_and_map_size():
     block, channels, _ = gated_block("basic_identity")
-    sparse = sparse_copy(block, "patches")
+    with torch.no_grad():
+        block.gate.conv.bias.zero_()
+    sparse = to_sparse_execution(block)
     for batch, (h, w) in [(1, (6, 6)), (4, (6, 6)), (2, (5, 9)), (1, (6, 6))]:
         x = torch.randn(batch, channels, h, w)
         mask = random_mask(batch, h, w, 0.3, batch)
         assert_matches(sparse.forward_with_mask(x, mask), dense_masked(block, x, mask))
+        with torch.no_grad():
+            assert_matches(sparse(x), block(x))
 
 
 def test_bool_mask_and_inference_mode():
     block, channels, (h, w) = gated_block("basic_projection_stride2")
-    sparse = sparse_copy(block, "patches")
+    sparse = to_sparse_execution(block)
     x = torch.randn(2, channels, h, w)
     mask = random_mask(2, *sparse._out_size(x), 0.4, 3)
     expected = dense_masked(block, x, mask)
@@ -251,11 +258,10 @@ def test_to_sparse_execution_matches_gated_network(arch):
     assert sparse_names == gated_names and gated_names
     assert not any(isinstance(m, (GatedBasicBlock, GatedInvertedResidual)) for m in sparse.modules())
     assert not sparse.training
-    for dense_above in (None, 2.0):  # default paths, then every block gathers
-        if dense_above is not None:
-            for block in sparse.modules():
-                if isinstance(block, (SparseBasicBlock, SparseInvertedResidual)):
-                    block.dense_above = dense_above
+    for engine in ENGINES.values():
+        for block in sparse.modules():
+            if isinstance(block, (SparseBasicBlock, SparseInvertedResidual)):
+                block.use_native = engine
         with torch.no_grad():
             actual = sparse(x)
         assert_matches(actual, expected)
@@ -329,20 +335,11 @@ def test_bad_input_raises_value_error(bad):
         bad(sparse)
 
 
-@pytest.mark.parametrize("setting", [("strategy", "fast"), ("tile", 0), ("tile", 2.5), ("dense_above", "x")])
-def test_bad_settings_raise_value_error(setting):
-    sparse = to_sparse_execution(gated_block("inverted_residual")[0])
-    setattr(sparse, *setting)
-    with pytest.raises(ValueError):
-        sparse(torch.randn(1, 8, 6, 6))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(BLOCKS))
-@pytest.mark.parametrize("path", ["patches", "tiles4", "dense"])
-def test_cuda_matches_cpu(name, path):
+def test_cuda_matches_cpu(name):
     block, channels, (h, w) = gated_block(name)
-    sparse = sparse_copy(block, path)
+    sparse = to_sparse_execution(block)
     x = torch.randn(3, channels, h, w)
     mask = random_mask(3, *sparse._out_size(x), 0.3, 0)
     expected = sparse.forward_with_mask(x, mask)
@@ -358,5 +355,5 @@ def test_block_benchmark_row_is_a_checked_dict():
     row = measure_row("ir", 8, 8, 1, 0.25, reps=1, warmup=0)  # also checks sparse == dense-masked
     assert row["dense_ms"] > 0 and row["sparse_ms"] > 0 and row["ideal"] == 4.0
     assert row["target"] == 2.0 and isinstance(row["passed"], bool)
-    assert row["sparse_path"] in ("patches", "tiles", "dense")
+    assert row["sparse_path"] == "native"
     assert "mbv2-ir" in format_row(row)

@@ -36,16 +36,13 @@ from types import ModuleType
 import torch
 
 SOURCES = (
-    "module.cpp", "dynamic_conv.cpp", "dynamic_conv_grad.cpp", "sparse_blocks.cpp", "plan_build.cpp", "plan_rows.cpp",
+    "module.cpp", "dynamic_conv.cpp", "dynamic_conv_grad.cpp", "plan_build.cpp", "plan_rows.cpp",
     "plan_exec.cpp",
 )
 HEADERS = ("native.h", "simd.h", "row_gemm.h", "direct_conv.h", "model_plan.h", "plan_kernels.h")
 STALE_LOCK_SECONDS = 15 * 60  # a build takes about 2 minutes; a lock this old belongs to a dead build
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
-
-# SparseBasicBlock.last_path of the path codes the block plans return (kPath* in csrc/native.h).
-PATHS = ("shortcut", "patches", "dense")
 
 _state: dict[str, ModuleType | None] = {}
 

@@ -7,25 +7,27 @@ covers the whole map and the outputs are multiplied by the masks, so they cost
 as much as the dense block. The modules here execute the same equations only
 where the masks are set, in eval mode:
 
-- the mask unit's eval decision ``m = [logits >= 0]`` and its 3x3 dilation
-  ``d`` (the union of the mask positions' 3x3 windows);
-- the positions of ``d`` and ``m`` are gathered from a channels-last
-  ``[N_positions, C]`` copy of the input; every BN is folded into the conv
-  before it; a 1x1 conv is one matrix product over the gathered positions, a
-  3x3 conv multiplies the gathered 3x3 neighbourhoods ``[N, 9 * C_in]`` by the
-  folded ``[9 * C_in, C_out]`` kernel, and the depthwise 3x3 weights and sums
-  the 9 gathered taps. With many active positions the 3x3 conv at the mask
-  instead runs on gathered ``t x t`` tiles with a one-pixel halo (the
-  convolution backend on small images) and keeps the mask positions;
-- the residual branch is scatter-added into the shortcut, which is computed
-  densely (identity, or the folded 1x1 projection), as in the gated block.
+- the mask unit's eval decision ``m`` (``MaskUnit.decide``) and its 3x3
+  dilation ``d`` (``spatial_gate.dilate``: the union of the mask positions' 3x3
+  windows);
+- every BN is folded into the conv before it; the block's convs run at the
+  positions of ``d`` (the first conv) or ``m`` (the others), and the residual
+  branch is added into the shortcut, which is computed densely (identity, or
+  the folded 1x1 projection).
 
-Features that a 3x3 conv reads outside the dilated mask are zero, exactly as in
-the dense-masked computation (``d * act(...)``), so the outputs equal the gated
-block's up to float rounding. When more than ``dense_above`` of the positions
-are active, the gathers cost more than they skip: the block then runs its folded
-convs densely and multiplies the mask into the branch output, the same function
-(a conv at a mask position reads only positions inside the dilated mask).
+Two engines compute this. On float32 CPU tensors the block runs as a one-block
+plan of the compiled engine (``pipeline/ops/plan``, the rows ops of
+``csrc/plan_rows.cpp``): the same ops, through the same ``plan_into``, that
+run the block inside a whole-model plan. Everywhere else (other devices and
+dtypes, no compiled kernels, an explicit mask) it runs in PyTorch, which is
+also the reference the compiled path is tested against: the positions of
+``d`` and ``m`` are gathered from a channels-last ``[N_positions, C]`` copy of
+the input; a 1x1 conv is one matrix product over the gathered positions, a 3x3
+conv multiplies the gathered 3x3 neighbourhoods ``[N, 9 * C_in]`` by the folded
+``[9 * C_in, C_out]`` kernel, and the depthwise 3x3 weights and sums the 9
+gathered taps. Features that a 3x3 conv reads outside the dilated mask are
+zero, exactly as in the dense-masked computation (``d * act(...)``), so the
+outputs equal the gated block's up to float rounding.
 
 Equations (eval mode, ``m``, ``d`` binary):
 
@@ -34,10 +36,7 @@ Equations (eval mode, ``m``, ``d`` binary):
   ``act`` = ReLU6.
 
 Outputs are in ``torch.channels_last`` memory format (same values and shape as
-the dense-masked block; the layout the gathers work in, so a chain of sparse
-blocks hands it on without copies). Inference only: ``forward`` raises in
-training mode. The same code runs on CPU and CUDA tensors: no Python loop over
-positions or samples; index tables are cached per shape and device.
+the dense-masked block). Inference only: ``forward`` raises in training mode.
 """
 
 from __future__ import annotations
@@ -48,14 +47,10 @@ from functools import partial
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.ops import native
-from pipeline.ops.spatial_gate import GatedBasicBlock, GatedInvertedResidual, MaskUnit
-
-STRATEGIES = ("auto", "patches", "tiles")
-
+from pipeline.ops.spatial_gate import GatedBasicBlock, GatedInvertedResidual, MaskUnit, dilate
 
 def _fold_bn(weight: Tensor, bn: nn.BatchNorm2d, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``bn(conv(x)) = conv_w'(x) + b'`` in eval mode: scale the output channels, shift the bias (float64 math)."""
@@ -71,37 +66,21 @@ def _fold_bn(weight: Tensor, bn: nn.BatchNorm2d, bias: Tensor | None = None) -> 
     return folded_w.to(weight.dtype), folded_b.to(weight.dtype)
 
 
-def _window_table(batch: int, in_h: int, in_w: int, grid_h: int, grid_w: int, step: int, start: int,
-                  size: int, device: torch.device) -> Tensor:
-    """``[batch * grid_h * grid_w + 1, size * size]`` row numbers of square windows in a table whose row 0 is
-    zeros and row ``1 + p`` holds flat input position ``p = (b * in_h + y) * in_w + x``.
-
-    Window ``(b, gy, gx)`` covers rows ``gy * step + start + [0, size)`` and the same columns; positions
-    outside the image point at row 0 (the zero padding of the convs). The last window is all row 0.
-    """
-    gy = torch.arange(grid_h, device=device).view(-1, 1, 1, 1) * step + start
-    gx = torch.arange(grid_w, device=device).view(1, -1, 1, 1) * step + start
-    ly = torch.arange(size, device=device).view(1, 1, -1, 1)
-    lx = torch.arange(size, device=device).view(1, 1, 1, -1)
+def _window_table(batch: int, in_h: int, in_w: int, out_h: int, out_w: int, stride: int,
+                  device: torch.device) -> Tensor:
+    """``[batch * out_h * out_w, 9]`` row numbers of the 3x3 windows (padding 1, ``stride``) of every output
+    position in a table whose row 0 is zeros and row ``1 + p`` holds flat input position
+    ``p = (b * in_h + y) * in_w + x``; taps outside the image point at row 0 (the convs' zero padding)."""
+    gy = torch.arange(out_h, device=device).view(-1, 1, 1, 1) * stride - 1
+    gx = torch.arange(out_w, device=device).view(1, -1, 1, 1) * stride - 1
+    ly = torch.arange(3, device=device).view(1, 1, -1, 1)
+    lx = torch.arange(3, device=device).view(1, 1, 1, -1)
     y, x = gy + ly, gx + lx
     inside = (y >= 0) & (y < in_h) & (x >= 0) & (x < in_w)
     local = torch.where(inside, 1 + y * in_w + x, torch.zeros((), dtype=torch.long, device=device))
     offsets = torch.arange(batch, device=device).view(-1, 1, 1, 1, 1) * (in_h * in_w)
     table = torch.where(inside, local + offsets, local.expand(batch, -1, -1, -1, -1))
-    table = table.reshape(batch * grid_h * grid_w, size * size)
-    return torch.cat([table, table.new_zeros(1, size * size)])
-
-
-def _tile_slots(batch: int, h: int, w: int, t: int, device: torch.device) -> Tensor:
-    """``[2, batch * h * w]``: the tile of every position (``t`` x ``t`` tiles in row-major order, image after
-    image) and the position's offset inside its tile minus ``t * t``."""
-    grid_h, grid_w = -(-h // t), -(-w // t)
-    y = torch.arange(h, device=device).view(1, -1, 1)
-    x = torch.arange(w, device=device).view(1, 1, -1)
-    image = torch.arange(batch, device=device).view(-1, 1, 1)
-    tile = image * (grid_h * grid_w) + (y // t) * grid_w + x // t
-    offset = ((y % t) * t + x % t - t * t).expand(batch, -1, -1)
-    return torch.stack([tile.reshape(-1), offset.reshape(-1)])
+    return table.reshape(batch * out_h * out_w, 9)
 
 
 def _check_input(x: Tensor, channels: int, name: str) -> None:
@@ -128,32 +107,13 @@ def _with_zero_row(n: int, width: int, like: Tensor) -> Tensor:
 
 
 class _Masks(NamedTuple):
-    """What a forward knows about its masks (flat positions index the ``B*H'*W'`` output map)."""
+    """The masks of a PyTorch forward (flat positions index the ``B*H'*W'`` output map)."""
 
-    mask: Tensor  # [B, 1, H', W'], bool (from the mask unit) or 0/1 float (given)
     idx_m: Tensor  # flat mask positions
-    window: Tensor | None  # [N_m, 9] 3x3 window rows of the mask positions (as in _window_table)
-    dilated: Tensor | None  # [B, 1, H', W'] bool dilated mask
-    idx_d: Tensor | None  # flat dilated positions
-    flags: Tensor | None  # [1 + B*H'*W'] bool: entry 1 + p is the dilated mask at p, entry 0 is False
-
-    def ranks(self) -> Tensor:
-        """``[1 + P]``: the row of position ``p``'s features (entry ``1 + p``) in a table of the dilated
-        positions after a zero row; entry 0 (outside the image) is 0, the zero row."""
-        return torch.cumsum(self.flags, 0)
-
-
-def _gate_params(positions: int, conv_w: Tensor, conv_b: Tensor, fc_w: Tensor, fc_b: Tensor) -> tuple[Tensor, ...]:
-    """The fast mask unit's parameters: the 9 flipped 3x3 taps ``[9, C]``, minus the linear weight ``[C, 1]``,
-    minus both biases ``[1]``; for one image the taps with the linear weight over the positions as a 10th row
-    ``[10, C]`` and a ``[10, 1]`` bias that is minus both biases over the positions in row 9."""
-    channels = conv_w.shape[1]
-    taps = conv_w[0].flip(1, 2).permute(1, 2, 0).reshape(9, channels).contiguous()
-    neg_fc = -fc_w.reshape(channels, 1)
-    neg_bias = -(conv_b + fc_b).reshape(1)
-    rows = torch.cat([taps, neg_fc.t() / positions])
-    row_bias = torch.cat([torch.zeros(9, dtype=taps.dtype, device=taps.device), neg_bias / positions]).view(10, 1)
-    return taps, neg_fc, neg_bias, rows, row_bias
+    idx_d: Tensor  # flat dilated positions
+    window: Tensor  # [N_m, 9] 3x3 window rows of the mask positions (as in _window_table)
+    ranks: Tensor  # [1 + B*H'*W']: entry 1 + p is the row of position p in a table of the dilated positions after
+    # a zero row (0 where p is outside the dilated mask); entry 0 (outside the image) is 0
 
 
 def _tensor_key(t: Tensor) -> tuple[int, int, int]:
@@ -165,42 +125,16 @@ def _tensor_key(t: Tensor) -> tuple[int, int, int]:
 
 
 class _SparseBlock(nn.Module):
-    """Shared parts: eval-only guard, the mask unit's decision, mask bookkeeping, index tables, MAC count.
+    """Shared parts: eval-only guard, the two engines, the masks of the last forward, the MAC count.
 
-    Settings (plain attributes, change them on an instance):
-
-    - ``strategy``: how the 3x3 conv at the mask positions reads its neighbourhoods: ``"patches"`` (a
-      gathered 3x3 neighbourhood per position, then a matrix product or a weighted sum), ``"tiles"``
-      (gathered ``tile`` x ``tile`` tiles with a one-pixel halo, then the convolution backend on the tiles)
-      or ``"auto"``: patches while the gathered neighbourhoods take at most ``patch_bytes`` (``None``:
-      always), tiles above.
-    - ``tile``: tile side; ``None``: 4 on maps of at most 16 x 16, else 8.
-    - ``dense_above``: active fraction of the mask above which the block runs its folded convs densely
-      and multiplies the mask in (the same function; too little left to skip to pay for the gathers);
-      > 1 never runs densely. ``None`` (default): the fraction measured on a 2-core CPU
-      (benchmarks/bench_sparse_block.py) for the path in use: ``dense_above_default`` for the PyTorch
-      path; for the compiled path ``native_dense_above`` at batch > 1 and never at batch 1, where its
-      direct convs beat the convolution backend even with every position active.
-    - ``fast_gate``: decide the stride-1 mask unit's mask from one batched matrix product plus col2im
-      (fold) instead of through its conv modules (the same function, float rounding aside; PyTorch's CPU
-      conv with one output channel is slow).
-    - ``use_native``: with ``strategy="auto"``, run float32 CPU inputs through the compiled plan
-      (``pipeline/ops/native.py``: the same steps, each one loop or GEMM call, gathered 3x3 patches).
+    ``use_native`` (a plain attribute, default True): run float32 CPU inputs through the compiled engine;
+    False runs the PyTorch reference.
     """
-
-    patch_bytes_default: int | None = None
-    dense_above_default = 0.2
-    native_dense_above = 0.4
 
     gate: MaskUnit
 
     def __init__(self) -> None:
         super().__init__()
-        self.strategy = "auto"
-        self.tile: int | None = None
-        self.patch_bytes = self.patch_bytes_default
-        self.dense_above: float | None = None
-        self.fast_gate = True
         self.use_native = True
         self.dilated_cost = 0
         self.masked_cost = 0
@@ -208,7 +142,7 @@ class _SparseBlock(nn.Module):
         # Plain dicts: nn.Module.__setattr__ is slow enough to show in a small block's forward.
         self._last: dict[str, object] = {}  # mask, dilated, floats, dtype, in_size, path of the last forward
         self._tables: dict[tuple, Tensor] = {}
-        self._cache: dict[str, tuple] = {}  # tensors derived from parameters or buffers
+        self._cache: dict[str, tuple] = {}  # plans derived from parameters or buffers
 
     def _copy_costs(self, block: GatedBasicBlock | GatedInvertedResidual) -> None:
         self.dilated_cost, self.masked_cost, self.shortcut_cost = (
@@ -228,25 +162,19 @@ class _SparseBlock(nn.Module):
         return None if masks is None else masks[1]
 
     def _floats(self) -> tuple[Tensor, Tensor] | None:
-        # The forward keeps what it computed with (bool from the mask unit, or the given float; no dilation
-        # when the block ran densely); the 0/1 floats are made on demand.
         last = self._last
         if not last:
             return None
         if "floats" not in last:
-            mask = last["mask"].to(last["dtype"])
-            dilated = last["dilated"]
-            dilated = F.max_pool2d(mask, 3, 1, 1) if dilated is None else dilated.to(last["dtype"])
-            last["floats"] = (mask, dilated)
+            last["floats"] = (last["mask"].to(last["dtype"]), last["dilated"].to(last["dtype"]))
         return last["floats"]
 
     @property
     def last_path(self) -> str | None:
-        """How the last forward ran: ``"shortcut"`` (no active position), ``"patches"`` or ``"tiles"`` (gather /
-        scatter, see ``strategy``) or ``"dense"`` (above ``dense_above``)."""
+        """Which engine ran the last forward: ``"native"`` (the compiled one-block plan) or ``"pytorch"``."""
         return self._last.get("path")
 
-    def _set_masks(self, x: Tensor, mask: Tensor, dilated: Tensor | None, path: str) -> None:
+    def _set_masks(self, x: Tensor, mask: Tensor, dilated: Tensor, path: str) -> None:
         last = self._last
         last.clear()
         last.update(mask=mask, dilated=dilated, dtype=x.dtype, in_size=(x.shape[-2], x.shape[-1]), path=path)
@@ -266,7 +194,52 @@ class _SparseBlock(nn.Module):
         """MACs of the forward that just ran (the whole batch), for the MAC counter (``pipeline/complexity.py``)."""
         return int(self.macs_per_image().sum().item())
 
-    # ------------------------------------------------------------------ mask unit
+    # ------------------------------------------------------------------ entry points
+    def forward(self, x: Tensor) -> Tensor:
+        """Eval-mode block output with the mask unit's own mask (``MaskUnit.decide``)."""
+        self._require_eval()
+        self._check(x)
+        if self.use_native and native.usable(x):
+            plan = self._native_plan(tuple(x.shape[1:]))
+            if plan is not None:
+                out, mask, dilated = plan.forward_maps(x)
+                self._set_masks(x, mask, dilated, "native")
+                return out
+        with torch.no_grad():
+            return self._run(x, self.gate.decide(x))
+
+    def forward_with_mask(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Eval-mode block output with an explicit 0/1 mask ``[B, 1, H', W']`` at the output resolution (the
+        mask unit does not run; nonzero entries are active), in PyTorch."""
+        self._require_eval()
+        self._check(x)
+        expected = (x.shape[0], 1, *self._out_size(x))
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
+            raise ValueError(f"{type(self).__name__}: mask must have shape {expected}, "
+                             f"got {getattr(mask, 'shape', type(mask).__name__)}")
+        if mask.device != x.device:
+            raise ValueError(f"{type(self).__name__}: mask is on {mask.device}, the input on {x.device}")
+        with torch.no_grad():
+            return self._run(x, mask != 0)
+
+    # ------------------------------------------------------------------ the compiled engine
+    def _native_plan(self, shape: tuple[int, ...]) -> object | None:
+        """The one-block plan for inputs [B, *shape] (rebuilt when a parameter or buffer changed), or None when
+        the engine cannot take the block."""
+        sources = (*self.gate.parameters(), *(t for t in self._buffers.values() if t is not None))
+        return self._derived(f"plan{shape}", sources, partial(self._compile, shape))
+
+    def _compile(self, shape: tuple[int, ...], *_sources: Tensor) -> object | None:
+        from pipeline.ops.plan.builder import PlanBuilder, Unsupported
+
+        try:
+            b = PlanBuilder(shape)
+            out = self.plan_into(b, type(self).__name__, 0)
+        except Unsupported:
+            return None
+        b.outputs(out, *b.gate_maps[-1])
+        return b.plan
+
     def _derived(self, name: str, sources: tuple[Tensor, ...], make: Callable[..., object]):
         """``make(*sources)``, cached until a source is replaced or changed in place."""
         key = tuple(map(_tensor_key, sources))
@@ -277,138 +250,34 @@ class _SparseBlock(nn.Module):
             self._cache[name] = hit
         return hit[1]
 
-    def _gate_mask(self, x: Tensor) -> Tensor:
-        """The mask unit's eval decision ``logits >= 0``, bool ``[B, 1, H', W']``."""
-        gate = self._modules["gate"]
-        if gate.stride != 1 or not self.fast_gate:
-            return gate.logits(x) >= 0
-        b, c, h, w = x.shape
-        conv, fc = gate._modules["conv"]._parameters, gate._modules["fc"]._parameters
-        params = (conv["weight"], conv["bias"], fc["weight"], fc["bias"])
-        taps, neg_fc, neg_bias, rows, row_bias = self._derived(f"gate/{h * w}", params, partial(_gate_params, h * w))
-        # A matrix product gives every position's 3x3 tap products, summed over each window by col2im
-        # (fold, hence the flipped kernel); logits >= 0 <=> that sum >= -(fc(mean(x)) + biases).
-        if b == 1:  # one image: one plain product; row 9 summed over the positions is the threshold
-            products = torch.addmm(row_bias, rows, x[0].flatten(1))
-            return F.fold(products[:9].unsqueeze(0), (h, w), 3, padding=1) >= products[9].sum()
-        conv_part = F.fold(torch.matmul(taps, x.flatten(2)), (h, w), 3, padding=1)
-        return conv_part >= torch.addmm(neg_bias, x.mean((2, 3)), neg_fc).view(b, 1, 1, 1)
+    # ------------------------------------------------------------------ the PyTorch engine
+    def _masks(self, x: Tensor, mask: Tensor, b: int, h: int, w: int) -> _Masks | None:
+        """The mask ``mask`` (bool) at the output resolution ``h`` x ``w``, its dilation, the positions of each
+        and the mask positions' 3x3 windows; None (the shortcut alone) when no position is active."""
+        dilated = dilate(mask.to(x.dtype)) > 0
+        self._set_masks(x, mask, dilated, "pytorch")
+        idx_m = mask.reshape(-1).nonzero().view(-1)
+        if idx_m.numel() == 0:
+            return None
+        window = self._table(b, h, w, h, w, 1, x.device).index_select(0, idx_m)
+        flags = torch.cat([dilated.new_zeros(1), dilated.reshape(-1)])
+        return _Masks(idx_m, dilated.reshape(-1).nonzero().view(-1), window, torch.cumsum(flags, 0))
 
-    def _masks(self, x: Tensor, mask: Tensor | None, b: int, h: int, w: int) -> _Masks:
-        """The masks at the output resolution ``h`` x ``w``: the mask (from the mask unit, or ``mask``) and its
-        flat positions; unless no position is active or the block is to run densely (then ``None``), the
-        mask positions' 3x3 windows and the dilated mask."""
-        m = self._gate_mask(x) if mask is None else mask
-        idx_m = m.view(-1).nonzero().view(-1)
-        dense_above = self.dense_above_default if self.dense_above is None else self.dense_above
-        if idx_m.numel() == 0 or idx_m.numel() > dense_above * m.numel():
-            # The dilation of an empty or full mask is the mask; else made from the mask when asked for.
-            empty = idx_m.numel() == 0
-            self._set_masks(x, m, m if empty or idx_m.numel() == m.numel() else None, "shortcut" if empty else "dense")
-            return _Masks(m, idx_m, None, None, None, None)
-        window = self._table("window", b, h, w, h, w, 1, -1, 3, x.device).index_select(0, idx_m)
-        # The dilation is the union of the mask positions' 3x3 windows (cheaper than a max-pool here).
-        flags = torch.zeros(1 + m.numel(), dtype=torch.bool, device=m.device)
-        flags.index_fill_(0, window.view(-1), True)
-        flags[0] = False  # where windows leave the image
-        d = flags[1:].view(m.shape)
-        self._set_masks(x, m, d, "patches")
-        return _Masks(m, idx_m, window, d, d.view(-1).nonzero().view(-1), flags)
-
-    # ------------------------------------------------------------------ index tables
     def _table(self, *key: object) -> Tensor:
         table = self._tables.get(key)
         if table is None:
             # Normal tensors even when built under inference_mode, so any later forward may use them.
             with torch.inference_mode(False):
-                table = _tile_slots(*key[1:]) if key[0] == "slots" else _window_table(*key[1:])
+                table = _window_table(*key)
             if len(self._tables) >= 64:
                 self._tables.clear()
             self._tables[key] = table
         return table
 
-    def _use_tiles(self, positions: int, width: int, itemsize: int) -> bool:
-        if self.strategy == "auto":
-            return self.patch_bytes is not None and positions * 9 * width * itemsize > self.patch_bytes
-        return self.strategy == "tiles"
-
-    def _conv_on_tiles(self, features: Tensor, ranks: Tensor, idx_m: Tensor, weight: Tensor, bias: Tensor,
-                       groups: int, b: int, h: int, w: int) -> Tensor:
-        """A 3x3 conv (padding 1) at the mask positions, run on the active ``t`` x ``t`` tiles (any mask
-        position inside) with a one-pixel halo gathered from ``features`` (rows of the dilated positions after
-        a zero row); returns ``[N_m, C_out]`` rows in the order of ``idx_m``."""
-        t = self.tile or (4 if h * w <= 256 else 8)
-        grid_h, grid_w = -(-h // t), -(-w // t)
-        slots = self._table("slots", b, h, w, t, idx_m.device).index_select(1, idx_m)  # tile, offset - t*t
-        flags = torch.zeros(b * grid_h * grid_w, dtype=torch.long, device=idx_m.device)
-        flags.index_fill_(0, slots[0], 1)
-        tiles = flags.nonzero().view(-1)
-        window = self._table("window", b, h, w, grid_h, grid_w, t, -1, t + 2, idx_m.device)
-        if tiles.numel() % 8:
-            # Few distinct shapes, so the conv backend's per-shape plans are reused; extra tiles read zeros.
-            tiles = F.pad(tiles, (0, -tiles.numel() % 8), value=window.shape[0] - 1)
-        rows = ranks.index_select(0, window.index_select(0, tiles).view(-1))
-        gathered = features.index_select(0, rows).view(tiles.numel(), t + 2, t + 2, features.shape[1])
-        conv = F.conv2d(gathered.permute(0, 3, 1, 2), weight, bias, groups=groups)
-        tile_rank = torch.cumsum(flags, 0)  # 1-based rank of each active tile
-        keep = torch.add(slots[1], tile_rank.index_select(0, slots[0]), alpha=t * t)
-        return conv.permute(0, 2, 3, 1).reshape(-1, conv.shape[1]).index_select(0, keep)
-
-    # ------------------------------------------------------------------ entry points
-    def forward(self, x: Tensor) -> Tensor:
-        """Eval-mode block output with the mask unit's own mask (``logits >= 0``)."""
-        self._require_eval()
-        self._check(x)
-        if self.use_native and self.strategy == "auto" and native.usable(x):
-            return self._run_native(x, None)
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                return self._run(x, None)
-        return self._run(x, None)
-
-    def forward_with_mask(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Eval-mode block output with an explicit 0/1 mask ``[B, 1, H', W']`` at the output resolution (the
-        mask unit does not run); nonzero entries are active."""
-        self._require_eval()
-        self._check(x)
-        expected = (x.shape[0], 1, *self._out_size(x))
-        if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
-            raise ValueError(f"{type(self).__name__}: mask must have shape {expected}, "
-                             f"got {getattr(mask, 'shape', type(mask).__name__)}")
-        if mask.device != x.device:
-            raise ValueError(f"{type(self).__name__}: mask is on {mask.device}, the input on {x.device}")
-        if self.use_native and self.strategy == "auto" and native.usable(x):
-            return self._run_native(x, mask)
-        with torch.no_grad():
-            return self._run(x, (mask != 0).to(x.dtype))
-
-    def _run_native(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        gate = self._modules["gate"]
-        conv, fc = gate._modules["conv"]._parameters, gate._modules["fc"]._parameters
-        sources = (conv["weight"], conv["bias"], fc["weight"], fc["bias"],
-                   *(t for t in self._buffers.values() if t is not None))
-        plan = self._derived("native", sources, self._native_plan)
-        dense_above = self.dense_above
-        if dense_above is None:
-            dense_above = 2.0 if x.shape[0] == 1 else self.native_dense_above
-        out, m, dilated, path = plan.forward(x, mask, float(dense_above))
-        self._set_masks(x, m, dilated, native.PATHS[path])
-        return out
-
-    def _native_plan(self, *sources: Tensor) -> object:
-        raise NotImplementedError
-
     def _require_eval(self) -> None:
         if self.training:
             raise RuntimeError(f"{type(self).__name__} is for inference only: call .eval() first "
                                "(train the gated block it was made from instead)")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.tile is not None and (isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1):
-            raise ValueError(f"tile must be a positive integer or None, got {self.tile!r}")
-        if self.dense_above is not None and (isinstance(self.dense_above, bool)
-                                             or not isinstance(self.dense_above, (int, float))):
-            raise ValueError(f"dense_above must be a number or None, got {self.dense_above!r}")
 
     def _check(self, x: Tensor) -> None:
         raise NotImplementedError
@@ -416,7 +285,7 @@ class _SparseBlock(nn.Module):
     def _out_size(self, x: Tensor) -> tuple[int, int]:
         raise NotImplementedError
 
-    def _run(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _run(self, x: Tensor, mask: Tensor) -> Tensor:
         raise NotImplementedError
 
     def __getstate__(self) -> dict:
@@ -424,22 +293,16 @@ class _SparseBlock(nn.Module):
         state.update(_last={}, _tables={}, _cache={})
         return state
 
-    def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}, tile={self.tile}, dense_above={self.dense_above}"
-
 
 class SparseInvertedResidual(_SparseBlock):
     """Gather / scatter inference of a ``GatedInvertedResidual`` (Verelst & Tuytelaars, CVPR 2020).
 
     ``out = x + m * bn3(conv3(m * act(bn2(conv2(d * act(bn1(conv1(x))))))))``, act = ReLU6: the 1x1
     expansion runs at the dilated positions ``d``, the depthwise 3x3 (reading its neighbourhood from those
-    features, zero elsewhere) and the 1x1 projection at the mask positions ``m``; the result is added into
-    the identity shortcut. Buffers ``w1, b1, w2, b2, w3, b3`` are the BN-folded conv weights and biases.
+    features, zero elsewhere) and the 1x1 projection at the mask positions ``m`` (the official MobileNetV2
+    code's masks); the result is added into the identity shortcut. Buffers ``w1, b1, w2, b2, w3, b3`` are
+    the BN-folded conv weights and biases.
     """
-
-    patch_bytes_default = 1 << 20
-    dense_above_default = 0.3
-    native_dense_above = 0.6
 
     def __init__(self, gate: MaskUnit, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor):
         super().__init__()
@@ -473,10 +336,9 @@ class SparseInvertedResidual(_SparseBlock):
         return sparse.eval()
 
     def plan_into(self, b, name: str, x: int) -> int:
-        """The block in the compiled whole-model plan (``pipeline/ops/plan``), on rows: mask unit, the 1x1
-        expansion + ReLU6 at the dilated mask's positions, the depthwise 3x3 + ReLU6 and the 1x1 projection
-        (added to the input) at the mask's, the input passing alone elsewhere (the official MobileNetV2 code's
-        masks)."""
+        """The block in the compiled engine (``pipeline/ops/plan``), on rows: mask unit, the 1x1 expansion +
+        ReLU6 at the dilated mask's positions, the depthwise 3x3 + ReLU6 and the 1x1 projection (added to the
+        input) at the mask's, the input passing alone elsewhere."""
         p = self._buffers
         x = b.as_rows(x)
         gate = self.gate.plan_into(b, f"{name}.gate", x, 1)
@@ -488,50 +350,25 @@ class SparseInvertedResidual(_SparseBlock):
     def _check(self, x: Tensor) -> None:
         _check_input(x, self.in_channels, type(self).__name__)
 
-    def _native_plan(self, *sources: Tensor) -> object:
-        p = self._buffers
-        return native.load().InvertedResidualPlan(*sources[:4], p["w1"], p["b1"], p["w2"], p["b2"], p["w3"], p["b3"])
-
     def _out_size(self, x: Tensor) -> tuple[int, int]:
         return x.shape[2], x.shape[3]
 
-    def _run(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _run(self, x: Tensor, mask: Tensor) -> Tensor:
         b, c, h, w = x.shape
         p = self._buffers
         hid = self.hidden
         masks = self._masks(x, mask, b, h, w)
-        idx_m, idx_d = masks.idx_m, masks.idx_d
-        if idx_d is None:
-            if idx_m.numel() == 0:
-                return x.clone(memory_format=torch.channels_last)
-            return self._dense(x, masks.mask, idx_m.numel() == b * h * w)
+        if masks is None:
+            return x.clone(memory_format=torch.channels_last)
         # The shortcut as channels-last rows [B*H*W, C], a copy of x (scatter-added into below).
         out = x.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format).view(-1, c)
-        expanded = _with_zero_row(idx_d.numel(), hid, out)  # zero row: what conv2 reads outside d
-        torch.addmm(p["b1"], out.index_select(0, idx_d), p["w1"].view(hid, c).t(), out=expanded[1:])
+        expanded = _with_zero_row(masks.idx_d.numel(), hid, out)  # zero row: what conv2 reads outside d
+        torch.addmm(p["b1"], out.index_select(0, masks.idx_d), p["w1"].view(hid, c).t(), out=expanded[1:])
         expanded.clamp_(0.0, 6.0)
-        ranks = masks.ranks()
-        if self._use_tiles(idx_m.numel(), hid, x.element_size()):
-            self._last["path"] = "tiles"
-            hidden = self._conv_on_tiles(expanded, ranks, idx_m, p["w2"], p["b2"], hid, b, h, w)
-        else:
-            taps = expanded.index_select(0, ranks.index_select(0, masks.window.view(-1))).view(-1, 9, hid)
-            hidden = taps.mul_(self._derived("taps", (p["w2"],), lambda t: t.view(hid, 9).t().contiguous()))
-            hidden = hidden.sum(1).add_(p["b2"])
-        hidden = hidden.clamp_(0.0, 6.0)
-        out.index_add_(0, idx_m, torch.addmm(p["b3"], hidden, p["w3"].view(c, hid).t()))
+        taps = expanded.index_select(0, masks.ranks.index_select(0, masks.window.view(-1))).view(-1, 9, hid)
+        hidden = taps.mul_(p["w2"].view(hid, 9).t()).sum(1).add_(p["b2"]).clamp_(0.0, 6.0)
+        out.index_add_(0, masks.idx_m, torch.addmm(p["b3"], hidden, p["w3"].view(c, hid).t()))
         return _as_nchw(out, b, h, w)
-
-    def _dense(self, x: Tensor, m: Tensor, all_active: bool) -> Tensor:
-        """The dense-masked computation with the folded convs, for masks with little to skip. The masks inside
-        the branch can go: the depthwise conv at a position of m reads only positions of d, and the 1x1
-        projection is pointwise, so ``x + m * branch(x)`` is the same function."""
-        p = self._buffers
-        x = x.contiguous(memory_format=torch.channels_last)
-        e = F.conv2d(x, p["w1"], p["b1"]).clamp_(0.0, 6.0)
-        e = F.conv2d(e, p["w2"], p["b2"], padding=1, groups=self.hidden).clamp_(0.0, 6.0)
-        r = F.conv2d(e, p["w3"], p["b3"])
-        return r.add_(x) if all_active else torch.addcmul(x, r, m)
 
 
 class SparseBasicBlock(_SparseBlock):
@@ -590,9 +427,9 @@ class SparseBasicBlock(_SparseBlock):
     plan_reads_rows = True  # in the whole-model plan its input is rows: the op before may write them directly
 
     def plan_into(self, b, name: str, x: int) -> int:
-        """The block in the compiled whole-model plan (``pipeline/ops/plan``), on rows (position-major): mask
-        unit, shortcut at every position, conv1 at the dilated mask's positions, conv2 at the mask's (added to
-        the shortcut, which passes alone elsewhere), ReLU after the sum."""
+        """The block in the compiled engine (``pipeline/ops/plan``), on rows (position-major): mask unit,
+        shortcut at every position, conv1 at the dilated mask's positions, conv2 at the mask's (added to the
+        shortcut, which passes alone elsewhere), ReLU after the sum."""
         p, s = self._buffers, self.stride
         x = b.as_rows(x)
         gate = self.gate.plan_into(b, f"{name}.gate", x, s)
@@ -606,11 +443,6 @@ class SparseBasicBlock(_SparseBlock):
     def _check(self, x: Tensor) -> None:
         _check_input(x, self.in_channels, type(self).__name__)
 
-    def _native_plan(self, *sources: Tensor) -> object:
-        p = self._buffers
-        return native.load().BasicBlockPlan(*sources[:4], self.stride, p["w1"], p["b1"], p["w2"], p["b2"],
-                                            p["ws"], p["bs"])
-
     def _out_size(self, x: Tensor) -> tuple[int, int]:
         s = self.stride
         return (x.shape[2] - 1) // s + 1, (x.shape[3] - 1) // s + 1
@@ -621,54 +453,28 @@ class SparseBasicBlock(_SparseBlock):
         a channels_last kernel)."""
         return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).t()
 
-    def _shortcut_rows(self, rows: Tensor, b: int, h: int, w: int) -> Tensor:
-        """Projection shortcut ``[B*H'*W', C_out]`` of the channels-last input rows (folded 1x1 conv, stride s)."""
-        p, s = self._buffers, self.stride
-        strided = rows.view(b, h, w, -1)[:, ::s, ::s].reshape(-1, rows.shape[1])
-        return torch.addmm(p["bs"], strided, p["ws"].view(self.out_channels, -1).t())
-
-    def _run(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _run(self, x: Tensor, mask: Tensor) -> Tensor:
         b, c, h, w = x.shape
         ho, wo = self._out_size(x)
         s, co = self.stride, self.out_channels
         p = self._buffers
         masks = self._masks(x, mask, b, ho, wo)
-        idx_m, idx_d = masks.idx_m, masks.idx_d
-        if idx_d is not None or idx_m.numel() == 0:
-            rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels_last input, else a copy
-        if idx_d is None:
-            if idx_m.numel():
-                return self._dense(x, masks.mask, idx_m.numel() == b * ho * wo)
-            out = rows.clone() if p["ws"] is None else self._shortcut_rows(rows, b, h, w)
-            return _as_nchw(out.relu_(), b, ho, wo)
-        source = torch.cat([rows.new_zeros(1, c), rows])  # row 0: what the conv padding reads
-        # Identity shortcut: the input rows in source, scatter-added into only after the last gather.
-        out = source[1:] if p["ws"] is None else self._shortcut_rows(rows, b, h, w)
-        window_in = self._table("window", b, h, w, ho, wo, s, -1, 3, x.device)
-        cols = source.index_select(0, window_in.index_select(0, idx_d).view(-1)).view(-1, 9 * c)
-        hidden = _with_zero_row(idx_d.numel(), co, x)  # zero row: what conv2 reads outside d
-        torch.addmm(p["b1"], cols, self._matrix(p["w1"]), out=hidden[1:])
-        hidden.relu_()
-        ranks = masks.ranks()
-        if self._use_tiles(idx_m.numel(), co, x.element_size()):
-            self._last["path"] = "tiles"
-            r = self._conv_on_tiles(hidden, ranks, idx_m, p["w2"], p["b2"], 1, b, ho, wo)
-        else:
-            cols = hidden.index_select(0, ranks.index_select(0, masks.window.view(-1))).view(-1, 9 * co)
-            r = torch.addmm(p["b2"], cols, self._matrix(p["w2"]))
-        out.index_add_(0, idx_m, r)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels_last input, else a copy
+        if p["ws"] is None:
+            out = rows.clone(memory_format=torch.contiguous_format)
+        else:  # the folded 1x1 projection at stride s
+            strided = rows.view(b, h, w, c)[:, ::s, ::s].reshape(-1, c)
+            out = torch.addmm(p["bs"], strided, p["ws"].view(co, c).t())
+        if masks is not None:
+            source = torch.cat([rows.new_zeros(1, c), rows])  # row 0: what the conv padding reads
+            window_in = self._table(b, h, w, ho, wo, s, x.device)
+            cols = source.index_select(0, window_in.index_select(0, masks.idx_d).view(-1)).view(-1, 9 * c)
+            hidden = _with_zero_row(masks.idx_d.numel(), co, x)  # zero row: what conv2 reads outside d
+            torch.addmm(p["b1"], cols, self._matrix(p["w1"]), out=hidden[1:])
+            hidden.relu_()
+            cols = hidden.index_select(0, masks.ranks.index_select(0, masks.window.view(-1))).view(-1, 9 * co)
+            out.index_add_(0, masks.idx_m, torch.addmm(p["b2"], cols, self._matrix(p["w2"])))
         return _as_nchw(out.relu_(), b, ho, wo)
-
-    def _dense(self, x: Tensor, m: Tensor, all_active: bool) -> Tensor:
-        """The dense-masked computation with the folded convs, for masks with little to skip. conv2 at a
-        position of m reads conv1 only at positions of d, so ``relu(shortcut(x) + m * branch(x))`` is the
-        same function."""
-        p = self._buffers
-        x = x.contiguous(memory_format=torch.channels_last)
-        h1 = F.conv2d(x, p["w1"], p["b1"], stride=self.stride, padding=1).relu_()
-        r = F.conv2d(h1, p["w2"], p["b2"], padding=1)
-        shortcut = x if p["ws"] is None else F.conv2d(x, p["ws"], p["bs"], stride=self.stride)
-        return (r.add_(shortcut) if all_active else torch.addcmul(shortcut, r, m)).relu_()
 
 
 def to_sparse_execution(model: nn.Module) -> nn.Module:

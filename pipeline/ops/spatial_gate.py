@@ -85,11 +85,21 @@ class MaskUnit(nn.Module):
         """Mask logits ``[B, 1, H', W']`` at the block's output resolution."""
         return self.conv(x) + self.fc(x.mean(dim=(2, 3)))[:, :, None, None]
 
+    @staticmethod
+    def decision(logits: Tensor) -> Tensor:
+        """The eval decision on logits, bool: ``logits >= 0`` (the compiled engine's ``rows_gate_mask`` is its
+        C++ counterpart)."""
+        return logits >= 0
+
+    def decide(self, x: Tensor) -> Tensor:
+        """The eval-mode mask of input ``x``, bool ``[B, 1, H', W']``."""
+        return self.decision(self.logits(x))
+
     def forward(self, x: Tensor) -> Tensor:
         logits = self.logits(x)
         self.last_logits = logits
         if not self.training:
-            return (logits >= 0).to(logits.dtype)
+            return self.decision(logits).to(logits.dtype)
         if self.noise:
             logits = logits + _gumbel_difference_like(logits)
         z = logits / self.temperature

@@ -33,17 +33,9 @@ float sum(const float* x, int64_t n) {
   return total;
 }
 
-// out = W in + b for a [n_out, n_in] weight, optionally followed by ReLU.
+// out = W in + b (simd.h) for a [n_out, n_in] weight tensor.
 void linear(const at::Tensor& weight, const at::Tensor& bias, const float* in, float* out, bool relu) {
-  const int64_t n_out = weight.size(0), n_in = weight.size(1);
-  const float* w = weight.data_ptr<float>();
-  const float* b = bias.data_ptr<float>();
-  for (int64_t j = 0; j < n_out; ++j) {
-    const float* row = w + j * n_in;
-    float acc = b[j];
-    for (int64_t c = 0; c < n_in; ++c) acc += row[c] * in[c];
-    out[j] = relu ? std::max(acc, 0.f) : acc;
-  }
+  native::linear(weight.data_ptr<float>(), bias.data_ptr<float>(), weight.size(0), weight.size(1), in, out, relu);
 }
 
 }  // namespace

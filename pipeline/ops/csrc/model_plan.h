@@ -57,8 +57,10 @@
 // between layers; or one thread runs the samples alone. Which of the two is faster depends on the model (a
 // pruned model's layers are too short to amortize the barriers), so the first such call times both and the
 // plan keeps the faster. Pooling sums each thread's share as it is stored (sparse blocks: each thread sums
-// its rows). The operators describe themselves to the Python builder (pipeline/ops/plan/), which maps a model onto these ops; the
-// model's own forward stays the reference the plan is tested against.
+// its rows). The operators describe themselves to the Python builder (pipeline/ops/plan/), which maps a model onto
+// these ops; the model's own forward stays the reference the plan is tested against. A plan ends in a head (a
+// whole model: logits) or returns output maps (`outputs`: a block planned alone, as a DynConv sparse block outside
+// a whole-model plan runs, with its mask and dilated mask).
 
 namespace native {
 
@@ -107,6 +109,9 @@ class ModelPlan : public SourceWatch {
                          const c10::optional<at::Tensor>& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
                          const std::vector<Head>& heads);
   void head(int64_t in, const at::Tensor& weight, const at::Tensor& bias);
+  // Instead of a head: the buffers whose maps forward_maps returns (a block or a layer planned on its own, e.g.
+  // a DynConv block's output with its mask and dilated mask).
+  void outputs(const std::vector<int64_t>& buffers);
   // A buffer of rows (position-major) for DynConv's sparse blocks, and the op copying a plane buffer into one.
   int64_t rows_buffer(int64_t channels, int64_t height, int64_t width);
   int64_t to_rows(int64_t in, int64_t out);
@@ -127,6 +132,8 @@ class ModelPlan : public SourceWatch {
   int64_t to_planes(int64_t in, int64_t out);
   // Logits [B, classes] of a float32 input [B, C, H, W].
   at::Tensor forward(const at::Tensor& input);
+  // The output maps [B, C, H, W] (a rows buffer's in channels_last memory format) of a float32 input.
+  std::vector<at::Tensor> forward_maps(const at::Tensor& input);
   // How a batch smaller than the thread count runs: 0 (default) times both ways on the first such call per
   // (threads, batch) and keeps the faster, 1 one thread, 2 the threads sharing each image.
   void set_team_policy(int64_t policy);
@@ -234,8 +241,17 @@ class ModelPlan : public SourceWatch {
   static constexpr int64_t kSplitTiles = 1;
   static int64_t vectors(const Geometry& g);
   static int64_t products(const Block& b);
-  void run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const;
-  int64_t scratch_size() const;
+  // Where a batch's results go: logits (one sink) or the output maps, sample n at ptr[k] + n * per_sample[k].
+  struct Sinks {
+    std::vector<float*> ptr;
+    std::vector<int64_t> per_sample;
+  };
+  void check_input(const at::Tensor& input) const;
+  void run_batch(const at::Tensor& x, const Sinks& sinks);
+  void run_sample(const float* x, const Sinks& sinks, int64_t n, float* base, float* scratch, int64_t t,
+                  int64_t nt) const;
+  // Copy the map of buffer id (interior positions) to dst: [C, H, W] for planes, [H, W, C] for rows.
+  void store_map(int64_t id, const float* base, float* dst) const;
 
   std::vector<Geometry> geometry_;
   std::vector<Conv> convs_;
@@ -245,6 +261,7 @@ class ModelPlan : public SourceWatch {
   std::vector<RowsConv> rows_convs_;
   std::vector<Op> ops_;
   int64_t total_ = 0, head_in_ = -1, classes_ = 0;
+  std::vector<int64_t> outputs_;
   int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_att_ = 1, max_route_ = 0;
   std::vector<float> head_w_, head_b_;
   int64_t team_policy_ = 0;

@@ -14,16 +14,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3x3_direct", &native::conv3x3_direct, "3x3 conv (stride 1, padding 1) as direct row GEMMs");
   m.def("dynamic_conv3x3", &native::dynamic_conv3x3, "dynamic 3x3 conv with given coefficients");
   m.def("dynamic_conv3x3_backward", &native::dynamic_conv3x3_backward, "gradients of dynamic_conv3x3");
-  pybind11::class_<native::BasicBlockPlan>(m, "BasicBlockPlan")
-      .def(pybind11::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&>())
-      .def("forward", &native::BasicBlockPlan::forward);
-  pybind11::class_<native::InvertedResidualPlan>(m, "InvertedResidualPlan")
-      .def(pybind11::init<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          const at::Tensor&, const at::Tensor&>())
-      .def("forward", &native::InvertedResidualPlan::forward);
   pybind11::class_<native::ModelPlan>(m, "ModelPlan")
       .def(pybind11::init<int64_t, int64_t, int64_t>())
       .def("buffer", &native::ModelPlan::buffer)
@@ -39,6 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("rows_depthwise", &native::ModelPlan::rows_depthwise)
       .def("to_planes", &native::ModelPlan::to_planes)
       .def("forward", &native::ModelPlan::forward)
+      .def("outputs", &native::ModelPlan::outputs)
+      .def("forward_maps", &native::ModelPlan::forward_maps)
       .def("set_team_policy", &native::ModelPlan::set_team_policy)
       .def("team", &native::ModelPlan::team)
       .def("kept_entries", &native::ModelPlan::kept_entries)

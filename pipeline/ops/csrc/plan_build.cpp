@@ -288,10 +288,18 @@ void ModelPlan::head(int64_t in, const at::Tensor& weight, const at::Tensor& bia
   const auto& g = geometry(in);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == g.c && bias.numel() == weight.size(0),
               "head: weight must be [classes, C] and bias [classes]");
+  TORCH_CHECK(outputs_.empty(), "head: the plan returns output maps already");
   head_in_ = in;
   head_w_ = floats(weight, "head weight");
   head_b_ = floats(bias, "head bias");
   classes_ = weight.size(0);
+}
+
+void ModelPlan::outputs(const std::vector<int64_t>& buffers) {
+  TORCH_CHECK(head_in_ < 0, "outputs: the plan has a head already");
+  TORCH_CHECK(!buffers.empty(), "outputs: no buffer");
+  for (const int64_t id : buffers) geometry(id);
+  outputs_ = buffers;
 }
 
 std::vector<int64_t> ModelPlan::kept_entries() const {

@@ -58,16 +58,8 @@ void ModelPlan::route(const Routing& r, const float* base, float* att, float* sc
   float* pooled = scratch;
   float* hidden = scratch + max_route_;
   pool(r.route, base, parts, pooled);
-  for (int64_t j = 0; j < r.hidden; ++j) {
-    float acc = r.fc1_bias[j];
-    for (int64_t ci = 0; ci < g.c; ++ci) acc += r.fc1[j * g.c + ci] * pooled[ci];
-    hidden[j] = std::max(acc, 0.f);
-  }
-  for (int64_t j = 0; j < r.outputs; ++j) {
-    float acc = r.fc2_bias[j];
-    for (int64_t h = 0; h < r.hidden; ++h) acc += r.fc2[j * r.hidden + h] * hidden[h];
-    att[j] = acc;
-  }
+  linear(r.fc1.data(), r.fc1_bias.data(), r.hidden, g.c, pooled, hidden, true);
+  linear(r.fc2.data(), r.fc2_bias.data(), r.outputs, r.hidden, hidden, att, false);
   for (const auto& [role, size, activation, inv_t] : r.heads)
     activate(att + r.at[role], size, activation, static_cast<float>(inv_t));
 }
@@ -251,7 +243,8 @@ void ModelPlan::run_depthwise(const Depthwise& d, float* base, float* scratch, i
   }
 }
 
-void ModelPlan::run_sample(const float* x, float* logits, float* base, float* scratch, int64_t t, int64_t nt) const {
+void ModelPlan::run_sample(const float* x, const Sinks& sinks, int64_t n, float* base, float* scratch, int64_t t,
+                           int64_t nt) const {
   const auto& g0 = geometry_[0];
   for (int64_t c = 0; c < g0.c; ++c) {  // this thread's rows of every channel, and their sum
     float* plane = base + g0.offset + c * g0.plane;
@@ -292,37 +285,77 @@ void ModelPlan::run_sample(const float* x, float* logits, float* base, float* sc
   if (nt > 1) {
 #pragma omp barrier
   }
-  if (t == 0) {
+  if (t == 0 && head_in_ >= 0) {
     const auto& g = geometry_[head_in_];
     if (g.rows) rows_sums(head_in_, base, 0, g.h, 0);
     float* pooled = scratch;
     pool(head_in_, base, g.rows ? 1 : nt, pooled);
+    float* logits = sinks.ptr[0] + n * sinks.per_sample[0];
     for (int64_t j = 0; j < classes_; ++j) {
       float acc = head_b_[j];
       for (int64_t c = 0; c < g.c; ++c) acc += head_w_[j * g.c + c] * pooled[c];
       logits[j] = acc;
     }
+  } else if (t == 0) {
+    for (size_t k = 0; k < outputs_.size(); ++k) store_map(outputs_[k], base, sinks.ptr[k] + n * sinks.per_sample[k]);
   }
   if (nt > 1) {
 #pragma omp barrier  // the workspace is reused by the next sample
   }
 }
 
-at::Tensor ModelPlan::forward(const at::Tensor& input) {
+void ModelPlan::store_map(int64_t id, const float* base, float* dst) const {
+  const auto& g = geometry_[id];
+  const float* src = base + g.offset;
+  if (g.rows) {
+    for (int64_t y = 0; y < g.h; ++y) std::memcpy(dst + y * g.w * g.c, src + ((y + 1) * g.wp + 1) * g.c, g.w * g.c * 4);
+    return;
+  }
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t y = 0; y < g.h; ++y) std::memcpy(dst + (c * g.h + y) * g.w, src + c * g.plane + (y + 1) * g.wp + 1, g.w * 4);
+}
+
+void ModelPlan::check_input(const at::Tensor& input) const {
   check_float_cpu(input, "input");
-  TORCH_CHECK(head_in_ >= 0, "plan has no head");
   const auto& g0 = geometry_[0];
   TORCH_CHECK(input.dim() == 4 && input.size(1) == g0.c && input.size(2) == g0.h && input.size(3) == g0.w,
               "plan input must be [B, ", g0.c, ", ", g0.h, ", ", g0.w, "], got ", input.sizes());
+}
+
+at::Tensor ModelPlan::forward(const at::Tensor& input) {
+  TORCH_CHECK(head_in_ >= 0, "plan has no head (its results are output maps: forward_maps)");
+  check_input(input);
+  auto out = at::empty({input.size(0), classes_}, input.options());
+  run_batch(input, Sinks{{out.data_ptr<float>()}, {classes_}});
+  return out;
+}
+
+std::vector<at::Tensor> ModelPlan::forward_maps(const at::Tensor& input) {
+  TORCH_CHECK(!outputs_.empty(), "plan has no output maps (its result is a head: forward)");
+  check_input(input);
+  std::vector<at::Tensor> maps;
+  Sinks sinks;
+  for (const int64_t id : outputs_) {
+    const auto& g = geometry_[id];
+    const auto map = g.rows ? at::empty({input.size(0), g.h, g.w, g.c}, input.options()).permute({0, 3, 1, 2})
+                            : at::empty({input.size(0), g.c, g.h, g.w}, input.options());
+    sinks.ptr.push_back(map.data_ptr<float>());
+    sinks.per_sample.push_back(g.c * g.h * g.w);
+    maps.push_back(map);
+  }
+  run_batch(input, sinks);
+  return maps;
+}
+
+void ModelPlan::run_batch(const at::Tensor& input, const Sinks& sinks) {
+  const auto& g0 = geometry_[0];
   const auto x = input.contiguous();
   const int64_t b = x.size(0);
-  auto out = at::empty({b, classes_}, x.options());
   const float* px = x.data_ptr<float>();
-  float* po = out.data_ptr<float>();
   const int64_t per_image = g0.c * g0.h * g0.w;
-  const int64_t scratch_size =
-      round_up(max_att_, L) + round_up(max_route_ + max_hidden_, L) + round_up(max_ew_, L) + round_up(max_cout_, L) +
-      round_up(geometry_[head_in_].c, L) + L;
+  const int64_t pooled = head_in_ >= 0 ? geometry_[head_in_].c : 0;
+  const int64_t scratch_size = round_up(max_att_, L) + round_up(max_route_ + max_hidden_, L) + round_up(max_ew_, L) +
+                               round_up(max_cout_, L) + round_up(pooled, L) + L;
   const int nt = std::max(1, at::get_num_threads());
   std::lock_guard<std::mutex> guard(mutex_);  // the workspaces are the plan's
   while (static_cast<int64_t>(work_.size()) < nt) work_.push_back(std::make_unique<Workspace>());
@@ -337,19 +370,18 @@ at::Tensor ModelPlan::forward(const at::Tensor& input) {
       {
         const int64_t tid = omp_get_thread_num(), size = omp_get_num_threads();
         for (int64_t n = 0; n < b; ++n)
-          run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[tid]->data.get(), tid,
-                     size);
+          run_sample(px + n * per_image, sinks, n, work_[0]->data.get(), scratch_[tid]->data.get(), tid, size);
       }
     } else {
       for (int64_t n = 0; n < b; ++n)
-        run_sample(px + n * per_image, po + n * classes_, work_[0]->data.get(), scratch_[0]->data.get(), 0, 1);
+        run_sample(px + n * per_image, sinks, n, work_[0]->data.get(), scratch_[0]->data.get(), 0, 1);
     }
   };
   if (b >= nt && nt > 1) {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t n = 0; n < b; ++n) {
       const int tid = omp_get_thread_num();
-      run_sample(px + n * per_image, po + n * classes_, work_[tid]->data.get(), scratch_[tid]->data.get(), 0, 1);
+      run_sample(px + n * per_image, sinks, n, work_[tid]->data.get(), scratch_[tid]->data.get(), 0, 1);
     }
   } else if (nt > 1) {
     // A small image's layers are too short to share well (barriers, maps moving between cores), so the
@@ -374,7 +406,6 @@ at::Tensor ModelPlan::forward(const at::Tensor& input) {
   } else {
     run(1);
   }
-  return out;
 }
 
 void ModelPlan::set_team_policy(int64_t policy) {

@@ -55,6 +55,18 @@ constexpr int64_t kLinear = 0;
 constexpr int64_t kSigmoid = 1;
 constexpr int64_t kSoftmax = 2;
 
+// out = W in + b for a row-major [n_out, n_in] weight, optionally followed by ReLU: the routing branches' linear
+// layers (a dynamic conv's fc1 and fc2), summed in input order.
+inline void linear(const float* w, const float* b, int64_t n_out, int64_t n_in, const float* in, float* out,
+                   bool relu) {
+  for (int64_t j = 0; j < n_out; ++j) {
+    const float* row = w + j * n_in;
+    float acc = b[j];
+    for (int64_t c = 0; c < n_in; ++c) acc += row[c] * in[c];
+    out[j] = relu ? std::max(acc, 0.f) : acc;
+  }
+}
+
 inline void activate(float* a, int64_t n, int64_t activation, float inv_t) {
   if (activation == kSigmoid) {
     for (int64_t j = 0; j < n; ++j) a[j] = 1.f / (1.f + std::exp(-(a[j] * inv_t)));

@@ -95,6 +95,7 @@ class PlanBuilder:
         self.taps: dict[int, int] = {}  # input buffer -> its gathered stride-2 taps
         self.rows: set[int] = set()  # rows buffers (DynConv's sparse blocks); the others are planes
         self.copies: dict[int, int] = {}  # buffer -> its copy in the other layout
+        self.gate_maps: list[tuple[int, int]] = []  # per rows gate: its mask and dilated mask buffers
 
     # ------------------------------------------------------------------ buffers
     def buffer(self, c: int, h: int, w: int, rows: bool = False) -> int:
@@ -196,6 +197,10 @@ class PlanBuilder:
         heads = [(int(h.role), int(h.size), int(h.activation), float(h.inv_temperature)) for h in r.heads]
         return _f(r.fc1_weight), _f(r.fc1_bias), _f(r.fc2_weight), _f(r.fc2_bias), heads
 
+    def outputs(self, *buffers: int) -> None:
+        """The maps the plan returns (``forward_maps``) instead of a head's logits: a block planned alone."""
+        self.plan.outputs(list(buffers))
+
     def head(self, name: str, x: int, pool: nn.Module, fc: nn.Module) -> None:
         """Global average pooling and a linear classifier: the plan's output."""
         if type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1)):
@@ -243,6 +248,7 @@ class PlanBuilder:
         _, h, w = self.shapes[x]
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
         mask, dilated = self.buffer(1, ho, wo), self.buffer(1, ho, wo)
+        self.gate_maps.append((mask, dilated))
         return self.plan.rows_gate(x, mask, dilated, stride, _f(conv_weight), _f(conv_bias), _f(fc_weight),
                                    _f(fc_bias))  # fmt: skip
 
