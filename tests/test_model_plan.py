@@ -329,9 +329,11 @@ def mobilenet(kind: str, seed: int = 0, width: float = 0.5, in_channels: int = 3
 
 @pytest.mark.parametrize("kind", ["static", "dynamic", "dynamic_sigmoid", "sdconv", "odconv"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_mobilenetv2_plan_matches_the_models_forward(kind, threads):
+@pytest.mark.parametrize("shape", [(3, 15, 13), (3, 34, 31)])
+def test_mobilenetv2_plan_matches_the_models_forward(kind, threads, shape):
+    """Odd sizes: 15 x 13 -> 8 x 7 -> 4 x 4 -> 2 x 2 through the stride-2 stages, every 1x1 conv on packed
+    positions; 34 x 31 (more than 1,024 positions) runs the first stages' 1x1 convs on padded planes."""
     model = mobilenet(kind, seed=11)
-    shape = (3, 15, 13)  # odd sizes: 15 -> 8 -> 4 -> 2 through the stride-2 stages
     plan, _ = compile_model(model, shape)
     ref = reference  # ODConv's forward_reference covers ungrouped convs; its depthwise ones: the grouped conv
     before = torch.get_num_threads()

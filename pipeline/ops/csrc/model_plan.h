@@ -2,6 +2,7 @@
 #pragma once
 
 #include "native.h"
+#include "plan_kernels.h"
 
 #include <map>
 #include <memory>
@@ -100,7 +101,8 @@ class ModelPlan : public SourceWatch {
                        const at::Tensor& kernels, const c10::optional<at::Tensor>& bias, const at::Tensor& fc1_weight,
                        const at::Tensor& fc1_bias, const at::Tensor& fc2_weight, const at::Tensor& fc2_bias,
                        const std::vector<Head>& heads);
-  // Depthwise 3x3 conv (padding 1): stride 1 on `in`, stride 2 on the gathered taps of its input. kernels
+  // Depthwise 3x3 conv (padding 1, stride 1 or 2) of `in` (stride 2 picks each tap's even columns from the
+  // input rows in registers: no gathered tap planes). kernels
   // [K, C, 1, 3, 3] (K = 1 and no fc: a static conv), bias [K, C] or [C]; heads as dynamic_conv (route < 0:
   // static).
   int64_t depthwise_conv(int64_t in, int64_t route, int64_t out, int64_t res, int64_t act, int64_t stride,
@@ -141,6 +143,11 @@ class ModelPlan : public SourceWatch {
   int64_t team(int64_t threads, int64_t batch) const;
   // Per conv: ((output channel, entry) products its blocks execute per position, dense pairs), flattened.
   std::vector<int64_t> kept_entries() const;
+  // Per-op times, for finding the slow layer: while on, each call runs one thread per image (or, with team
+  // policy 2, all threads sharing each image) and adds each op's seconds on thread 0's clock; profile() gives
+  // (op kind, index among its kind, seconds) in op order (benchmarks/bench_plan_ops.py).
+  void set_profiling(bool on);
+  std::vector<std::tuple<int64_t, int64_t, double>> profile() const;
 
  private:
   struct Geometry {
@@ -169,6 +176,11 @@ class ModelPlan : public SourceWatch {
     std::vector<int32_t> off, entry;  // per block entry: its input offset and its index ci * taps + tap
     std::vector<float> w, bias, pad;
     std::vector<int64_t> work;
+    // A 1x1 conv on a small map reads its input packed without pads ([C_in][np], np = h * w rounded up to L):
+    // the pads of small planes would be a third to a half of its vectors (kPackedPositions).
+    bool packed = false;
+    int64_t np = 0;
+    plan::PackedLayout layout;
   };
   struct Depthwise {
     int64_t in = -1, out = -1, res = -1, act = 0, stride = 1, c = 0, k = 1;
@@ -211,6 +223,7 @@ class ModelPlan : public SourceWatch {
                        const at::Tensor& fc2_weight, const at::Tensor& fc2_bias, const std::vector<Head>& heads,
                        int64_t k, int64_t cin, int64_t cout, int64_t taps);
   std::vector<float> pad_mask(const Geometry& go) const;
+  static plan::PackedLayout packed_layout(const Geometry& go);
   // Check that buffer res (< 0: none) can be added to an output of geometry go, in the same layout.
   void check_residual(int64_t res, const Geometry& go, const char* what) const;
   // A routed op's attentions for this sample: a (the kernel attention, or a single 1) and ODConv's spatial,
@@ -235,10 +248,14 @@ class ModelPlan : public SourceWatch {
   void pool(int64_t id, const float* base, int64_t parts, float* pooled) const;
 
   static constexpr int kMaxTeam = 8;  // threads sharing one image (more would only wait on each other)
-  // Register tile heights (16-position vectors) by output-channel block size, and the full tiles per thread a
-  // layer needs to be shared by positions rather than by channels.
-  static constexpr int kTile[5] = {0, 12, 0, 0, 6};
+  // The full tiles (plan::tile_height vectors) per thread a layer needs to be shared by positions rather than
+  // by channels.
   static constexpr int64_t kSplitTiles = 1;
+  // A 1x1 conv on a map of at most this many positions runs packed (Conv::packed): each thread copies C_in x
+  // positions floats, little beside the conv's C_out x C_in x positions MACs, and spares the pad columns and the
+  // select that zeroes them (at 32 x 32 with 24 input channels: 165 -> 138 us). Larger maps stay on planes,
+  // where pads are few and a packed copy per thread would outgrow the caches.
+  static constexpr int64_t kPackedPositions = 1024;
   static int64_t vectors(const Geometry& g);
   static int64_t products(const Block& b);
   // Where a batch's results go: logits (one sink) or the output maps, sample n at ptr[k] + n * per_sample[k].
@@ -262,9 +279,11 @@ class ModelPlan : public SourceWatch {
   std::vector<Op> ops_;
   int64_t total_ = 0, head_in_ = -1, classes_ = 0;
   std::vector<int64_t> outputs_;
-  int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_att_ = 1, max_route_ = 0;
+  int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_att_ = 1, max_route_ = 0, max_packed_ = 0;
   std::vector<float> head_w_, head_b_;
   int64_t team_policy_ = 0;
+  bool profiling_ = false;
+  mutable std::vector<double> op_seconds_;
   std::map<std::pair<int64_t, int64_t>, int64_t> teams_;  // (threads, batch) -> threads per image
   std::vector<std::unique_ptr<Workspace>> work_, scratch_;
   mutable std::mutex mutex_;

@@ -34,6 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_team_policy", &native::ModelPlan::set_team_policy)
       .def("team", &native::ModelPlan::team)
       .def("kept_entries", &native::ModelPlan::kept_entries)
+      .def("set_profiling", &native::ModelPlan::set_profiling)
+      .def("profile", &native::ModelPlan::profile)
       .def("watch", &native::ModelPlan::watch)
       .def("current", &native::ModelPlan::current);
 }

@@ -87,7 +87,9 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
         for (int64_t kx = 0; kx < 3; ++kx) entry_off.push_back(ci * gi.plane + (ky - 1) * gi.wp + (kx - 1));
   } else if (mode == kConv1x1) {
     TORCH_CHECK(kh == 1 && kw == 1 && gi.c == cin && gi.h == go.h && gi.w == go.w, "conv1x1: shape mismatch");
-    for (int64_t ci = 0; ci < cin; ++ci) entry_off.push_back(ci * gi.plane);
+    conv.packed = go.h * go.w <= kPackedPositions;
+    conv.np = round_up(go.h * go.w, L);
+    for (int64_t ci = 0; ci < cin; ++ci) entry_off.push_back(ci * (conv.packed ? conv.np : gi.plane));
   } else if (mode == kTaps3x3) {
     TORCH_CHECK(kh == 3 && kw == 3 && gi.c == 9 * cin && gi.h == go.h && gi.w == go.w, "taps3x3: shape mismatch");
     for (int64_t ci = 0; ci < cin; ++ci)
@@ -110,7 +112,20 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
   // Blocks of 4 output channels (1 where C_out is not a multiple of 4). A block keeps the entries some of its
   // channels use, sorted by the subset that uses them (stable: a dense block keeps the entry order), so a
   // pruned layer (SD-Conv) loads each input vector once per block and multiplies only its nonzero weights.
-  const int64_t cob = cout % 4 != 0 ? 1 : 4;
+  // A dense packed conv has few vectors per channel: its blocks are wider (16 channels for one or two
+  // vectors, else 8), so a tile still holds enough accumulators to keep the FMA units busy.
+  bool dense = true;
+  for (int64_t co = 0; co < cout && dense; ++co)
+    for (int64_t e = 0; e < ne && dense; ++e) dense = nonzero(co, e);
+  int64_t cob = cout % 4 != 0 ? 1 : 4;
+  if (conv.packed && dense) {
+    const int64_t nv = conv.np / L;
+    if (nv <= 2 && cout % 16 == 0) {
+      cob = 16;
+    } else if (cout % 8 == 0) {
+      cob = 8;
+    }
+  }
   std::vector<std::vector<float>> bank(k);
   for (int64_t co0 = 0; co0 < cout; co0 += cob) {
     Block b{co0, cob, static_cast<int64_t>(conv.off.size()), 0, static_cast<int64_t>(bank[0].size()), {}};
@@ -139,6 +154,10 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
   conv.dense_entries = cout * ne;
   for (int64_t j = 0; j < k; ++j) conv.w.insert(conv.w.end(), bank[j].begin(), bank[j].end());
   conv.pad = pad_mask(go);
+  if (conv.packed) {
+    conv.layout = packed_layout(go);
+    max_packed_ = std::max(max_packed_, cin * conv.np);
+  }
   // Work prefix (entries x channels) for balancing blocks across threads.
   conv.work.assign(1, 0);
   for (const auto& b : conv.blocks) conv.work.push_back(conv.work.back() + std::max<int64_t>(1, b.ne + products(b)));
@@ -236,8 +255,8 @@ int64_t ModelPlan::depthwise_conv(int64_t in, int64_t route, int64_t out, int64_
   TORCH_CHECK(kernels.dim() == 5 && kernels.size(1) == go.c && kernels.size(2) == 1 && kernels.size(3) == 3 &&
                   kernels.size(4) == 3, "depthwise conv: kernels must be [K, C, 1, 3, 3]");
   TORCH_CHECK(stride == 1 || stride == 2, "depthwise conv: stride 1 or 2");
-  TORCH_CHECK(go.h == gi.h && go.w == gi.w && gi.c == (stride == 1 ? go.c : 9 * go.c),
-              "depthwise conv: the input must be the output-sized map (stride 1) or its gathered taps (stride 2)");
+  TORCH_CHECK(gi.c == go.c && !gi.rows && go.h == (gi.h - 1) / stride + 1 && go.w == (gi.w - 1) / stride + 1,
+              "depthwise conv: the output must be the input map at the stride");
   check_residual(res, go, "depthwise conv");
   Depthwise d;
   d.in = in;
@@ -276,6 +295,29 @@ void ModelPlan::check_residual(int64_t res, const Geometry& go, const char* what
 
 // The pad mask of an output geometry over every position a share's last vector can reach: 1 at the map's
 // positions, 0 at the pads and past the map.
+// Where the lanes of each packed vector go in the padded planes of geometry go: one segment per map row a
+// vector touches.
+plan::PackedLayout ModelPlan::packed_layout(const Geometry& go) {
+  plan::PackedLayout layout;
+  layout.positions = go.h * go.w;
+  const int64_t np = round_up(layout.positions, L);
+  for (int64_t i = 0; i < layout.positions; ++i)
+    layout.padded.push_back(static_cast<int32_t>((i / go.w + 1) * go.wp + i % go.w + 1));
+  layout.seg_first.push_back(0);
+  for (int64_t j = 0; j < np / L; ++j) {
+    for (int64_t i = j * L; i < std::min<int64_t>((j + 1) * L, layout.positions);) {
+      const int64_t row_end = std::min<int64_t>({(i / go.w + 1) * go.w, (j + 1) * L, layout.positions});
+      uint32_t lanes = 0;
+      for (int64_t q = i; q < row_end; ++q) lanes |= 1u << (q - j * L);
+      layout.seg_shift.push_back(static_cast<int32_t>(layout.padded[i] - (i - j * L)));
+      layout.seg_lanes.push_back(lanes);
+      i = row_end;
+    }
+    layout.seg_first.push_back(static_cast<int32_t>(layout.seg_shift.size()));
+  }
+  return layout;
+}
+
 std::vector<float> ModelPlan::pad_mask(const Geometry& go) const {
   const int64_t first = go.wp + 1, last = go.h * go.wp + go.w + 1;
   std::vector<float> pad(first + (vectors(go) + 1) * L, 0.f);

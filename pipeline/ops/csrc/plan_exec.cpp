@@ -58,8 +58,8 @@ void ModelPlan::route(const Routing& r, const float* base, float* att, float* sc
   float* pooled = scratch;
   float* hidden = scratch + max_route_;
   pool(r.route, base, parts, pooled);
-  linear(r.fc1.data(), r.fc1_bias.data(), r.hidden, g.c, pooled, hidden, true);
-  linear(r.fc2.data(), r.fc2_bias.data(), r.outputs, r.hidden, hidden, att, false);
+  linear_lanes(r.fc1.data(), r.fc1_bias.data(), r.hidden, g.c, pooled, hidden, true);
+  linear_lanes(r.fc2.data(), r.fc2_bias.data(), r.outputs, r.hidden, hidden, att, false);
   for (const auto& [role, size, activation, inv_t] : r.heads)
     activate(att + r.at[role], size, activation, static_cast<float>(inv_t));
 }
@@ -73,6 +73,29 @@ ModelPlan::Attention ModelPlan::attend(const Routing& r, const float* base, floa
           head(kChannelHead), head(kFilterHead)};
 }
 
+namespace {
+
+// One output-channel block of a conv over n vectors from position p0, with the epilogue EP<cob> built from
+// (out, res, act, where), where is the pad mask (Epilogue) or the packed layout (PackedEpilogue).
+template <template <int> class EP, class Where>
+void run_block(int64_t cob, const float* in, const int32_t* off, const float* w, const int32_t* seg, const float* bias,
+               float* const* out, const float* const* res, int64_t act, Where where, int64_t p0, int64_t n,
+               float* sums) {
+  auto go = [&](auto tag) {
+    constexpr int kCob = decltype(tag)::value;
+    EP<kCob> ep{out, res, act, where, {}};
+    conv_block<kCob, tile_height(kCob)>(in, off, w, seg, bias, ep, p0, n, sums);
+  };
+  switch (cob) {
+    case 16: go(std::integral_constant<int, 16>{}); break;
+    case 8: go(std::integral_constant<int, 8>{}); break;
+    case 4: go(std::integral_constant<int, 4>{}); break;
+    default: go(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+}  // namespace
+
 void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const {
   const auto& gi = geometry_[c.in];
   const auto& go = geometry_[c.out];
@@ -84,14 +107,24 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
   float* routing = att + round_up(max_att_, L);        // pooled and hidden
   float* mixed = routing + round_up(max_route_ + max_hidden_, L);
   float* mixed_bias = mixed + round_up(max_ew_, L);
+  float* packed = mixed_bias + round_up(max_cout_, L);  // a packed conv's input, [C_in][np]
   const auto [a, spatial, channel, filter] =
       dynamic ? attend(c.routing, base, att, routing, nt) : Attention{att, nullptr, nullptr, nullptr};
+  if (c.packed) {  // each thread packs the whole input (C_in x h x w floats: little beside the conv's MACs)
+    for (int64_t ci = 0; ci < gi.c; ++ci) {
+      float* dst = packed + ci * c.np;
+      for (int64_t y = 0; y < gi.h; ++y) std::memcpy(dst + y * gi.w, in + ci * gi.plane + (y + 1) * gi.wp + 1, gi.w * 4);
+      std::fill(dst + gi.h * gi.w, dst + c.np, 0.f);
+    }
+    in = packed;
+  }
   // This thread's share. A large map by positions: a contiguous range of its vectors for every output
-  // channel (the rows a thread writes are mostly those it reads next, in its core's caches). A small one by
-  // output channels (blocks balanced by entry count): split by positions, its few vectors would leave each
-  // thread only short register tiles.
-  const int64_t first = go.wp + 1, nvec = vectors(go);
-  const bool by_positions = nt > 1 && nvec >= nt * kSplitTiles * (c.blocks.empty() ? 1 : kTile[c.blocks[0].cob]);
+  // channel (the rows a thread writes are mostly those it reads next, in its core's caches). A small one (and
+  // a packed conv) by output channels (blocks balanced by entry count): split by positions, its few vectors
+  // would leave each thread only short register tiles.
+  const int64_t first = c.packed ? 0 : go.wp + 1, nvec = c.packed ? c.np / L : vectors(go);
+  const bool by_positions = nt > 1 && !c.packed &&
+                            nvec >= nt * kSplitTiles * (c.blocks.empty() ? 1 : tile_height(static_cast<int>(c.blocks[0].cob)));
   int64_t v0 = 0, v1 = nvec, b0 = 0, b1 = static_cast<int64_t>(c.blocks.size());
   if (by_positions) {
     v0 = nvec * t / nt;
@@ -111,7 +144,7 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
       mix(a, c.k, c.w.data() + b.w0, c.ew, b.ne * b.cob, mixed);
       if (spatial != nullptr || channel != nullptr || filter != nullptr) {  // ODConv: a_s a_c per entry, a_f per channel
         const int32_t* entry = c.entry.data() + b.e0;
-        float fs[4] = {1.f, 1.f, 1.f, 1.f};
+        float fs[16];
         for (int64_t co = 0; co < b.cob; ++co) fs[co] = filter != nullptr ? filter[b.co0 + co] : 1.f;
         for (int64_t i = 0; i < b.ne; ++i) {
           const int64_t e = entry[i];
@@ -134,21 +167,21 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
       w = c.w.data() + b.w0;
       bias = c.bias.data() + b.co0;
     }
-    float* outs[4];
-    const float* ress[4];
+    float* outs[16];
+    const float* ress[16];
     for (int64_t co = 0; co < b.cob; ++co) {
       outs[co] = out + (b.co0 + co) * go.plane;
       ress[co] = res != nullptr ? res + (b.co0 + co) * go.plane : nullptr;
     }
     const int32_t* off = c.off.data() + b.e0;
     const float* const* r = res != nullptr ? ress : nullptr;
-    float parts[4] = {0.f, 0.f, 0.f, 0.f};
+    float parts[16] = {};
     if (v1 > v0) {
-      const float* pad = c.pad.data();
-      if (b.cob == 4) {
-        conv_block<4, kTile[4]>(in, off, w, b.seg, bias, outs, r, c.act, pad, first + v0 * L, v1 - v0, parts);
+      const int64_t p0 = first + v0 * L, n = v1 - v0;
+      if (c.packed) {
+        run_block<PackedEpilogue>(b.cob, in, off, w, b.seg, bias, outs, r, c.act, &c.layout, p0, n, parts);
       } else {
-        conv_block<1, kTile[1]>(in, off, w, b.seg, bias, outs, r, c.act, pad, first + v0 * L, v1 - v0, parts);
+        run_block<Epilogue>(b.cob, in, off, w, b.seg, bias, outs, r, c.act, c.pad.data(), p0, n, parts);
       }
     }
     for (int64_t co = 0; co < b.cob; ++co) {
@@ -234,11 +267,15 @@ void ModelPlan::run_depthwise(const Depthwise& d, float* base, float* scratch, i
       std::copy_n(d.w.data() + c * 9, 9, w);
       bias = d.bias[c];
     }
-    const float* planes[9];
-    for (int tap = 0; tap < 9; ++tap)
-      planes[tap] = d.stride == 1 ? in + c * gi.plane + offsets[tap] : in + (tap * d.c + c) * gi.plane;
-    const float part = plan::depthwise_plane(planes, w, bias, out + c * go.plane, res != nullptr ? res + c * go.plane : nullptr,
-                                             d.act, d.pad.data(), first, nvec);
+    const float* r = res != nullptr ? res + c * go.plane : nullptr;
+    float part;
+    if (d.stride == 2) {
+      part = plan::depthwise_plane_s2(in + c * gi.plane, gi.wp, w, bias, out + c * go.plane, go.wp, go.h, go.w, r, d.act);
+    } else {
+      const float* planes[9];
+      for (int tap = 0; tap < 9; ++tap) planes[tap] = in + c * gi.plane + offsets[tap];
+      part = plan::depthwise_plane(planes, w, bias, out + c * go.plane, r, d.act, d.pad.data(), first, nvec);
+    }
     for (int64_t j = 0; j < nt; ++j) sums[j * go.c + c] = j == 0 ? part : 0.f;
   }
 }
@@ -252,7 +289,15 @@ void ModelPlan::run_sample(const float* x, const Sinks& sinks, int64_t n, float*
     for (int64_t y = y0; y < y1; ++y) std::memcpy(plane + (y + 1) * g0.wp + 1, x + (c * g0.h + y) * g0.w, g0.w * 4);
     base[g0.sums + t * g0.c + c] = plane_sum(plane + (y0 + 1) * g0.wp, (y1 - y0) * g0.wp);
   }
-  for (const auto& op : ops_) {
+  const bool timed = profiling_ && t == 0;  // thread 0's clock: an op ends when the slowest thread's share does
+  auto start = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < ops_.size(); ++i) {
+    const auto& op = ops_[i];
+    if (timed) {
+      const auto now = std::chrono::steady_clock::now();
+      if (i > 0) op_seconds_[i - 1] += std::chrono::duration<double>(now - start).count();
+      start = now;
+    }
     if (nt > 1 && op.wait) {
 #pragma omp barrier
     }
@@ -282,6 +327,8 @@ void ModelPlan::run_sample(const float* x, const Sinks& sinks, int64_t n, float*
       if (t == 0) rows_gate_lists(g, base);
     }
   }
+  if (timed && !ops_.empty())
+    op_seconds_.back() += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (nt > 1) {
 #pragma omp barrier
   }
@@ -355,7 +402,7 @@ void ModelPlan::run_batch(const at::Tensor& input, const Sinks& sinks) {
   const int64_t per_image = g0.c * g0.h * g0.w;
   const int64_t pooled = head_in_ >= 0 ? geometry_[head_in_].c : 0;
   const int64_t scratch_size = round_up(max_att_, L) + round_up(max_route_ + max_hidden_, L) + round_up(max_ew_, L) +
-                               round_up(max_cout_, L) + round_up(pooled, L) + L;
+                               round_up(max_cout_, L) + std::max(round_up(pooled, L), round_up(max_packed_, L)) + L;
   const int nt = std::max(1, at::get_num_threads());
   std::lock_guard<std::mutex> guard(mutex_);  // the workspaces are the plan's
   while (static_cast<int64_t>(work_.size()) < nt) work_.push_back(std::make_unique<Workspace>());
@@ -377,7 +424,9 @@ void ModelPlan::run_batch(const at::Tensor& input, const Sinks& sinks) {
         run_sample(px + n * per_image, sinks, n, work_[0]->data.get(), scratch_[0]->data.get(), 0, 1);
     }
   };
-  if (b >= nt && nt > 1) {
+  if (profiling_) {  // timed op by op: one thread, or every thread sharing each image if the policy says so
+    run(team_policy_ == 2 ? std::min<int>(nt, kMaxTeam) : 1);
+  } else if (b >= nt && nt > 1) {
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t n = 0; n < b; ++n) {
       const int tid = omp_get_thread_num();
@@ -406,6 +455,20 @@ void ModelPlan::run_batch(const at::Tensor& input, const Sinks& sinks) {
   } else {
     run(1);
   }
+}
+
+void ModelPlan::set_profiling(bool on) {
+  std::lock_guard<std::mutex> guard(mutex_);
+  if (on) op_seconds_.assign(ops_.size(), 0.0);  // switched off, the times stay for profile()
+  profiling_ = on;
+}
+
+std::vector<std::tuple<int64_t, int64_t, double>> ModelPlan::profile() const {
+  std::lock_guard<std::mutex> guard(mutex_);
+  std::vector<std::tuple<int64_t, int64_t, double>> out;
+  for (size_t i = 0; i < ops_.size(); ++i)
+    out.emplace_back(ops_[i].kind, ops_[i].index, i < op_seconds_.size() ? op_seconds_[i] : 0.0);
+  return out;
 }
 
 void ModelPlan::set_team_policy(int64_t policy) {

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 namespace native {
 namespace plan {
@@ -22,6 +23,13 @@ constexpr int64_t kActRelu = 1;
 constexpr int64_t kActRelu6 = 2;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// How far ahead of the entry in use a conv fetches its weights (floats: 4 KiB).
+constexpr int64_t kPrefetchFloats = 1024;
+
+// Register tile height (vectors of L positions) by output-channel block size: COB x P accumulators and P input
+// vectors fit the 32 vector registers.
+constexpr int tile_height(int cob) { return cob == 1 ? 12 : cob == 4 ? 6 : cob == 8 ? 3 : 1; }
 
 [[gnu::always_inline]] inline V activated(V v, int64_t act) {
   const V zero = V{};
@@ -46,6 +54,68 @@ struct Epilogue {
   int64_t act;  // kActNone, kActRelu, kActRelu6
   const float* pad;
   V sums[COB];
+
+  // Output channel c's vector at position p: [+ residual] [activation], zero at the pads, stored and summed.
+  [[gnu::always_inline]] void store(int c, int64_t p, V v) {
+    const V zero = V{};
+    if (res != nullptr) v += *reinterpret_cast<const U*>(res[c] + p);
+    v = activated(v, act);
+    v = *reinterpret_cast<const U*>(pad + p) > zero ? v : zero;  // a select: NaN-proof
+    *reinterpret_cast<U*>(out[c] + p) = v;
+    sums[c] += v;
+  }
+};
+
+// A packed 1x1 conv's output (PackedLayout): vector j of the packed positions p = j * L .. holds the map's
+// positions in row-major order without pads; its lanes go to the padded planes row by row.
+struct PackedLayout {
+  int64_t positions = 0;           // h * w (the packed buffer holds them rounded up to L)
+  std::vector<int32_t> padded;     // per packed position: its position in the padded plane
+  std::vector<int32_t> seg_first;  // per vector j: its row segments seg_first[j] .. seg_first[j + 1]
+  std::vector<int32_t> seg_shift;  // per segment: padded position of lane 0 if the row went on (lane i -> shift + i)
+  std::vector<uint32_t> seg_lanes; // per segment: the lanes of its row (bit i = lane i)
+};
+
+template <int COB>
+struct PackedEpilogue {
+  float* const* out;
+  const float* const* res;
+  int64_t act;
+  const PackedLayout* layout;
+  V sums[COB];
+
+  [[gnu::always_inline]] void store(int c, int64_t p, V v) {
+    const int64_t j = p / L, s0 = layout->seg_first[j], s1 = layout->seg_first[j + 1];
+    const int32_t* shift = layout->seg_shift.data();
+    const uint32_t* lanes = layout->seg_lanes.data();
+#if defined(__AVX512F__)
+    __m512 x = reinterpret_cast<__m512&>(v);
+    if (res != nullptr) {
+      __m512 r = _mm512_setzero_ps();
+      for (int64_t s = s0; s < s1; ++s) r = _mm512_mask_loadu_ps(r, static_cast<__mmask16>(lanes[s]), res[c] + shift[s]);
+      x = _mm512_add_ps(x, r);
+    }
+    V a = activated(reinterpret_cast<V&>(x), act);
+    __mmask16 valid = 0;
+    for (int64_t s = s0; s < s1; ++s) {
+      _mm512_mask_storeu_ps(out[c] + shift[s], static_cast<__mmask16>(lanes[s]), reinterpret_cast<__m512&>(a));
+      valid |= static_cast<__mmask16>(lanes[s]);
+    }
+    const __m512 kept = _mm512_maskz_mov_ps(valid, reinterpret_cast<__m512&>(a));  // lanes past h * w: not summed
+    sums[c] += reinterpret_cast<const V&>(kept);
+#else
+    alignas(64) float lane[L];
+    *reinterpret_cast<U*>(lane) = v;
+    V kept = V{};
+    for (int64_t i = 0; i < L && p + i < layout->positions; ++i) {
+      const int64_t q = layout->padded[p + i];
+      float x = lane[i] + (res != nullptr ? res[c][q] : 0.f);
+      out[c][q] = x = activated(x, act);
+      kept[i] = x;
+    }
+    sums[c] += kept;
+#endif
+  }
 };
 
 // Add the entries [e0, e1) to a tile's accumulators: P loads per entry, one FMA per vector for each output
@@ -58,6 +128,9 @@ template <int COB, int P, int M>
     V x[P];
     for (int j = 0; j < P; ++j) x[j] = *reinterpret_cast<const U*>(src + pos[j]);
     const float* we = w + e * COB;
+    // The weights stream through once per image (at batch 1 a small map uses each only h * w times): fetch
+    // them ahead, the hardware prefetchers alone left the 4 x 4 layers waiting on memory (2 x slower).
+    __builtin_prefetch(we + kPrefetchFloats);
     for (int c = 0; c < COB; ++c) {
       if ((M >> c) & 1) {
         const float wc = we[c];
@@ -79,9 +152,9 @@ template <int P, int... M>
 // channels that use them (entries seg[m] .. seg[m + 1] are used by the channels of bitmask m), so each input
 // vector is loaded once for the block and multiplied only where a weight is nonzero; a 1-channel block's
 // entries are seg[0] .. seg[1].
-template <int COB, int P>
+template <int COB, int P, class EP>
 inline void conv_tile(const float* in, const int32_t* off, const float* w, const int32_t* seg, const float* bias,
-                      Epilogue<COB>& ep, const int64_t* pos) {
+                      EP& ep, const int64_t* pos) {
   V acc[COB][P];
   for (int c = 0; c < COB; ++c)
     for (int j = 0; j < P; ++j) acc[c][j] = V{} + bias[c];
@@ -90,23 +163,14 @@ inline void conv_tile(const float* in, const int32_t* off, const float* w, const
   } else {
     accumulate<COB, P, (1 << COB) - 1>(in, off, w, seg[0], seg[1], acc, pos);
   }
-  const V zero = V{};
-  for (int c = 0; c < COB; ++c) {
-    for (int j = 0; j < P; ++j) {
-      V v = acc[c][j];
-      if (ep.res != nullptr) v += *reinterpret_cast<const U*>(ep.res[c] + pos[j]);
-      v = activated(v, ep.act);
-      v = *reinterpret_cast<const U*>(ep.pad + pos[j]) > zero ? v : zero;  // a select: NaN-proof
-      *reinterpret_cast<U*>(ep.out[c] + pos[j]) = v;
-      ep.sums[c] += v;
-    }
-  }
+  for (int c = 0; c < COB; ++c)
+    for (int j = 0; j < P; ++j) ep.store(c, pos[j], acc[c][j]);
 }
 
 // A tile of r < PMAX vectors: P = r, chosen at run time.
-template <int COB, int P>
+template <int COB, int P, class EP>
 inline void conv_tail(int64_t r, const float* in, const int32_t* off, const float* w, const int32_t* seg,
-                      const float* bias, Epilogue<COB>& ep, const int64_t* pos) {
+                      const float* bias, EP& ep, const int64_t* pos) {
   if constexpr (P > 0) {
     if (r == P) {
       conv_tile<COB, P>(in, off, w, seg, bias, ep, pos);
@@ -116,14 +180,13 @@ inline void conv_tail(int64_t r, const float* in, const int32_t* off, const floa
   }
 }
 
-// The nvec vectors starting at positions first, first + L, ..., in tiles of PMAX; sums[c] gets the sum of
-// what channel c stored.
-template <int COB, int PMAX>
-void conv_block(const float* in, const int32_t* off, const float* w, const int32_t* seg, const float* bias,
-                float* const* out, const float* const* res, int64_t act, const float* pad, int64_t first, int64_t nvec,
-                float* sums) {
-  Epilogue<COB> ep{out, res, act, pad, {}};
+// The nvec vectors starting at positions first, first + L, ..., in tiles of PMAX, stored through the epilogue ep;
+// sums[c] gets the sum of what channel c stored.
+template <int COB, int PMAX, class EP>
+void conv_block(const float* in, const int32_t* off, const float* w, const int32_t* seg, const float* bias, EP& ep,
+                int64_t first, int64_t nvec, float* sums) {
   int64_t pos[PMAX];
+  for (int c = 0; c < COB; ++c) ep.sums[c] = V{};
   for (int64_t v = 0; v < nvec; v += PMAX) {
     const int64_t n = std::min<int64_t>(PMAX, nvec - v);
     for (int64_t j = 0; j < n; ++j) pos[j] = first + L * (v + j);
@@ -205,6 +268,56 @@ inline float depthwise_plane(const float* const* in, const float* w, float bias,
   }
   for (; v < nvec; ++v) one(first + v * L);
   return lane_sum(sums);
+}
+
+// Depthwise 3x3 conv, stride 2, padding 1, of one channel: out[oy][ox] = act(bias + sum_t w[t] *
+// in[2 oy + ky][2 ox + kx] [+ res]) with in, out and res padded planes (row widths wpi, wpo); each tap's
+// even columns are picked from the input row in registers (no gathered tap planes). Writes the interior only
+// (the pads stay zero). Returns the sum of what it stored.
+inline float depthwise_plane_s2(const float* in, int64_t wpi, const float* w, float bias, float* out, int64_t wpo,
+                                int64_t ho, int64_t wo, const float* res, int64_t act) {
+  float total = 0.f;
+#if defined(__AVX512F__)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  V sums = V{};
+  for (int64_t oy = 0; oy < ho; ++oy) {
+    const float* rows = in + 2 * oy * wpi;  // padded input rows 2 oy .. 2 oy + 2
+    float* o = out + (oy + 1) * wpo + 1;
+    const float* r = res != nullptr ? res + (oy + 1) * wpo + 1 : nullptr;
+    for (int64_t ox = 0; ox < wo; ox += L) {
+      const int64_t n = std::min<int64_t>(L, wo - ox), span = 2 * n - 1;  // inputs a tap's n outputs read
+      const __mmask16 lo = static_cast<__mmask16>(span >= 16 ? 0xFFFF : (1u << span) - 1);
+      const __mmask16 hi = static_cast<__mmask16>(span > 16 ? (1u << (span - 16)) - 1 : 0);
+      const __mmask16 lanes = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
+      __m512 acc = _mm512_set1_ps(bias);
+      for (int64_t ky = 0; ky < 3; ++ky)
+        for (int64_t kx = 0; kx < 3; ++kx) {
+          const float* src = rows + ky * wpi + 2 * ox + kx;
+          const __m512 v = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, src), even,
+                                                  _mm512_maskz_loadu_ps(hi, src + 16));
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(w[ky * 3 + kx]), v, acc);
+        }
+      if (r != nullptr) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(lanes, r + ox));
+      V a = activated(reinterpret_cast<V&>(acc), act);
+      const __m512 kept = _mm512_maskz_mov_ps(lanes, reinterpret_cast<__m512&>(a));
+      _mm512_mask_storeu_ps(o + ox, lanes, kept);
+      sums += reinterpret_cast<const V&>(kept);
+    }
+  }
+  total = lane_sum(sums);
+#else
+  for (int64_t oy = 0; oy < ho; ++oy)
+    for (int64_t ox = 0; ox < wo; ++ox) {
+      float acc = bias;
+      for (int64_t ky = 0; ky < 3; ++ky)
+        for (int64_t kx = 0; kx < 3; ++kx) acc += w[ky * 3 + kx] * in[(2 * oy + ky) * wpi + 2 * ox + kx];
+      const int64_t q = (oy + 1) * wpo + 1 + ox;
+      if (res != nullptr) acc += res[q];
+      out[q] = acc = activated(acc, act);
+      total += acc;
+    }
+#endif
+  return total;
 }
 
 }  // namespace plan

@@ -96,6 +96,12 @@ class PlanBuilder:
         self.rows: set[int] = set()  # rows buffers (DynConv's sparse blocks); the others are planes
         self.copies: dict[int, int] = {}  # buffer -> its copy in the other layout
         self.gate_maps: list[tuple[int, int]] = []  # per rows gate: its mask and dilated mask buffers
+        self.labels: list[str] = []  # per op, in op order: what it computes (the plan's profile() names)
+
+    def _label(self, what: str, out: int, x: int | None = None) -> None:
+        """Name the op just added: what it computes, its input and output shapes."""
+        shape = "x".join(map(str, self.shapes[out]))
+        self.labels.append(f"{what} ({'x'.join(map(str, self.shapes[x])) + ' -> ' if x is not None else ''}{shape})")
 
     # ------------------------------------------------------------------ buffers
     def buffer(self, c: int, h: int, w: int, rows: bool = False) -> int:
@@ -116,6 +122,7 @@ class PlanBuilder:
         if x not in self.copies:
             self.copies[x] = self.buffer(*self.shapes[x])
             self.plan.to_planes(x, self.copies[x])
+            self._label("to_planes", x)
         return self.copies[x]
 
     def _reads(self, src: int, ks: int, stride: int) -> tuple[int, int, int, int]:
@@ -128,6 +135,7 @@ class PlanBuilder:
         if src not in self.taps:
             self.taps[src] = self.buffer(9 * c, ho, wo)
             self.plan.gather(src, self.taps[src])
+            self._label("gather stride-2 taps", src)
         return self.taps[src], (2 if ks == 3 else 3), ho, wo
 
     # ------------------------------------------------------------------ modules
@@ -169,6 +177,7 @@ class PlanBuilder:
         read, mode, ho, wo = self._reads(x, weight.shape[-1], stride)
         out = self.buffer(weight.shape[0], ho, wo)
         self.plan.fixed_conv(read, out, res, act, mode, _f(weight), _f(bias))
+        self._label(f"{name} static {weight.shape[-1]}x{weight.shape[-1]}", out, x)
         return out
 
     def mixture(self, name: str, x: int, kernels: torch.Tensor, bias: torch.Tensor | None, routing: Routing,
@@ -179,17 +188,19 @@ class PlanBuilder:
         read, mode, ho, wo = self._reads(x, kernels.shape[-1], stride)
         out = self.buffer(kernels.shape[1], ho, wo)
         self.plan.dynamic_conv(read, x, out, res, act, mode, _f(kernels), _f(bias), *self._routing(routing))
+        self._label(f"{name} dynamic {kernels.shape[-1]}x{kernels.shape[-1]}", out, x)
         return out
 
     def depthwise(self, name: str, x: int, kernels: torch.Tensor, bias: torch.Tensor | None,
                   routing: Routing | None, stride: int, res: int = -1, act: int = ACT_NONE) -> int:
         """A depthwise 3x3 conv (padding 1): kernels [K, C, 1, 3, 3] (K = 1 without a routing)."""
         x, res = self.planes(x), self.planes(res)
-        read, _, ho, wo = self._reads(x, 3, stride)
-        out = self.buffer(kernels.shape[1], ho, wo)
+        _, h, w = self.shapes[x]
+        out = self.buffer(kernels.shape[1], (h - 1) // stride + 1, (w - 1) // stride + 1)
         fc = self._routing(routing) if routing is not None else (None, None, None, None, [])
-        self.plan.depthwise_conv(read, x if routing is not None else -1, out, res, act, stride, _f(kernels),
+        self.plan.depthwise_conv(x, x if routing is not None else -1, out, res, act, stride, _f(kernels),
                                  _f(bias), *fc)  # fmt: skip
+        self._label(f"{name} depthwise", out, x)
         return out
 
     @staticmethod
@@ -219,6 +230,7 @@ class PlanBuilder:
         if x not in self.copies:
             self.copies[x] = self.buffer(*self.shapes[x], rows=True)
             self.plan.to_rows(x, self.copies[x])
+            self._label("to_rows", x)
         return self.copies[x]
 
     def rows_conv(self, x: int, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, act: int = ACT_NONE,
@@ -229,6 +241,8 @@ class PlanBuilder:
         _, h, w = self.shapes[x]
         out = self.buffer(weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1, rows=True)
         self.plan.rows_conv(x, out, res, act, stride, _f(weight), _f(bias), gate, which)
+        self._label(f"rows {weight.shape[-1]}x{weight.shape[-1]}" + ("" if gate < 0 else " at mask" if which else
+                                                                       " at dilated mask"), out, x)
         return out
 
     def rows_depthwise(self, x: int, weight: torch.Tensor, bias: torch.Tensor, act: int = ACT_NONE, gate: int = -1,
@@ -238,6 +252,7 @@ class PlanBuilder:
         x = self.as_rows(x)
         out = self.buffer(*self.shapes[x], rows=True)
         self.plan.rows_depthwise(x, out, act, _f(weight), _f(bias), gate, which)
+        self._label("rows depthwise" + ("" if gate < 0 else " at mask" if which else " at dilated mask"), out, x)
         return out
 
     def rows_gate(self, x: int, stride: int, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
@@ -249,8 +264,10 @@ class PlanBuilder:
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
         mask, dilated = self.buffer(1, ho, wo), self.buffer(1, ho, wo)
         self.gate_maps.append((mask, dilated))
-        return self.plan.rows_gate(x, mask, dilated, stride, _f(conv_weight), _f(conv_bias), _f(fc_weight),
+        gate = self.plan.rows_gate(x, mask, dilated, stride, _f(conv_weight), _f(conv_bias), _f(fc_weight),
                                    _f(fc_bias))  # fmt: skip
+        self._label("rows mask unit", mask, x)
+        return gate
 
     def conv_on_rows(self, name: str, conv: nn.Module, x: int, act: int = ACT_NONE) -> int:
         """A plain conv at every position of rows (the stem before a sparse block: copying its input to rows
