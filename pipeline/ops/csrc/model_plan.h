@@ -251,11 +251,13 @@ class ModelPlan : public SourceWatch {
   // The full tiles (plan::tile_height vectors) per thread a layer needs to be shared by positions rather than
   // by channels.
   static constexpr int64_t kSplitTiles = 1;
-  // A 1x1 conv on a map of at most this many positions runs packed (Conv::packed): each thread copies C_in x
-  // positions floats, little beside the conv's C_out x C_in x positions MACs, and spares the pad columns and the
-  // select that zeroes them (at 32 x 32 with 24 input channels: 165 -> 138 us). Larger maps stay on planes,
-  // where pads are few and a packed copy per thread would outgrow the caches.
+  // A 1x1 conv on a map of at most kPackedPositions positions whose packed input takes at most kPackedBytes runs
+  // packed (Conv::packed): each thread copies C_in x positions floats, little beside the conv's C_out x C_in x
+  // positions MACs, and spares the pad columns and the select that zeroes them (at 32 x 32 with 24 input
+  // channels: 165 -> 138 us in the model). A larger copy would push the planes it was read from out of the
+  // core's L2 (144 input channels at 32 x 32: 113 -> 210 us in the model); larger maps have few pads anyway.
   static constexpr int64_t kPackedPositions = 1024;
+  static constexpr int64_t kPackedBytes = 256 << 10;
   static int64_t vectors(const Geometry& g);
   static int64_t products(const Block& b);
   // Where a batch's results go: logits (one sink) or the output maps, sample n at ptr[k] + n * per_sample[k].

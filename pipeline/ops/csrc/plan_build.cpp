@@ -87,8 +87,8 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
         for (int64_t kx = 0; kx < 3; ++kx) entry_off.push_back(ci * gi.plane + (ky - 1) * gi.wp + (kx - 1));
   } else if (mode == kConv1x1) {
     TORCH_CHECK(kh == 1 && kw == 1 && gi.c == cin && gi.h == go.h && gi.w == go.w, "conv1x1: shape mismatch");
-    conv.packed = go.h * go.w <= kPackedPositions;
     conv.np = round_up(go.h * go.w, L);
+    conv.packed = go.h * go.w <= kPackedPositions && cin * conv.np * 4 <= kPackedBytes;
     for (int64_t ci = 0; ci < cin; ++ci) entry_off.push_back(ci * (conv.packed ? conv.np : gi.plane));
   } else if (mode == kTaps3x3) {
     TORCH_CHECK(kh == 3 && kw == 3 && gi.c == 9 * cin && gi.h == go.h && gi.w == go.w, "taps3x3: shape mismatch");

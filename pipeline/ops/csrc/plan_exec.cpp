@@ -246,23 +246,20 @@ void ModelPlan::run_depthwise(const Depthwise& d, float* base, float* scratch, i
   const int64_t c0 = d.c * t / nt, c1 = d.c * (t + 1) / nt;
   float* sums = base + go.sums;
   const int64_t offsets[9] = {-go.wp - 1, -go.wp, -go.wp + 1, -1, 0, 1, go.wp - 1, go.wp, go.wp + 1};
+  // A routed op mixes this thread's channels' kernels (and biases) at once, in vectors.
+  float* mixed = routing + round_up(max_route_ + max_hidden_, L);
+  float* mixed_bias = mixed + round_up(max_ew_, L);
+  if (a != nullptr) {
+    mix(a, d.k, d.w.data() + c0 * 9, d.c * 9, (c1 - c0) * 9, mixed);
+    if (d.bias_mixed) mix(a, d.k, d.bias.data() + c0, d.c, c1 - c0, mixed_bias);
+  }
   for (int64_t c = c0; c < c1; ++c) {
     float w[9];
     float bias;
     if (a != nullptr) {
-      for (int tap = 0; tap < 9; ++tap) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < d.k; ++j) acc += a[j] * d.w[(j * d.c + c) * 9 + tap];
-        const float s = (spatial != nullptr ? spatial[tap] : 1.f) * (channel != nullptr ? channel[c] : 1.f) *
-                        (filter != nullptr ? filter[c] : 1.f);
-        w[tap] = acc * s;
-      }
-      bias = 0.f;
-      if (d.bias_mixed) {
-        for (int64_t j = 0; j < d.k; ++j) bias += a[j] * d.bias[j * d.c + c];
-      } else {
-        bias = d.bias[c];
-      }
+      const float s = (channel != nullptr ? channel[c] : 1.f) * (filter != nullptr ? filter[c] : 1.f);
+      for (int tap = 0; tap < 9; ++tap) w[tap] = mixed[(c - c0) * 9 + tap] * (spatial != nullptr ? spatial[tap] * s : s);
+      bias = d.bias_mixed ? mixed_bias[c - c0] : d.bias[c];
     } else {
       std::copy_n(d.w.data() + c * 9, 9, w);
       bias = d.bias[c];
