@@ -18,6 +18,7 @@ METHODS = ("dynet",)
 def mobilenetv2(params: dict) -> None:
     params["model"] = {"arch": "cifar_mobilenetv2", "width": 0.25}
     params["pretrain"]["epochs"] = 1  # timing and the plan's function need no accuracy
+    params["pretrain"]["schedule"]["warmup_epochs"] = 0
     params["convert"] = {m: params["convert"][m] for m in METHODS}
     params["controls"] = []
     params["search"] = {}
