@@ -342,6 +342,9 @@ class OptunaCfg(Section):
     # grace_period s belongs to a dead worker (any host) and is reclaimed: marked FAIL, its params run again.
     heartbeat_interval: Annotated[Int, Field(ge=1, le=3600)]
     grace_period: Annotated[Int, Field(ge=2, le=86400)]
+    # RDB storages: a worker whose database went away (a restart) retries its calls for up to
+    # reconnect_timeout s, then stops with one line; its running trial is reclaimed once the database is back.
+    reconnect_timeout: Annotated[Int, Field(ge=1, le=86400)]
 
     @field_validator("storage")
     @classmethod

@@ -22,6 +22,12 @@ at each look with repeated p-values under the alpha-spending function
 The looks are fixed before the first seed runs and recorded in the study's
 MLflow run, so `report` rebuilds the same analysis.
 
+One study runs in a workspace at a time: `run` holds a lock file
+(`.dvc/tmp/study.lock`) for its whole run, and another `run` in the same
+workspace meanwhile stops at once with one line naming the study that holds it
+and its pid (its experiments would share the workspace's Optuna stores and
+DVC's lock).
+
 A study pools one code version: `run` refuses uncommitted code changes, and a
 study name whose runs came from another commit stops with both commits named.
 By default the experiments run the stages the verdicts read and what those
@@ -41,15 +47,21 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from pipeline import methods
 from pipeline.claims import Sequential, stages_read
 from pipeline.cli import run_stage
 from pipeline.config import Config
 from pipeline.errors import DataError, UserError
+from pipeline.paths import repo_root
 from pipeline.report.study import build_study_report, integrity, judge_setting, load, settings
+from pipeline.search.storage import LockBusy, file_lock
 from pipeline.tracking import client_and_experiment, find_or_create_run, git_state, start_child_run
 
 
@@ -132,9 +144,35 @@ def _unresolved(cfg: Config, name: str, plan: Sequential | None) -> list[str]:
             if j.verdict == "inconclusive" or j.verdict.startswith("incomplete")]
 
 
-def main(cfg: Config, action: str, name: str, seeds: str = "0,1,2", set: list[str] | None = None,
-         stage: list[str] | None = None, all_stages: bool = False, vary_data_seed: bool = False,
-         until_resolved: bool = False, max_seeds: int | None = None, min_seeds: int = 3, round: int = 1) -> None:
+STUDY_LOCK = Path(".dvc/tmp/study.lock")  # under the repository root, ignored by git like DVC's own lock
+
+
+def lock_path() -> Path:
+    return repo_root() / STUDY_LOCK
+
+
+@contextmanager
+def one_study_at_a_time(name: str) -> Iterator[None]:
+    """Hold the workspace's study lock, or stop at once naming the study that holds it."""
+    with ExitStack() as held:
+        try:
+            held.enter_context(file_lock(lock_path(), wait=False, holder=f"study {name} (pid {os.getpid()})"))
+        except LockBusy as busy:
+            raise UserError(f"study {name}: {busy.holder or 'another study'} is running in this workspace "
+                            f"({STUDY_LOCK} is locked); wait for it to end, or run this one in another clone") from None
+        yield
+
+
+def main(cfg: Config, action: str, name: str, **options) -> None:
+    if action != "run":
+        return _main(cfg, action, name, **options)
+    with one_study_at_a_time(name):
+        _main(cfg, action, name, **options)
+
+
+def _main(cfg: Config, action: str, name: str, seeds: str = "0,1,2", set: list[str] | None = None,
+          stage: list[str] | None = None, all_stages: bool = False, vary_data_seed: bool = False,
+          until_resolved: bool = False, max_seeds: int | None = None, min_seeds: int = 3, round: int = 1) -> None:
     client, exp_id = client_and_experiment(cfg)
     parent = _study_parent(client, exp_id, name)
     plan = _recorded_plan(client, parent, cfg)

@@ -3,8 +3,10 @@
 Local (socket) connections are trusted, for setting up roles; TCP connections
 need a password (scram-sha-256), so a client that connects has really used the
 one it was given. As root the server runs as the ``postgres`` user (it refuses
-root). Without PostgreSQL's binaries the tests that need it are skipped,
-unless ``PIPELINE_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), where that is a failure.
+root). ``restart()``, ``stop()`` and ``start()`` run its own ``pg_ctl`` as that
+user, for tests of clients that outlive a restart. Without PostgreSQL's binaries
+the tests that need it are skipped, unless ``PIPELINE_REQUIRE_POSTGRES=1`` (set
+by ``.ci/run``), where that is a failure.
 """
 
 from __future__ import annotations
@@ -43,6 +45,24 @@ class Server:
         self.sql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
         self.sql(f"CREATE DATABASE {database} OWNER {user}")
 
+    def stop(self) -> None:
+        """Stop the server as a restart does (``-m fast``: clients are disconnected, open transactions
+        rolled back)."""
+        _run([str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop"])
+
+    def start(self) -> None:
+        _run([str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-l", str(self.folder / "log"), "-w",
+              "-o", _options(self.port, self.folder), "start"])
+
+    def restart(self) -> None:
+        """``pg_ctl restart``: every connection of every client dies, the data stays."""
+        _run([str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-l", str(self.folder / "log"),
+              "-m", "fast", "-w", "-o", _options(self.port, self.folder), "restart"])
+
+    def is_up(self) -> bool:
+        return subprocess.run(_as_server_user([str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"),
+                                               "status"]), capture_output=True, timeout=30).returncode == 0
+
 
 def bindir() -> Path | None:
     found = shutil.which("initdb")
@@ -63,6 +83,10 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def _options(port: int, folder: Path) -> str:
+    return f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,8 +104,8 @@ def running() -> Iterator[Server]:
     data, port = folder / "data", _free_port()
     _run([str(bins / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust",
           "--auth-host=scram-sha-256", "-E", "UTF8", "--no-instructions"])
-    _run([str(bins / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
-          f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"])
+    _run([str(bins / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o", _options(port, folder),
+          "start"])
     try:
         yield Server(port, folder, bins)
     finally:

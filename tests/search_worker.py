@@ -1,8 +1,10 @@
 """A search worker on a cheap objective, run as its own process by tests/test_search.py.
 
-    python tests/search_worker.py STORE STUDY N_TRIALS SLEEP SEED OUT_JSON [HEARTBEAT GRACE]
+    python tests/search_worker.py STORE STUDY N_TRIALS SLEEP SEED OUT_JSON [HEARTBEAT GRACE [RECONNECT]]
 
-STORE is a journal file, or an RDB URL (heartbeats every HEARTBEAT s, stale after GRACE s).
+STORE is a journal file, or an RDB URL (heartbeats every HEARTBEAT s, stale after GRACE s, a database that
+went away waited for RECONNECT s). A UserError ends it with one line on stderr and exit status 2, as the
+stages do.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import optuna  # noqa: E402
 from optuna.storages.journal import JournalFileBackend  # noqa: E402
 
 from pipeline.config import TPESamplerCfg  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
 from pipeline.search.storage import make_sampler, make_storage, run_worker  # noqa: E402
 
 TPE_3 = TPESamplerCfg(name="tpe", n_startup_trials=3, multivariate=True, constant_liar=True, group=False,
@@ -29,7 +32,8 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if "://" in store:
         heartbeat, grace = (int(v) for v in sys.argv[7:9])
-        storage = make_storage(store, "test", heartbeat, grace)
+        reconnect = {"reconnect_timeout": float(sys.argv[9])} if len(sys.argv) > 9 else {}
+        storage = make_storage(store, "test", heartbeat, grace, **reconnect)
         lock = Path(out).with_suffix(".lock")  # unused: the database holds the lock
     else:
         storage = optuna.storages.JournalStorage(JournalFileBackend(store))
@@ -48,4 +52,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:
+        print(f"search worker: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,5 +1,5 @@
 """Study integrity on constructed MLflow runs: one code version, each seed once, incomplete seeds, and a
-rerun of a study name on a new commit."""
+rerun of a study name on a new commit; one `study run` per workspace at a time."""
 
 from __future__ import annotations
 
@@ -98,3 +98,38 @@ def test_a_data_seed_study_treats_the_data_seed_as_part_of_the_seed(store):
         store("s", s, "a" * 40, seed_stages(0.94), extra={"data.seed": str(s), "tracking.vary_data_seed": "True"})
     groups = study_report.settings(study_report.load("s", EXPERIMENT))
     assert len(groups) == 1 and groups[0].seeds == ["0/0", "1/1"]
+
+
+def test_a_second_study_run_in_the_same_workspace_stops_at_once(monkeypatch):
+    """While one `study run` holds the workspace, another stops with one line naming it and its pid, before
+    it touches MLflow or DVC, and leaves the first's lock as it was."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.search.storage import LockBusy, file_lock
+    from stages import study
+
+    from .conftest import REPO
+
+    holder = f"study first (pid {os.getpid()})"
+    try:
+        held = file_lock(study.lock_path(), wait=False, holder=holder)
+        held.__enter__()
+    except LockBusy:
+        pytest.skip("a study is running in this workspace")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "stages.study", "run", "second"], cwd=REPO, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        monkeypatch.setattr(study, "client_and_experiment", lambda cfg: pytest.fail("the refused run reached MLflow"))
+        with pytest.raises(UserError, match=r"^study third: study first \(pid \d+\) is running in this workspace"):
+            study.main(config(), "run", "third")
+        assert study.lock_path().read_text() == holder
+    finally:
+        held.__exit__(None, None, None)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"study: error: study second: {holder} is running in this workspace (.dvc/tmp/study.lock is locked); "
+        "wait for it to end, or run this one in another clone"]
+    with study.one_study_at_a_time("fourth"):  # free again once the first ends
+        assert study.lock_path().read_text() == f"study fourth (pid {os.getpid()})"

@@ -47,7 +47,7 @@ def open_study(ctx: SearchContext, sampler_seed: int):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(storage_url(ctx.cfg.optuna.storage), ctx.method.name, ctx.cfg.optuna.heartbeat_interval,
-                           ctx.cfg.optuna.grace_period)
+                           ctx.cfg.optuna.grace_period, ctx.cfg.optuna.reconnect_timeout)
     directions = ["maximize"] + ["minimize"] * (len(ctx.objectives) - 1)
     study = optuna.create_study(storage=storage, study_name=f"{ctx.method.name}-{ctx.study_key[:12]}",
                                 directions=directions, load_if_exists=True)  # fmt: skip
