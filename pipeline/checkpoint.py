@@ -14,21 +14,20 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import replacing
 from pipeline.errors import CheckpointError
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write to a temporary file in the same folder, then rename: never a half-written file
+    (:func:`pipeline.atomic.replacing`; a full disk is one line naming ``path``)."""
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import traceback
@@ -27,8 +28,9 @@ def run_stage(
     flags, passed on as keyword arguments.
 
     Validation happens before ``main`` touches any output. A :class:`UserError`
-    anywhere prints ``<stage>: error: <message>`` and exits 2; anything else is
-    a bug and keeps its traceback (exit 1). Both show URLs without credentials.
+    anywhere prints ``<stage>: error: <message>`` and exits 2, as does a full
+    disk under any write; anything else is a bug and keeps its traceback
+    (exit 1). Both show URLs without credentials.
     ``data_parallel`` stages run themselves under torchrun when params ask
     (``distributed.nproc_per_node`` > 1, :mod:`pipeline.distributed`).
     """
@@ -56,6 +58,13 @@ def run_stage(
     except KeyboardInterrupt:
         print(f"{label}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):  # a bug: keep the traceback, without credentials
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+            sys.exit(1)
+        # a write outside the project's own writers (pipeline/atomic.py), e.g. a library's cache
+        print(redact(f"{label}: error: cannot write {err.filename or 'a file'}: no space left on device"), file=sys.stderr)
+        sys.exit(2)
     except Exception:  # a bug: keep the traceback, without credentials
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         sys.exit(1)

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from pipeline.atomic import replacing, write_text
+
 
 def _clean(value):
     if isinstance(value, float):
@@ -15,8 +17,7 @@ def _clean(value):
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: _clean(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps({k: _clean(v) for k, v in metrics.items()}, indent=2, sort_keys=True) + "\n")
 
 
 PER_IMAGE = "per_image.json"
@@ -30,10 +31,9 @@ def write_per_image(path: Path, task: str, labels, values: dict[str, list]) -> N
 
     labels = [int(v) for v in labels]
     digest = hashlib.sha256(json.dumps(labels).encode()).hexdigest()[:16]
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = {"task": task, "split": "test", "images": len(labels), "labels_sha256": digest,
             "values": {k: [_clean(float(v)) for v in vs] for k, vs in values.items()}}
-    path.write_text(json.dumps(body) + "\n")
+    write_text(path, json.dumps(body) + "\n")
 
 
 def read_json(path: Path) -> dict:
@@ -42,9 +42,8 @@ def read_json(path: Path) -> dict:
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
     """One row per epoch; ``epoch`` is 1-based in the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for row in history for k in row))
-    with path.open("w", newline="") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for row in history:

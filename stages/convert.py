@@ -12,9 +12,8 @@ one MLflow run.
 
 from __future__ import annotations
 
-import json
-
 from pipeline import distributed, methods
+from pipeline.atomic import write_json
 from pipeline.cli import run_stage
 from pipeline.complexity import count_macs
 from pipeline.config import Config, fingerprint, to_dict
@@ -67,7 +66,7 @@ def main(cfg: Config, name: str) -> None:
                         {"test_acc": result.test_correct, **method.per_image(model, test_x, p)})
         write_metrics(out / "timing.json", result.timing)
         write_history(out / "history.csv", result.history)
-        (out / "layers.json").write_text(json.dumps(layers, indent=2) + "\n")
+        write_json(out / "layers.json", layers)
         run.log_metrics(metrics, prefix="final.")
         for kind, values in layers.items():
             run.log_metrics(values, prefix=f"layer.{kind}.")

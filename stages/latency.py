@@ -27,8 +27,7 @@ dynamic-conv layers and sparse blocks on the per-layer compiled kernels
 
 from __future__ import annotations
 
-import json
-
+from pipeline.atomic import write_json
 from pipeline.cli import run_stage
 from pipeline.config import Config
 from pipeline.data import read_card
@@ -46,7 +45,7 @@ def main(cfg: Config) -> None:
     with stage_run("latency", cfg) as run:
         result, summary, flat = measure(cfg, malloc_tuned)
         OUT.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(RESULTS / "latency.json", result)
         write_metrics(OUT / "metrics.json", summary)
         run.log_metrics(flat, prefix="latency.")
         run.log_metrics(summary, prefix="final.")

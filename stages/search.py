@@ -21,9 +21,8 @@ final model ``models/search_<method>.pt``.
 
 from __future__ import annotations
 
-import json
-
 from pipeline import methods
+from pipeline.atomic import write_json
 from pipeline.cli import run_stage
 from pipeline.config import Config
 from pipeline.data import read_card
@@ -50,13 +49,12 @@ def main(cfg: Config, name: str, worker: bool = False) -> None:
         save_method_model(ctx.method.searched_file, model, ctx.method, ctx.p, cfg, dense_record,
                           metrics=stable, search_params=dict(s.chosen.params), study=s.study.study_name)
         best = best_record(ctx, s, final, layers)
-        (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+        write_json(out / "best.json", best)
         # The stage's declared store folder; in a `dvc exp` temporary copy the
         # journal itself lives in the repository's folder, this file says where.
         pointer = STORE_OUT / name / "study.json"
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        pointer.write_text(json.dumps({"study_name": s.study.study_name, "storage": best["storage"],
-                                       "complete_trials": s.counts["complete"]}, indent=2) + "\n")
+        write_json(pointer, {"study_name": s.study.study_name, "storage": best["storage"],
+                             "complete_trials": s.counts["complete"]})
         write_metrics(out / "metrics.json", final)
         run.log_metrics(final, prefix="final.")
         close_study_run(run, s, best)

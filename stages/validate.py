@@ -11,6 +11,7 @@ invalid one stops `dvc repro` here, before any earlier output is removed.
 from __future__ import annotations
 
 from pipeline import methods
+from pipeline.atomic import write_text
 from pipeline.cli import run_stage
 from pipeline.config import Config
 from pipeline.paths import RESULTS
@@ -20,8 +21,7 @@ MARKER = RESULTS / "validate" / "params-ok"
 
 def main(cfg: Config) -> None:
     methods.validate(cfg)
-    MARKER.parent.mkdir(parents=True, exist_ok=True)
-    MARKER.write_text("params.yaml is valid\n")
+    write_text(MARKER, "params.yaml is valid\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import replacing, write_json
 from pipeline.config import Config, DatasetCfg
 from pipeline.data import digits, real
 from pipeline.errors import DataError
@@ -130,10 +131,11 @@ def write_prepared(tasks: dict[str, Task], cfg: Config, out: Path = PREPARED) ->
             x, y = task.splits[split]
             for suffix, arr in (("x", x), ("y", y)):
                 path = folder / f"{split}_{suffix}.npy"
-                np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
+                with replacing(path) as tmp:
+                    np.save(tmp, np.ascontiguousarray(arr), allow_pickle=False)
                 files[f"{split}_{suffix}.npy"] = sha256_file(path)
         card["tasks"][name] = task_card(task, getattr(cfg.data, name), files)
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_json(out / "card.json", card)
     return card
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
+import time
 from pathlib import Path
 
+from pipeline.atomic import write_text
 from pipeline.config import Config
 from pipeline.paths import REPORTS
 from pipeline.report.collect import collect
@@ -17,14 +18,19 @@ TITLE = "Dynamic convolution ablation report"
 
 def build_report(cfg: Config, out: Path = REPORTS) -> dict[str, Path]:
     """Build every section whose inputs exist; write Markdown, HTML and figures."""
+    started = time.time_ns()
     evidence = collect(cfg.tracking.experiment)
     figs = out / "figures"
-    if figs.exists():
-        shutil.rmtree(figs)
-    figs.mkdir(parents=True)
+    figs.mkdir(parents=True, exist_ok=True)
+    before = {f for f in figs.iterdir() if f.is_file()}
     ctx = Context(cfg, evidence, out, figs)
     sections = [s for s in (build(ctx) for build in SECTIONS) if s is not None]
     md, page = out / "report.md", out / "report.html"
-    md.write_text(to_markdown(TITLE, sections, out.resolve()))
-    page.write_text(to_html(TITLE, sections, out.resolve()))
+    write_text(md, to_markdown(TITLE, sections, out.resolve()))
+    write_text(page, to_html(TITLE, sections, out.resolve()))
+    # Each figure replaced atomically; only once the new pages are written do the old figures they no longer
+    # show go, so a failed build (a full disk) leaves the previous report whole.
+    shown = {f for f in figs.iterdir() if f.is_file() and f.stat().st_mtime_ns >= started - 50_000_000}  # coarse file clocks
+    for stale in before - shown:
+        stale.unlink(missing_ok=True)
     return {"markdown": md, "html": page, "figures": figs}

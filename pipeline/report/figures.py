@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipeline.atomic import replacing  # noqa: E402
+
 
 def _log_axis(axis) -> None:
     """Log scale with engineering labels (2M, 10M) on the major ticks only: minor labels overlap."""
@@ -22,9 +24,11 @@ def _log_axis(axis) -> None:
 
 def _save(fig, path: Path, pad: float = 1.08) -> Path:
     fig.tight_layout(pad=pad)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

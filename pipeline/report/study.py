@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import methods, stats
+from pipeline.atomic import write_text
 from pipeline.claims import RunMetrics, Sequential, confidence_interval
 from pipeline.config import Config, parse_config
 from pipeline.errors import DataError
@@ -308,8 +309,8 @@ def build_study_report(study: str, cfg: Config, out: Path = REPORTS, plan: Seque
         ]))
     md, page = out / "study.md", out / "study.html"
     title = f"Study {study}"
-    md.write_text(to_markdown(title, sections, out.resolve()))
-    page.write_text(to_html(title, sections, out.resolve()))
+    write_text(md, to_markdown(title, sections, out.resolve()))
+    write_text(page, to_html(title, sections, out.resolve()))
     return {"markdown": md, "html": page, "figures": figs}
 
 

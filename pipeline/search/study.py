@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline import methods
+from pipeline.atomic import replacing
 from pipeline.complexity import count_macs, count_params
 from pipeline.errors import UserError
 from pipeline.methods.files import load_any_model
@@ -137,7 +138,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    with open(path, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
