@@ -437,6 +437,8 @@ class TrackingCfg(Section):
     study: Annotated[Str, Field(min_length=1)] | None  # set by the seed-study command: groups its runs in MLflow
     vary_data_seed: Bool  # set by the seed-study command: data.seed varies with train_seed (a seed, not a setting)
     system_metrics_interval: Annotated[Float, Field(ge=0.0, le=3600.0)]  # s between CPU/memory samples; 0 = off
+    # s a stage waits for a tracking store that stopped answering (server restart) before it stops with one line
+    retry_seconds: Annotated[Float, Field(ge=0.0, le=86400.0)]
 
 
 MethodGroups = dict[Str, dict[Str, Any]]

@@ -14,6 +14,22 @@
   (:mod:`pipeline.redact`).
 - Runs are written through ``MlflowClient`` with explicit run ids: nothing
   depends on MLflow's thread-local active run.
+- A tracking store that stops answering (a server restarted for an upgrade,
+  a proxy's 5xx) is waited for, never a crash mid-stage: metrics logged during
+  training are kept and sent once it answers, while training goes on; every
+  other call (creating the run, params, tags, artifacts, the model, the run's
+  end) is retried with backoff for up to ``tracking.retry_seconds``
+  (:class:`PatientClient`), then the stage stops with one line naming the
+  store and how long it waited. MLflow's own HTTP retries are set short
+  (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT``, unless the environment
+  sets them) so that this deadline is the one that holds. Metrics keep their
+  first timestamp through retries, so a batch the store received before the
+  answer was lost is not stored twice.
+- A stage execution has one run, also across a failure: the run's id is kept
+  in ``checkpoints/runs/<stage>.json`` until the run ends, and a rerun of the
+  same pipeline (same code and params) whose run was left RUNNING (the store
+  went away, the process was killed) continues that run, skipping every
+  (metric, step) it already holds, instead of opening a second one.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import distributed
+from pipeline.atomic import write_json
 from pipeline.config import Config, fingerprint, flatten, to_dict
-from pipeline.paths import repo_root
+from pipeline.errors import UserError
+from pipeline.paths import CHECKPOINTS, repo_root
 from pipeline.redact import redact, redact_value
 
 MAX_PARAM_LEN = 6000
@@ -46,6 +65,143 @@ def quiet_logs() -> None:
                  "mlflow.tracking._model_registry"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # a retry line per refused request
+    # MLflow's own HTTP retries (7 with exponential backoff: about 4 min per call) would hide the stage's
+    # deadline (tracking.retry_seconds) and stall training at every epoch while a server is away: no
+    # retry, a 30 s timeout per request; PatientClient does the waiting. Values set in the environment win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+class TrackingUnavailable(UserError):
+    """The MLflow tracking store did not answer within ``tracking.retry_seconds``."""
+
+
+class TrackingStoreFull(UserError):
+    """The MLflow store (its database or artifact folder) could not write: the disk is full."""
+
+
+def _http_store(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def _unreachable(err: BaseException, uri: str) -> bool:
+    """Whether an MLflow call failed because the store could not be reached or could not serve for a while
+    (connection refused or reset, a timeout; an HTTP server's 429 or 5xx): worth waiting for. A request the
+    store rejected (a bad param, a missing run) is not."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
+                        TimeoutError)):
+        return True
+    if isinstance(err, requests.exceptions.HTTPError):
+        return err.response is not None and (err.response.status_code == 429 or err.response.status_code >= 500)
+    if isinstance(err, MlflowException):
+        text = str(err)
+        if text.startswith("API request to") and "failed with" in text and "exception" in text:
+            return True  # raised by MLflow's REST client around connection errors and timeouts
+        if "database is locked" in text:
+            return True
+        return _http_store(uri) and err.get_http_status_code() in (429, 500, 502, 503, 504)
+    return False
+
+
+def _full_disk(err: BaseException) -> bool:
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "disk is full" in str(err) or "No space left on device" in str(err)
+
+
+_CAUSES = ("Connection refused", "Connection reset", "Connection aborted", "Read timed out", "timed out",
+           "Name or service not known", "No route to host", "database is locked")
+
+
+def _first_line(err: BaseException) -> str:
+    """What went wrong in a few words: the network's cause when MLflow wrapped one (its messages run to
+    several hundred characters), else the message's first line."""
+    text = str(err).strip()
+    for cause in _CAUSES:
+        if cause.lower() in text.lower():
+            return cause.lower()
+    return redact(text.splitlines()[0][:300]) if text else type(err).__name__
+
+
+class PatientClient:
+    """An ``MlflowClient`` whose calls wait for an unreachable store.
+
+    Every method of the wrapped client is retried with backoff (0.5 s doubling to 10 s) while the store does
+    not answer (:func:`_unreachable`), for up to ``patience`` s from the call's first failure; then
+    :class:`TrackingUnavailable` (one line: the store without credentials, how long it waited, what it was
+    doing). A full disk under the store is :class:`TrackingStoreFull` at once. :meth:`try_once` makes a
+    single attempt (for metrics during training, which must not stall it).
+    """
+
+    def __init__(self, client, patience: float, uri: str):
+        self._client, self.patience, self.uri = client, patience, uri
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            return self.call(name, lambda: attr(*args, **kwargs))
+
+        return call
+
+    def call(self, what: str, fn):
+        start, delay, told = time.monotonic(), 0.5, False
+        while True:
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - classified below; anything else is re-raised as it was
+                self._raise_if_full(err)
+                if not _unreachable(err, self.uri):
+                    raise
+                waited = time.monotonic() - start
+                if waited >= self.patience:
+                    raise TrackingUnavailable(
+                        f"MLflow tracking store {redact(self.uri)} did not answer for {waited:.0f} s "
+                        f"(tracking.retry_seconds = {self.patience:g}; last call {what}: {_first_line(err)}); "
+                        "the stage's outputs and checkpoint are kept: start the store again and rerun, "
+                        "which continues this stage's run"
+                    ) from None
+                if not told:
+                    print(f"MLflow tracking store {redact(self.uri)} is not answering ({what}: {_first_line(err)}); "
+                          f"retrying for up to {self.patience:g} s", file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(min(delay, max(0.0, self.patience - waited)))
+                delay = min(2 * delay, 10.0)
+
+    def try_once(self, name: str, *args, **kwargs) -> bool:
+        """One attempt of ``name``: True if it went through, False if the store did not answer."""
+        try:
+            getattr(self._client, name)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001
+            self._raise_if_full(err)
+            if not _unreachable(err, self.uri):
+                raise
+            return False
+        return True
+
+    def _raise_if_full(self, err: BaseException) -> None:
+        if _full_disk(err):
+            where = getattr(err, "filename", None) or redact(self.uri)
+            raise TrackingStoreFull(f"MLflow store cannot write {where}: no space left on device") from None
+
+
+def patient_client(cfg: Config | None = None, patience: float | None = None) -> PatientClient:
+    """An :class:`PatientClient` on the project's store; ``patience`` defaults to ``tracking.retry_seconds``."""
+    quiet_logs()
+    from mlflow.tracking import MlflowClient
+
+    if patience is None:
+        patience = cfg.tracking.retry_seconds if cfg is not None else 0.0
+    return PatientClient(MlflowClient(tracking_uri()), patience, tracking_uri())
 
 
 def _git(*args: str) -> str | None:
@@ -75,38 +231,87 @@ def pipeline_id(cfg: Config, git: dict[str, str], exp_name: str) -> str:
 
 
 class StageRun:
-    """Handle on the stage's MLflow run: log metrics (optionally per step), artifacts, tags."""
+    """Handle on the stage's MLflow run: log metrics (optionally per step), artifacts, tags.
 
-    def __init__(self, client, run_id: str):
+    Metrics are queued and sent at once when the store answers; while it does not (one attempt every
+    ``RETRY_EVERY`` s) they wait in the queue and training goes on. :meth:`flush` sends the queue, waiting
+    for the store up to the client's patience; every other call waits the same way. A run continued after a
+    failure skips each (metric, step) it already holds (``skip``).
+    """
+
+    RETRY_EVERY = 5.0
+
+    def __init__(self, client, run_id: str, skip: set[tuple[str, int]] | None = None):
         self.client = client
         self.run_id = run_id
         self.experiment_id: str | None = None
         self.pipeline_run_id: str | None = None
         self.tags: dict[str, str] = {}
+        self.skip = skip or set()
+        self._pending: list = []
+        self._next_try = 0.0
+        self._after_success: list = []
 
     def end(self, status: str = "FINISHED") -> None:
+        self.flush()
         self.client.set_terminated(self.run_id, status)
+
+    def after_success(self, action) -> None:
+        """Run ``action()`` once the stage's run has ended FINISHED (e.g. remove a resume checkpoint)."""
+        self._after_success.append(action)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, prefix: str = "") -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [
+        self._pending += [
             Metric(f"{prefix}{k}", float(v), now, step or 0)
             for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and (f"{prefix}{k}", step or 0) not in self.skip
         ]
-        for i in range(0, len(batch), 900):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 900])
+        if time.monotonic() >= self._next_try:
+            self._send(wait=False)
+
+    def flush(self) -> None:
+        """Send every queued metric, waiting for the store (up to the client's patience)."""
+        self._send(wait=True)
+
+    def _send(self, wait: bool) -> None:
+        while self._pending:
+            batch = self._pending[:900]
+            if wait or not isinstance(self.client, PatientClient):
+                self.client.log_batch(self.run_id, metrics=batch)
+            elif not self.client.try_once("log_batch", self.run_id, metrics=batch):
+                if self._next_try == 0.0:
+                    print(f"MLflow tracking store {redact(self.client.uri)} is not answering: metrics are kept "
+                          "and sent once it does; training goes on", file=sys.stderr, flush=True)
+                self._next_try = time.monotonic() + self.RETRY_EVERY
+                return
+            del self._pending[: len(batch)]
+        self._next_try = 0.0
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.flush()
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        try:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            elif path.is_file():
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except TrackingStoreFull:  # name the artifact it was writing, not the store
+            raise TrackingStoreFull(f"MLflow store cannot write {self._artifact_dest(path, artifact_path)}: "
+                                    "no space left on device") from None
+
+    def _artifact_dest(self, path: Path, artifact_path: str | None) -> str:
+        from urllib.parse import unquote, urlparse
+
+        root = self.client.get_run(self.run_id).info.artifact_uri
+        if root.startswith("file:"):
+            root = unquote(urlparse(root).path)
+        return "/".join(p for p in (root.rstrip("/"), artifact_path, path.name) if p)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        self.flush()
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, redact(str(v)))
 
@@ -144,15 +349,23 @@ class StageRun:
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy())
         mlflow.set_tracking_uri(tracking_uri())
-        mlflow.start_run(run_id=self.run_id)  # the fluent API logs models to the active run
         provenance = {k: self.tags[k] for k in MODEL_TAGS if k in self.tags}
         common = dict(name=name, signature=signature, pip_requirements=requirements(), serialization_format="pickle",
                       tags=provenance)  # pickle: masks and plans do not trace (pt2)
-        try:
+
+        def log():
             try:
-                info = mlflow.pytorch.log_model(model, registered_model_name=name, await_registration_for=0, **common)
-            except MlflowException:  # a store without a model registry: the logged model stays
-                info = mlflow.pytorch.log_model(model, **common)
+                return mlflow.pytorch.log_model(model, registered_model_name=name, await_registration_for=0,
+                                                **common)
+            except MlflowException as err:  # a store without a model registry: the logged model stays
+                if isinstance(self.client, PatientClient) and _unreachable(err, self.client.uri):
+                    raise
+                return mlflow.pytorch.log_model(model, **common)
+
+        self.flush()
+        mlflow.start_run(run_id=self.run_id)  # the fluent API logs models to the active run
+        try:
+            info = self.client.call("log_model", log) if isinstance(self.client, PatientClient) else log()
             version = getattr(info, "registered_model_version", None)
             if version is not None:
                 for key, value in provenance.items():
@@ -235,21 +448,63 @@ def _parent_run(client, exp_id: str, pid: str, tags: dict[str, str], exp_name: s
     return run.info.run_id
 
 
+def _open_run_file(stage: str) -> Path:
+    """Where a stage execution keeps its run's id until the run ends (a rerun continues that run)."""
+    return CHECKPOINTS / "runs" / f"{stage}.json"
+
+
+def _continued_run(client, stage: str, pid: str) -> tuple[str, set[tuple[str, int]]] | None:
+    """The run a failed execution of this stage left RUNNING for the same pipeline, and the (metric, step)
+    pairs it holds; None when there is none."""
+    path = _open_run_file(stage)
+    try:
+        left = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if left.get("pipeline_id") != pid or left.get("store") != redact(tracking_uri()):
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(left["run_id"])
+    except MlflowException:  # deleted meanwhile
+        return None
+    if run.info.status != "RUNNING":
+        return None
+    held = {(key, m.step) for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)}
+    return run.info.run_id, held
+
+
+def create_run(client, exp_id: str, run_name: str, tags: dict[str, str]):
+    """``create_run`` that a retry cannot double: each attempt first looks for the run a lost answer created."""
+    import uuid
+
+    key = uuid.uuid4().hex
+    tags = {**tags, "execution_id": key}
+    plain = client._client if isinstance(client, PatientClient) else client
+
+    def attempt():
+        found = plain.search_runs([exp_id], filter_string=f"tags.execution_id = '{key}'", max_results=1)
+        return found[0] if found else plain.create_run(exp_id, run_name=run_name, tags=tags)
+
+    return client.call("create_run", attempt) if isinstance(client, PatientClient) else attempt()
+
+
 @contextmanager
 def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = None) -> Iterator[StageRun]:
     """Open the MLflow run of one stage execution, nested in its pipeline's parent run.
 
     All params are logged flattened (``pretrain.optimizer.lr``); the run ends
     FINISHED, or FAILED if the stage raised. Under data parallelism only rank 0
-    has a run; the other ranks get a handle that logs nothing.
+    has a run; the other ranks get a handle that logs nothing. A run an earlier
+    execution of the same pipeline's stage left RUNNING is continued (module
+    docstring). Actions registered with :meth:`StageRun.after_success` run once
+    the run has ended FINISHED.
     """
     if not distributed.is_main():
         yield NullRun()
         return
-    quiet_logs()
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    client = patient_client(cfg)
     exp_id = _experiment_id(client, cfg.tracking.experiment)
     git = git_state()
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -264,56 +519,64 @@ def stage_run(stage: str, cfg: Config, extra_params: dict[str, Any] | None = Non
     if cfg.tracking.study:
         tags["study"] = cfg.tracking.study
     parent = _parent_run(client, exp_id, tags["pipeline_id"], tags, exp_name)
-    run = client.create_run(
-        exp_id,
-        run_name=stage,
-        tags={**tags, "stage": stage, "kind": "stage", "mlflow.parentRunId": parent},
-    )
-    from mlflow.entities import Param
+    continued = _continued_run(client, stage, tags["pipeline_id"])
+    if continued is not None:
+        run_id, held = continued
+        print(f"{stage}: continuing MLflow run {run_id} (left running by an earlier execution)", file=sys.stderr)
+    else:
+        run_id, held = create_run(client, exp_id, stage, {**tags, "stage": stage, "kind": "stage",
+                                                          "mlflow.parentRunId": parent}).info.run_id, set()
+        from mlflow.entities import Param
 
-    params = flatten(to_dict(cfg))
-    params.update(extra_params or {})
-    params = redact_value(params)  # a URL in params (a storage) loses its credentials
-    batch = [Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)) for k, v in params.items()]
-    batch = [Param(p.key, p.value[:MAX_PARAM_LEN]) for p in batch]
-    for i in range(0, len(batch), 90):
-        client.log_batch(run.info.run_id, params=batch[i : i + 90])
-    handle = StageRun(client, run.info.run_id)
+        params = flatten(to_dict(cfg))
+        params.update(extra_params or {})
+        params = redact_value(params)  # a URL in params (a storage) loses its credentials
+        batch = [Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)) for k, v in params.items()]
+        batch = [Param(p.key, p.value[:MAX_PARAM_LEN]) for p in batch]
+        for i in range(0, len(batch), 90):
+            client.log_batch(run_id, params=batch[i : i + 90])
+    marker = _open_run_file(stage)
+    write_json(marker, {"run_id": run_id, "pipeline_id": tags["pipeline_id"], "store": redact(tracking_uri())})
+    handle = StageRun(client, run_id, skip=held)
     handle.experiment_id, handle.pipeline_run_id, handle.tags = exp_id, parent, {**tags, "stage": stage}
-    monitor = system_metrics(run.info.run_id, cfg.tracking.system_metrics_interval)
+    monitor = system_metrics(run_id, cfg.tracking.system_metrics_interval, resume=continued is not None)
     try:
         yield handle
-    except BaseException:
+        handle.flush()
+    except BaseException as err:
         if monitor is not None:
             monitor.finish()
-        client.set_terminated(run.info.run_id, "FAILED")
+        if not isinstance(err, TrackingUnavailable) and client.try_once("set_terminated", run_id, "FAILED"):
+            marker.unlink(missing_ok=True)  # ended: a rerun opens a new run
         raise
     if monitor is not None:
         monitor.finish()
-    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED")
     client.set_terminated(parent, "FINISHED")
+    marker.unlink(missing_ok=True)
+    for action in handle._after_success:
+        action()
 
 
-def system_metrics(run_id: str, interval: float):
+def system_metrics(run_id: str, interval: float, resume: bool = False):
     """MLflow's own system metrics monitor on the run (``system/cpu_utilization_percentage``, memory, disk,
-    network; GPU where there is one), sampling every ``interval`` s in a thread of this process; None when off."""
+    network; GPU where there is one), sampling every ``interval`` s in a thread of this process; None when off.
+    ``resume``: a continued run's samples go on from its last step. Samples taken while the store is away are
+    dropped (they describe the machine, not the result)."""
     if interval <= 0:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
-                                   tracking_uri=tracking_uri())
+                                   resume_logging=resume, tracking_uri=tracking_uri())
     monitor.start()
     return monitor
 
 
 def client_and_experiment(cfg: Config):
-    """An ``MlflowClient`` on the project's store and the id of ``cfg.tracking.experiment``."""
-    quiet_logs()
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri())
+    """A :class:`PatientClient` on the project's store and the id of ``cfg.tracking.experiment``."""
+    client = patient_client(cfg)
     return client, _experiment_id(client, cfg.tracking.experiment)
 
 
@@ -331,7 +594,7 @@ def start_child_run(client, exp_id: str, parent_id: str, run_name: str, tags: di
     """A run nested under ``parent_id`` (e.g. one Optuna trial under its study), params logged."""
     from mlflow.entities import Param
 
-    run = client.create_run(exp_id, run_name=run_name, tags=redact_value({**tags, "mlflow.parentRunId": parent_id}))
+    run = create_run(client, exp_id, run_name, redact_value({**tags, "mlflow.parentRunId": parent_id}))
     batch = [Param(k, redact(str(v))[:MAX_PARAM_LEN]) for k, v in params.items()]
     for i in range(0, len(batch), 90):
         client.log_batch(run.info.run_id, params=batch[i : i + 90])
@@ -357,6 +620,4 @@ def runs_table_url(experiment_id: str) -> str:
 
 def write_run_info(path: Path, run: StageRun, stage: str) -> None:
     """Record which MLflow run produced a stage's outputs (read by the report)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"stage": stage, "run_id": run.run_id, "tracking_uri_kind": tracking_uri().split(":", 1)[0]}
-    path.write_text(json.dumps(info, indent=2) + "\n")
+    write_json(path, {"stage": stage, "run_id": run.run_id, "tracking_uri_kind": tracking_uri().split(":", 1)[0]})

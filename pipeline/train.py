@@ -10,6 +10,10 @@
 - A checkpoint (model, optimizer, history) is written atomically after every
   epoch and removed when training ends; it is reused only if its fingerprint
   (config, data, starting weights, and the code itself) matches the current run.
+  With ``keep_state`` the last one stays, with the final and test results, for
+  the caller to remove once everything after training went through (a stage
+  that fails at logging then reruns without training or testing again: same
+  results, same timing).
 - Validation every epoch, test once at the end; progress through tqdm.
 - Data-parallel under torchrun (:mod:`pipeline.distributed`): the model is
   wrapped in DDP and each rank trains on its share ``[rank::world]`` of every
@@ -187,6 +191,7 @@ def fit(
     desc: str = "train",
     params: list[nn.Parameter] | None = None,
     test: bool = True,
+    keep_state: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``data.splits['train']``, validate each epoch, test at the end.
 
@@ -215,9 +220,11 @@ def fit(
 
     history: list[dict[str, float]] = []
     start = 0
+    done = None
     fingerprint = resume_fingerprint(fingerprint)
     state = load_resume(resume_path, fingerprint)
     if state is not None:
+        done = state.get("result")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history = [dict(h) for h in state["history"]]
@@ -297,6 +304,8 @@ def fit(
         if on_epoch:
             on_epoch(epoch, record)
 
+    if done is not None:  # trained and tested by the execution that kept this state
+        return FitResult(history, dict(done["final"]), start, dict(done["timing"]), list(done["test_correct"]))
     last = history[-1]
     final = {
         "val_acc": last["val_acc"],
@@ -307,10 +316,16 @@ def fit(
     if test:
         measured, test_correct = evaluate_images(model, *data.splits["test"], norm, cfg.eval_batch_size)
         final = {"test_acc": measured["acc"], "test_loss": measured["loss"], **final}
-    distributed.barrier()
-    if distributed.is_main():
-        resume_path.unlink(missing_ok=True)  # finished: a later run starts afresh
     timing = {"train_seconds": t_train, "threads": float(threads)}
     if t_train > 0:
         timing["train_images_per_second"] = (cfg.epochs - start) * steps * cfg.batch_size / t_train
-    return FitResult(history, final, start, timing, test_correct if test else [])
+    test_correct = [float(v) for v in test_correct] if test else []
+    distributed.barrier()
+    if distributed.is_main():
+        if keep_state:
+            save_resume(resume_path, fingerprint, epoch=cfg.epochs - 1, model=model.state_dict(),
+                        optimizer=optimizer.state_dict(), history=history,
+                        result={"final": final, "timing": timing, "test_correct": test_correct})
+        else:
+            resume_path.unlink(missing_ok=True)  # finished: a later run starts afresh
+    return FitResult(history, final, start, timing, test_correct)

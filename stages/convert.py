@@ -42,10 +42,14 @@ def main(cfg: Config, name: str) -> None:
     resume_key = fingerprint({"seed": cfg.train_seed, "model": to_dict(cfg.model), "method": name,
                               "cfg": to_dict(p), "dense": sha256_file(dense_file)})
     with stage_run(method.stage, cfg) as run:
-        result = fit(model, data, p.train, cfg.train_seed, CHECKPOINTS / f"convert_{name}.pt", resume_key,
-                     on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=name)
+        state = CHECKPOINTS / f"convert_{name}.pt"
+        result = fit(model, data, p.train, cfg.train_seed, state, resume_key,
+                     on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=name, keep_state=True)
+        run.after_success(lambda: state.unlink(missing_ok=True))
         if not distributed.is_main():
             return
+        if result.resumed_from == p.train.epochs:  # trained by an execution that failed later: as when loaded
+            method.restore(model, p)
         test_x = normalized(data, "test")
         measured, layers = method.measure_all(model, test_x, p)
         dense_macs = count_macs(dense, test_x)

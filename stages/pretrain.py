@@ -24,10 +24,12 @@ def main(cfg: Config) -> None:
     resume_key = fingerprint({"seed": cfg.train_seed, "model": to_dict(cfg.model), "train": to_dict(cfg.pretrain),
                               "data": card["tasks"]["upstream"]["sha256"]})
     with stage_run("pretrain", cfg) as run:
+        state = CHECKPOINTS / "pretrain.pt"
         result = fit(
-            model, data, cfg.pretrain, cfg.train_seed, CHECKPOINTS / "pretrain.pt", resume_key,
-            on_epoch=lambda epoch, m: run.log_metrics(m, step=epoch), desc="pretrain",
+            model, data, cfg.pretrain, cfg.train_seed, state, resume_key,
+            on_epoch=lambda epoch, m: run.log_metrics(m, step=epoch), desc="pretrain", keep_state=True,
         )
+        run.after_success(lambda: state.unlink(missing_ok=True))
         if not distributed.is_main():
             return
         metrics = {**result.final, "params": count_params(model)["params"]}

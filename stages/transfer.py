@@ -56,9 +56,11 @@ def main(cfg: Config, name: str) -> None:
     resume_key = fingerprint({"seed": cfg.train_seed, "method": name, "transfer": to_dict(tcfg),
                               "source": sha256_file(source), "data": data.mean + data.std})  # fmt: skip
     with stage_run(f"transfer@{name}", cfg) as run:
-        result = fit(model, data, tcfg.train, cfg.train_seed, CHECKPOINTS / f"transfer_{name}.pt", resume_key,
+        state = CHECKPOINTS / f"transfer_{name}.pt"
+        result = fit(model, data, tcfg.train, cfg.train_seed, state, resume_key,
                      on_epoch=lambda e, m: run.log_metrics(m, step=e), hooks=hooks, desc=f"transfer {name}",
-                     params=params)  # fmt: skip
+                     params=params, keep_state=True)  # fmt: skip
+        run.after_success(lambda: state.unlink(missing_ok=True))
         if not distributed.is_main():
             return
         model.eval()

@@ -57,6 +57,32 @@ def test_resume_ignores_a_checkpoint_of_another_run_and_a_broken_one(tmp_path):
     assert result.resumed_from == 0
 
 
+def test_a_kept_final_state_returns_the_finished_result_without_training_or_testing_again(tmp_path, monkeypatch):
+    """keep_state: a stage that trained and tested, then failed (its tracking store away too long), reruns
+    into the same result and weights, every epoch replayed to on_epoch once, and no step trained."""
+    import pipeline.train as train
+    from pipeline.models.cifar_resnet import CifarResNet
+
+    ckpt = tmp_path / "ckpt.pt"
+    torch.manual_seed(0)
+    first_model = CifarResNet(8, 0.5, 16, 1, 4)
+    first = fit(first_model, tiny_task(), tiny_cfg(2), 5, ckpt, "tiny", desc="t", keep_state=True)
+    assert ckpt.exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained or tested again")
+
+    monkeypatch.setattr(train, "evaluate_images", no_training)
+    monkeypatch.setattr(train, "augment", no_training)
+    torch.manual_seed(1)
+    model, seen = CifarResNet(8, 0.5, 16, 1, 4), []
+    again = fit(model, tiny_task(), tiny_cfg(2), 5, ckpt, "tiny", on_epoch=lambda e, m: seen.append(e), desc="t",
+                keep_state=True)
+    assert again.resumed_from == 2 and seen == [0, 1]
+    assert (again.final, again.history, again.test_correct) == (first.final, first.history, first.test_correct)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), first_model.state_dict().values()))
+
+
 def test_learning_rate_schedule():
     cfg = train_cfg({"epochs": 10, "optimizer": {"lr": 0.2}, "schedule": {"name": "cosine", "warmup_epochs": 2}})
     assert learning_rate(cfg, 0, 0, 10) == pytest.approx(0.2 * 0.1 / 2)
