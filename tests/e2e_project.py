@@ -60,19 +60,23 @@ def tracking_server(postgres, tmp_path_factory, request):
          "--host", "127.0.0.1", "--port", str(port), "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"],
         stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT, cwd=folder)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-    else:
-        raise RuntimeError("mlflow server did not come up: " + (folder / "server.log").read_text()[-3000:])
+    wait_until_healthy(uri, server, folder / "server.log")
     yield uri
     server.terminate()
     server.wait(timeout=30)
+
+
+def wait_until_healthy(uri: str, server: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Wait for an `mlflow server` process to answer on /health; its log's tail if it dies or never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.3)
+    raise RuntimeError("mlflow server did not come up: " + log.read_text()[-3000:])
 
 
 def copy_project(root: Path, tracking_server: str, overlay=None) -> tuple[Path, dict]:

@@ -11,15 +11,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from .e2e_project import _free_port, copy_project
+from .e2e_project import _free_port, copy_project, wait_until_healthy
 from .full_disk import full_disk
 
 STAGE_TIMEOUT = 300
@@ -40,15 +38,7 @@ class Server:
              "--host", "127.0.0.1", "--port", str(self.port), "--artifacts-destination", str(self.folder / "art"),
              "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-3000:]
-                time.sleep(0.3)
-        raise RuntimeError("mlflow server did not come up: " + (self.folder / "server.log").read_text()[-3000:])
+        wait_until_healthy(self.uri, self.proc, self.folder / "server.log")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

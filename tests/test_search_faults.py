@@ -110,6 +110,15 @@ def beats_after(server, database: str, trial_ids: list[int], since: str) -> int:
                           f"AND heartbeat > '{since}'::timestamp", database))
 
 
+def restart_and_finish(server, database: str, workers: Workers) -> str:
+    """``pg_ctl restart`` under the running workers, then wait for both to end well; the server's clock
+    right after the restart."""
+    server.restart()
+    restarted = server_now(server, database)
+    assert workers.wait(60) == [0, 0], workers.stderr(0) + workers.stderr(1)
+    return restarted
+
+
 def check_complete(study, n: int) -> list:
     """Exactly n COMPLETE trials; configurations distinct except a rerun of a reclaimed trial, once each."""
     trials = study.get_trials(deepcopy=False)
@@ -138,9 +147,7 @@ def test_restart_between_trials(db, tmp_path):
             workers.spawn(pause=0.0, seed=seed)
         wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)) >= 4,
                  60, "4 complete trials")
-        server.restart()
-        restarted = server_now(server, database)
-        assert workers.wait(60) == [0, 0], workers.stderr(0) + workers.stderr(1)
+        restarted = restart_and_finish(server, database, workers)
     finally:
         workers.kill_left()
     complete = check_complete(study, n)
@@ -163,9 +170,7 @@ def test_restart_during_a_trial(db, tmp_path):
         workers.spawn(pause=pause, seed=2)
         wait_for(lambda: in_objective(study, 2), 60, "worker B inside its objective")
         spanning = [t.number for t in in_objective(study, 2)]
-        server.restart()
-        restarted = server_now(server, database)
-        assert workers.wait(60) == [0, 0], workers.stderr(0) + workers.stderr(1)
+        restarted = restart_and_finish(server, database, workers)
     finally:
         workers.kill_left()
     complete = check_complete(study, n)
