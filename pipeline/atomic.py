@@ -41,14 +41,18 @@ def _reason(err: BaseException, folder: Path) -> str | None:
 
 
 @contextmanager
-def replacing(path: str | Path) -> Iterator[Path]:
+def replacing(path: str | Path, keep_suffix: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it replaces ``path``.
 
     On failure the temporary file is removed and ``path`` keeps its previous content; a failure of the file
-    system is :class:`WriteError` naming ``path``.
+    system is :class:`WriteError` naming ``path``. ``keep_suffix=False`` names it ``.<name>.tmp<pid>``
+    instead, for writers that record their file's name inside it: ``torch.save`` names its zip records
+    after the file's name up to the last suffix, which then reads ``.<name>`` whatever the pid, so a
+    model file's bytes do not depend on the process that wrote it.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}" if keep_suffix
+                         else f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp

@@ -26,7 +26,7 @@ from pipeline.errors import CheckpointError
 def save_atomic(obj: dict, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: never a half-written file
     (:func:`pipeline.atomic.replacing`; a full disk is one line naming ``path``)."""
-    with replacing(path) as tmp:
+    with replacing(path, keep_suffix=False) as tmp:
         torch.save(obj, tmp)
 
 

@@ -108,3 +108,18 @@ def test_an_mlflow_artifact_on_a_full_disk_is_one_error_naming_the_path(tmp_path
             run.log_artifact(tmp_path / "big.bin")
     assert re.fullmatch(rf"MLflow store cannot write {re.escape(str(artifacts))}/\S+big.bin: no space left on device",
                         str(err.value)), str(err.value)
+
+
+def test_a_saved_model_file_does_not_depend_on_the_writers_pid(tmp_path, monkeypatch):
+    """torch.save names its records after the file it writes: the temporary name must not carry the pid into
+    the bytes (model_file_bytes is a metric)."""
+    import os
+
+    obj = {"weights": torch.arange(16.0)}
+    sizes = []
+    for pid in (7, 1234567):
+        monkeypatch.setattr(os, "getpid", lambda pid=pid: pid)
+        path = tmp_path / str(pid) / "dynet.pt"
+        save_atomic(obj, path)
+        sizes.append(path.read_bytes())
+    assert sizes[0] == sizes[1]
