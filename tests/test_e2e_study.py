@@ -19,7 +19,8 @@ def test_study_of_an_ablation_renders_the_values_of_its_mlflow_runs(project):
     root, env = project
     t0 = time.perf_counter()
     _sh([sys.executable, "-m", "stages.study", "run", "abl", "--seeds", "0,1", "-S", "convert.dynet.num_kernels=1,2",
-         "-S", "pretrain.epochs=2", "--stage", "convert@dynet"], root, env, timeout=1500)
+         "-S", "pretrain.epochs=1", "-S", "pretrain.schedule.warmup_epochs=0", "--stage", "convert@dynet"], root, env,
+        timeout=1500)
     print(f"tiny study of 4 experiments: {time.perf_counter() - t0:.1f}s")
     runs = _runs(env)
     mine = runs[(runs["params.tracking.study"] == "abl") & (runs["tags.stage"] == "convert@dynet")]
