@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # also read by pipeline.tracking
 _REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -29,8 +29,8 @@ class WriteError(UserError):
 
 def _reason(err: BaseException, folder: Path) -> str | None:
     """Why a write failed, if it is the file system's doing; None for anything else (a bug keeps its trace)."""
-    if isinstance(err, OSError) and err.errno in (*_FULL, *_REFUSED):
-        return "no space left on device" if err.errno in _FULL else os.strerror(err.errno).lower()
+    if isinstance(err, OSError) and err.errno in (*FULL_DISK, *_REFUSED):
+        return "no space left on device" if err.errno in FULL_DISK else os.strerror(err.errno).lower()
     if isinstance(err, RuntimeError):  # torch.save's C++ writer reports a full disk as a stream error
         try:
             free = shutil.disk_usage(folder).free

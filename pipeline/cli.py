@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
 import traceback
 from collections.abc import Callable
 
 from pipeline import distributed
+from pipeline.atomic import FULL_DISK
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.redact import redact
@@ -59,7 +59,7 @@ def run_stage(
         print(f"{label}: interrupted", file=sys.stderr)
         sys.exit(130)
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):  # a bug: keep the traceback, without credentials
+        if err.errno not in FULL_DISK:  # a bug: keep the traceback, without credentials
             print(redact(traceback.format_exc()), file=sys.stderr, end="")
             sys.exit(1)
         # a write outside the project's own writers (pipeline/atomic.py), e.g. a library's cache

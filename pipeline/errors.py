@@ -15,3 +15,19 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, truncated or was written for another model."""
+
+
+_CAUSES = ("Connection refused", "Connection reset", "Connection aborted", "Read timed out", "timed out",
+           "Name or service not known", "No route to host", "database is locked")
+
+
+def first_line(err: BaseException) -> str:
+    """What went wrong in a few words, without credentials: the network's cause when a client wrapped one
+    (MLflow's and SQLAlchemy's messages run to several hundred characters), else the message's first line."""
+    from pipeline.redact import redact
+
+    text = str(err).strip()
+    for cause in _CAUSES:
+        if cause.lower() in text.lower():
+            return cause.lower()
+    return redact(text.splitlines()[0][:300]) if text else type(err).__name__

@@ -20,7 +20,7 @@
   other call (creating the run, params, tags, artifacts, the model, the run's
   end) is retried with backoff for up to ``tracking.retry_seconds``
   (:class:`PatientClient`), then the stage stops with one line naming the
-  store and how long it waited. MLflow's own HTTP retries are set short
+  store and how long it waited. MLflow's own HTTP retries are off
   (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT``, unless the environment
   sets them) so that this deadline is the one that holds. Metrics keep their
   first timestamp through retries, so a batch the store received before the
@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import distributed
-from pipeline.atomic import write_json
+from pipeline.atomic import FULL_DISK, write_json
 from pipeline.config import Config, fingerprint, flatten, to_dict
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.paths import CHECKPOINTS, repo_root
 from pipeline.redact import redact, redact_value
 
@@ -70,7 +70,6 @@ def quiet_logs() -> None:
     # deadline (tracking.retry_seconds) and stall training at every epoch while a server is away: no
     # retry, a 30 s timeout per request; PatientClient does the waiting. Values set in the environment win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
@@ -109,25 +108,9 @@ def _unreachable(err: BaseException, uri: str) -> bool:
 
 
 def _full_disk(err: BaseException) -> bool:
-    import errno
-
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in FULL_DISK:
         return True
     return "disk is full" in str(err) or "No space left on device" in str(err)
-
-
-_CAUSES = ("Connection refused", "Connection reset", "Connection aborted", "Read timed out", "timed out",
-           "Name or service not known", "No route to host", "database is locked")
-
-
-def _first_line(err: BaseException) -> str:
-    """What went wrong in a few words: the network's cause when MLflow wrapped one (its messages run to
-    several hundred characters), else the message's first line."""
-    text = str(err).strip()
-    for cause in _CAUSES:
-        if cause.lower() in text.lower():
-            return cause.lower()
-    return redact(text.splitlines()[0][:300]) if text else type(err).__name__
 
 
 class PatientClient:
@@ -166,12 +149,12 @@ class PatientClient:
                 if waited >= self.patience:
                     raise TrackingUnavailable(
                         f"MLflow tracking store {redact(self.uri)} did not answer for {waited:.0f} s "
-                        f"(tracking.retry_seconds = {self.patience:g}; last call {what}: {_first_line(err)}); "
+                        f"(tracking.retry_seconds = {self.patience:g}; last call {what}: {first_line(err)}); "
                         "the stage's outputs and checkpoint are kept: start the store again and rerun, "
                         "which continues this stage's run"
                     ) from None
                 if not told:
-                    print(f"MLflow tracking store {redact(self.uri)} is not answering ({what}: {_first_line(err)}); "
+                    print(f"MLflow tracking store {redact(self.uri)} is not answering ({what}: {first_line(err)}); "
                           f"retrying for up to {self.patience:g} s", file=sys.stderr, flush=True)
                     told = True
                 time.sleep(min(delay, max(0.0, self.patience - waited)))
@@ -241,7 +224,7 @@ class StageRun:
 
     RETRY_EVERY = 5.0
 
-    def __init__(self, client, run_id: str, skip: set[tuple[str, int]] | None = None):
+    def __init__(self, client: PatientClient, run_id: str, skip: set[tuple[str, int]] | None = None):
         self.client = client
         self.run_id = run_id
         self.experiment_id: str | None = None
@@ -279,7 +262,7 @@ class StageRun:
     def _send(self, wait: bool) -> None:
         while self._pending:
             batch = self._pending[:900]
-            if wait or not isinstance(self.client, PatientClient):
+            if wait:
                 self.client.log_batch(self.run_id, metrics=batch)
             elif not self.client.try_once("log_batch", self.run_id, metrics=batch):
                 if self._next_try == 0.0:
@@ -358,14 +341,14 @@ class StageRun:
                 return mlflow.pytorch.log_model(model, registered_model_name=name, await_registration_for=0,
                                                 **common)
             except MlflowException as err:  # a store without a model registry: the logged model stays
-                if isinstance(self.client, PatientClient) and _unreachable(err, self.client.uri):
+                if _unreachable(err, self.client.uri):
                     raise
                 return mlflow.pytorch.log_model(model, **common)
 
         self.flush()
         mlflow.start_run(run_id=self.run_id)  # the fluent API logs models to the active run
         try:
-            info = self.client.call("log_model", log) if isinstance(self.client, PatientClient) else log()
+            info = self.client.call("log_model", log)
             version = getattr(info, "registered_model_version", None)
             if version is not None:
                 for key, value in provenance.items():
@@ -475,19 +458,18 @@ def _continued_run(client, stage: str, pid: str) -> tuple[str, set[tuple[str, in
     return run.info.run_id, held
 
 
-def create_run(client, exp_id: str, run_name: str, tags: dict[str, str]):
+def create_run(client: PatientClient, exp_id: str, run_name: str, tags: dict[str, str]):
     """``create_run`` that a retry cannot double: each attempt first looks for the run a lost answer created."""
     import uuid
 
     key = uuid.uuid4().hex
     tags = {**tags, "execution_id": key}
-    plain = client._client if isinstance(client, PatientClient) else client
 
     def attempt():
-        found = plain.search_runs([exp_id], filter_string=f"tags.execution_id = '{key}'", max_results=1)
-        return found[0] if found else plain.create_run(exp_id, run_name=run_name, tags=tags)
+        found = client._client.search_runs([exp_id], filter_string=f"tags.execution_id = '{key}'", max_results=1)
+        return found[0] if found else client._client.create_run(exp_id, run_name=run_name, tags=tags)
 
-    return client.call("create_run", attempt) if isinstance(client, PatientClient) else attempt()
+    return client.call("create_run", attempt)
 
 
 @contextmanager

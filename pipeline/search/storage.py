@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import SamplerCfg
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.paths import repo_root
 from pipeline.redact import redact
 
@@ -85,11 +85,6 @@ def storage_url(configured: str | None) -> str | None:
 
 class StorageUnavailable(UserError):
     """The search's database stayed unreachable for longer than ``optuna.reconnect_timeout``."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return redact(text.splitlines()[0]) if text else type(err).__name__
 
 
 def _transient(err: BaseException) -> BaseException | None:
@@ -134,12 +129,12 @@ def with_reconnect(storage, call: Callable[[], Any]) -> Any:
                 now = time.monotonic()
                 if lost is None:
                     lost = now
-                    print(f"search storage {storage.shown_url} unreachable ({_first_line(cause)}); "
+                    print(f"search storage {storage.shown_url} unreachable ({first_line(cause)}); "
                           f"retrying for up to {limit:g} s", flush=True)
                 if now - lost >= limit:
                     raise StorageUnavailable(
                         f"search storage {storage.shown_url} unreachable for {now - lost:.0f} s "
-                        f"(optuna.reconnect_timeout: {limit:g} s): {_first_line(cause)}") from None
+                        f"(optuna.reconnect_timeout: {limit:g} s): {first_line(cause)}") from None
                 time.sleep(min(delay, max(0.05, limit - (now - lost))))
                 delay = min(2 * delay, 2.0)
                 continue
@@ -214,8 +209,7 @@ def make_storage(url: str | None, method: str, heartbeat_interval: int = 10, gra
             storage.reconnect_timeout, storage.shown_url = reconnect_timeout, redact(url)
             return storage
         except Exception as err:  # noqa: BLE001 - driver and connection errors: one line, no credentials
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"search storage {redact(url)} cannot be opened: {redact(first)}") from None
+            raise UserError(f"search storage {redact(url)} cannot be opened: {first_line(err)}") from None
     path = store_dir(method) / "journal.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
