@@ -2,9 +2,13 @@
 
 A deployed model runs alone in its process, with its runtime's own recommended
 settings, so that is how each one is timed here: one process per (session,
-variant), holding one model and nothing else (``python -m pipeline.latency
---worker``). In a shared process a runtime's thread pool stays busy after
-its call returns and slows whatever runs next (OpenVINO in the rounds: PyTorch's
+variant), holding one model and nothing else. The processes are forked from a
+server that has imported this module and run nothing (no model, no thread
+pool), which saves each one the seconds of importing torch
+(:class:`WorkerServer`);
+``python -m pipeline.latency --worker NAME`` times one variant by hand.
+In a shared process a runtime's thread pool stays busy after its call
+returns and slows whatever runs next (OpenVINO in the rounds: PyTorch's
 dense model 1.30 -> 1.65 ms, ONNX Runtime 0.31 -> 0.51 ms), and keeping ONNX
 Runtime's threads from spinning to protect the next variant cost ONNX Runtime
 itself 1.04-1.38 x at batch 1; alone in its process, it keeps its defaults.
@@ -34,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -179,28 +184,103 @@ def session_order(names: list[str], session: int) -> list[str]:
 
 def run_sessions(cfg: Config, params: Path, names: list[str] | None = None) -> list[dict]:
     """``latency.sessions`` sessions; in each, every variant of ``names`` (default :func:`job_names`) timed
-    in a process of its own (:func:`time_variant`). Returns the rows with their session index, and the
-    runtimes' checks."""
+    in a process of its own (:func:`time_variant`, in a process forked by a :class:`WorkerServer`). Returns
+    the rows with their session index, and the runtimes' checks."""
     names = names or job_names(cfg)
     k = cfg.latency.sessions
     out = []
-    with tqdm(total=k * len(names), desc="latency", unit="process") as bar:
+    with WorkerServer(params) as server, tqdm(total=k * len(names), desc="latency", unit="process") as bar:
         for session in range(k):
             for name in session_order(names, session):
                 bar.set_postfix_str(f"session {session + 1}/{k}: {name}")
-                out.append({**worker(params, name), "session": session})
+                out.append({**server.time(name), "session": session})
                 bar.update()
     return out
 
 
-def worker(params: Path, name: str) -> dict:
-    """:func:`time_variant` of ``name`` in a fresh Python process (the same interpreter and environment)."""
-    cmd = [sys.executable, "-m", "pipeline.latency", "--worker", name, "--params", str(params)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root(), env=os.environ)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
-        raise UserError(f"latency: timing {name!r} in its own process failed: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class WorkerServer:
+    """A process (``python -m pipeline.latency --serve``) that imports this module (torch, the operators, the
+    runtimes' glue), runs nothing, and forks one process per variant to time: each starts without the
+    seconds of imports, yet as fresh as a new interpreter (no model was loaded and no thread pool started
+    before the fork; it imports its runtime, loads its model and sets its threads itself), and it exits
+    before the next one starts."""
+
+    def __init__(self, params: Path):
+        self._tmp = tempfile.TemporaryDirectory(prefix="latency-")
+        self._folder = Path(self._tmp.name)
+        self._log = (self._folder / "server.log").open("w")
+        cmd = [sys.executable, "-m", "pipeline.latency", "--serve", "--params", str(params)]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                      text=True, cwd=repo_root(), env=os.environ)  # fmt: skip
+
+    def time(self, name: str) -> dict:
+        """:func:`time_variant` of ``name`` in a forked process; a failure names the variant and its cause."""
+        result, log = self._folder / "result.json", self._folder / "worker.log"
+        result.unlink(missing_ok=True)
+        try:
+            self._proc.stdin.write(json.dumps({"name": name, "result": str(result), "log": str(log)}) + "\n")
+            self._proc.stdin.flush()
+            reply = self._proc.stdout.readline()
+        except BrokenPipeError:
+            reply = ""
+        if not reply:  # the server itself is gone
+            raise UserError(f"latency: timing {name!r} failed: the timing server stopped: "
+                            f"{_last_line(self._folder / 'server.log') or f'exit code {self._proc.poll()}'}")
+        code = json.loads(reply)["exit"]
+        if code != 0 or not result.is_file():
+            raise UserError(f"latency: timing {name!r} in its own process failed: "
+                            f"{_last_line(log) or f'exit code {code}'}")
+        return json.loads(result.read_text())
+
+    def __enter__(self) -> WorkerServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc.stdin and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()  # end of jobs: the server returns
+            except BrokenPipeError:
+                pass
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
+        self._tmp.cleanup()
+
+
+def _last_line(path: Path) -> str:
+    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return lines[-1] if lines else ""
+
+
+def serve(params: Path) -> None:
+    """The :class:`WorkerServer`'s loop: one JSON job per line of stdin (``name``, ``result`` and ``log``
+    paths), each timed in a forked child whose output goes to ``log`` and whose result to ``result``; one
+    line ``{"exit": code}`` on stdout per job."""
+    cfg = load_config(params)
+    for line in sys.stdin:
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the timing process
+            code = 1
+            try:
+                fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                Path(job["result"]).write_text(json.dumps(time_variant(cfg, job["name"])))
+                code = 0
+            except UserError as err:
+                print(f"latency worker: error: {err}", file=sys.stderr)
+            except BaseException:  # noqa: BLE001 - its last line reaches the stage's error
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), flush=True)
 
 
 def aggregate(results: list[dict], sessions: int) -> tuple[list[dict], dict[str, dict]]:
@@ -376,10 +456,16 @@ def flat_metrics(result: dict) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Time one latency variant alone in this process (JSON on stdout).")
-    parser.add_argument("--worker", required=True, help="variant name (see job_names)")
+    parser = argparse.ArgumentParser(description="Time one latency variant alone in this process (JSON on stdout), "
+                                                 "or serve the latency stage's timing processes.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--worker", metavar="NAME", help="variant name (see job_names)")
+    group.add_argument("--serve", action="store_true", help="fork a timing process per job read on stdin")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
+    if args.serve:
+        serve(Path(args.params))
+        return
     try:
         result = time_variant(load_config(Path(args.params)), args.worker)
     except UserError as err:

@@ -212,3 +212,23 @@ def test_sessions_alternate_their_order_and_aggregate_to_medians():
     assert rows[0]["median_ms"] == 4.0 and rows[0]["q1_ms"] == 3.0 and rows[0]["q3_ms"] == 5.0
     with pytest.raises(RuntimeError, match="not timed once in each of 3 sessions"):
         aggregate([result(0, 3.0), result(2, 4.0)], 3)
+
+
+def test_timing_server_names_a_failed_variant_and_its_own_death(tmp_path):
+    """The latency stage's timing processes come from a fork server: a variant that fails in its process is
+    named with its cause, a dead server is said to be dead, and the server ends with its context."""
+    from pipeline.latency import WorkerServer
+    from .conftest import REPO
+
+    with WorkerServer(REPO / "params.yaml") as server:
+        with pytest.raises(UserError, match=r"timing 'nosuch' in its own process failed: .*unknown variant 'nosuch'"):
+            server.time("nosuch")
+        with pytest.raises(UserError, match=r"timing 'nosuch' in its own process failed"):  # it serves on
+            server.time("nosuch")
+        proc = server._proc
+    assert proc.returncode == 0  # stdin closed: the loop ended
+    with WorkerServer(REPO / "params.yaml") as server:
+        server._proc.kill()
+        server._proc.wait()
+        with pytest.raises(UserError, match="the timing server stopped"):
+            server.time("dense")
