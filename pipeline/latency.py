@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import methods, stats
+from pipeline.atomic import write_json
 from pipeline.complexity import count_macs, count_params
 from pipeline.config import Config, load_config, to_dict
 from pipeline.data import load_task
@@ -211,7 +212,7 @@ class WorkerServer:
         self._log = (self._folder / "server.log").open("w")
         cmd = [sys.executable, "-m", "pipeline.latency", "--serve", "--params", str(params)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                      text=True, cwd=repo_root(), env=os.environ)  # fmt: skip
+                                      text=True, cwd=repo_root())  # fmt: skip
 
     def time(self, name: str) -> dict:
         """:func:`time_variant` of ``name`` in a forked process; a failure names the variant and its cause."""
@@ -269,10 +270,10 @@ def serve(params: Path) -> None:
                 fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
-                Path(job["result"]).write_text(json.dumps(time_variant(cfg, job["name"])))
+                write_json(job["result"], time_variant(cfg, job["name"]), indent=None)
                 code = 0
             except UserError as err:
-                print(f"latency worker: error: {err}", file=sys.stderr)
+                print(worker_error(err), file=sys.stderr)
             except BaseException:  # noqa: BLE001 - its last line reaches the stage's error
                 traceback.print_exc()
             finally:
@@ -455,6 +456,11 @@ def flat_metrics(result: dict) -> dict[str, float]:
     return flat
 
 
+def worker_error(err: UserError) -> str:
+    """The one line a timing process ends with when its variant cannot be timed."""
+    return f"latency worker: error: {err}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Time one latency variant alone in this process (JSON on stdout), "
                                                  "or serve the latency stage's timing processes.")
@@ -469,7 +475,7 @@ def main() -> None:
     try:
         result = time_variant(load_config(Path(args.params)), args.worker)
     except UserError as err:
-        sys.exit(f"latency worker: error: {err}")
+        sys.exit(worker_error(err))
     print(json.dumps(result))
 
 
