@@ -9,10 +9,11 @@ statistics set so activations stay in range, and every method of
 ``convert`` is built from it with its own params (``Method.build``: DyNet's
 and ODConv's widths and kernel counts, ...). What training would set is set
 by hand: SD-Conv's pruned weights (``--sdconv-sparsity`` of every mixed
-kernel's weights zero, at random) and DynConv's masks (each mask unit's
-bias at the median of its logits on the timing images, so about half of the
-positions of each gated block execute, in spatially coherent regions since
-the logits come from a 3x3 conv of the features).
+kernel's weights zero, at random) and DynConv's masks (random mask units,
+each bias set so that its block executes the method's ``budget`` of its
+dense MACs on the timing images, the sparsity criterion's cost: conv1 at the
+dilated mask, the other convs at the mask; in spatially coherent regions
+since the logits come from a 3x3 conv of the features).
 
 Each variant (BN folded; the methods in the compiled plan where it takes
 them, the row's ``runtime`` saying which layer stopped it otherwise) and the
@@ -50,7 +51,7 @@ from pipeline.ops.odconv import ODConv2d
 from pipeline.ops.plan import PlannedModel, plan_or_reason
 from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import to_sparse_execution
-from pipeline.ops.spatial_gate import MaskUnit
+from pipeline.ops.spatial_gate import GatedBlock, dilate, gated_blocks
 from pipeline.paths import repo_root
 from pipeline.runtimes import compile_dense, export_onnx
 from pipeline.timing import time_blocks, torch_threads, tune_malloc
@@ -76,23 +77,43 @@ def _images(n: int = 64) -> torch.Tensor:
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(SEED + 1))
 
 
-def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator) -> None:
-    """Random mask-unit weights, each bias at the median of its logits on ``images``: about half of every
-    gated block's positions are active."""
-    units = [m for m in model.modules() if isinstance(m, MaskUnit)]
-    seen: dict[MaskUnit, torch.Tensor] = {}
-    hooks = [u.register_forward_hook(lambda mod, _i, _o: seen.__setitem__(mod, mod.last_logits)) for u in units]
+def _threshold_for(block: GatedBlock, logits: torch.Tensor, budget: float) -> float:
+    """The logit threshold at which ``block`` executes at most ``budget`` of its dense MACs on these images
+    (DynConv's cost: the dilated mask's positions times ``dilated_cost`` plus the mask's times ``masked_cost``,
+    ``GatedBlock.executed_cost``), as close to it as the images allow; bisection, the fraction falls as the
+    threshold rises."""
+    dense = logits.shape[0] * logits.shape[-2] * logits.shape[-1] * (block.dilated_cost + block.masked_cost)
+
+    def fraction(t: float) -> float:
+        mask = (logits >= t).to(logits.dtype)
+        return float(dilate(mask).sum() * block.dilated_cost + mask.sum() * block.masked_cost) / dense
+
+    lo, hi = float(logits.min()) - 1.0, float(logits.max()) + 1.0  # fraction(lo) = 1, fraction(hi) = 0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fraction(mid) > budget else (lo, mid)
+    return hi
+
+
+def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator, budget: float) -> list[float]:
+    """Random mask-unit weights, each gated block's bias set so that it executes ``budget`` of its dense MACs
+    on ``images`` (the sparsity criterion's cost: conv1 at the dilated mask, the rest at the mask), in
+    spatially coherent regions since the logits come from a 3x3 conv of the features. Returns each block's
+    executed fraction."""
+    blocks = gated_blocks(model)
     with torch.no_grad():
-        for u in units:
+        for b in blocks:
+            u = b.gate
             u.conv.weight.normal_(0.0, 0.3, generator=gen)
             u.conv.bias.zero_()
             u.fc.weight.normal_(0.0, 0.1, generator=gen)
             u.fc.bias.zero_()
-        for u in units:  # in order: each median sees the masks of the units before it
+        for b in blocks:  # in order: each threshold sees the masks of the blocks before it
             model(images)
-            u.conv.bias.sub_(seen[u].median())
-    for h in hooks:
-        h.remove()
+            b.gate.conv.bias.sub_(_threshold_for(b, b.gate.last_logits, budget))
+        model(images)
+        fractions = [float(b.executed_fraction().mean()) for b in blocks]
+    return fractions
 
 
 def build(arch: str, variant: str, sparsity: float) -> tuple[nn.Module, nn.Module]:
@@ -119,8 +140,11 @@ def build(arch: str, variant: str, sparsity: float) -> tuple[nn.Module, nn.Modul
             if isinstance(m, SDConv2d):  # exactly the pruned weights are zero, the thresholds keep |W| > 0
                 m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= sparsity)
                 m.threshold.zero_()
-    if any(isinstance(m, MaskUnit) for m in model.modules()):
-        _set_masks(model, _images(8), gen)
+    if gated_blocks(model):
+        budget = getattr(method.params(cfg), "budget", None)
+        if budget is None:
+            raise UserError(f"{variant}: gated blocks but no `budget` param to set their masks at")
+        _set_masks(model, _images(8), gen, budget)
         source = model
         model = to_sparse_execution(model)
     else:
@@ -218,7 +242,7 @@ def main() -> None:
                 sessions[job].append(run_worker(job, args))
         print(f"\n{arch}: {len(jobs)} processes x {args.processes} sessions in {time.perf_counter() - t0:.0f} s "
               f"({args.iterations} calls after {args.warmup} warm-up each; untrained, SD-Conv at "
-              f"{args.sdconv_sparsity:g} sparsity, DynConv masks at half the positions)")
+              f"{args.sdconv_sparsity:g} sparsity, DynConv masks at its budget of the gated blocks' MACs)")
         print("\n| batch | variant | runtime | median (ms) | vs fastest dense [95 % over sessions] | MMACs/image "
               "| max rel. diff |\n|---|---|---|---|---|---|---|")
         for bi, batch in enumerate(int(b) for b in args.batches.split(",")):

@@ -330,6 +330,8 @@ def mobilenet(kind: str, seed: int = 0, width: float = 0.5, in_channels: int = 3
 @pytest.mark.parametrize(("kind", "shape"), [
     *[(kind, (3, 15, 13)) for kind in ("static", "dynamic", "dynamic_sigmoid", "sdconv", "odconv")],
     ("static", (3, 34, 31)), ("sdconv", (3, 34, 31)),
+    # 32 -> 16 -> 8 -> 4 (the default CIFAR shape): every 1x1 conv packed, vectors of one, two and four map rows
+    ("static", (3, 32, 32)), ("dynamic", (3, 32, 32)),
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_mobilenetv2_plan_matches_the_models_forward(kind, shape, threads):
