@@ -51,7 +51,7 @@ from pipeline.ops.odconv import ODConv2d
 from pipeline.ops.plan import PlannedModel, plan_or_reason
 from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import to_sparse_execution
-from pipeline.ops.spatial_gate import GatedBlock, dilate, gated_blocks
+from pipeline.ops.spatial_gate import GatedBlock, gated_blocks
 from pipeline.paths import repo_root
 from pipeline.runtimes import compile_dense, export_onnx
 from pipeline.timing import time_blocks, torch_threads, tune_malloc
@@ -82,11 +82,12 @@ def _threshold_for(block: GatedBlock, logits: torch.Tensor, budget: float) -> fl
     (DynConv's cost: the dilated mask's positions times ``dilated_cost`` plus the mask's times ``masked_cost``,
     ``GatedBlock.executed_cost``), as close to it as the images allow; bisection, the fraction falls as the
     threshold rises."""
-    dense = logits.shape[0] * logits.shape[-2] * logits.shape[-1] * (block.dilated_cost + block.masked_cost)
+    dense = logits.shape[0] * block.dense_cost_per_image
 
     def fraction(t: float) -> float:
         mask = (logits >= t).to(logits.dtype)
-        return float(dilate(mask).sum() * block.dilated_cost + mask.sum() * block.masked_cost) / dense
+        dilated = block.dilate_mask(mask, block.in_size)
+        return float(dilated.sum() * block.dilated_cost + mask.sum() * block.masked_cost) / dense
 
     lo, hi = float(logits.min()) - 1.0, float(logits.max()) + 1.0  # fraction(lo) = 1, fraction(hi) = 0
     for _ in range(60):

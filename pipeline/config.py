@@ -190,7 +190,7 @@ class CifarMobileNetV2Cfg(Section):
 class TorchvisionCfg(Section):
     """torchvision's ImageNet nets, from random init or a local state-dict file (nothing is downloaded)."""
 
-    arch: Literal["resnet18", "mobilenet_v2", "shufflenet_v2"]
+    arch: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v2", "shufflenet_v2"]
     weights: Str | None
 
 

@@ -15,6 +15,7 @@ from pipeline.errors import ConfigError
 from pipeline.methods.files import load_any_model
 from pipeline.ops.dynamic_conv import DynamicConv2d
 from pipeline.ops.fixed_masks import RandomMask, UniformMask, bayer, density_for_fraction, expected_fraction
+from pipeline.ops.spatial_gate import expand_mask
 from pipeline.ops.spatial_gate import gated_blocks
 from stages import convert, prepare, pretrain, report
 
@@ -126,3 +127,19 @@ def test_controls_are_validated():
         methods.validate(config({"controls": ["dynet"]}))
     with pytest.raises(ConfigError, match="unknown method 'placebo'"):
         methods.validate(config({"controls": ["placebo"]}))
+
+
+@pytest.mark.parametrize("kind", ["random", "uniform"])
+def test_fraction_on_a_strided_bottlenecks_input_grid_matches_sampled_masks(kind):
+    """A stride-2 bottleneck's conv1 runs on the input grid (expand_mask): the expectation the controls solve
+    for matches masks drawn from the control's own gate, measured with the block's own dilation."""
+    torch.manual_seed(1)
+    unit = (RandomMask if kind == "random" else UniformMask)(8, 2, density=0.2)
+    masks = unit(torch.zeros(300, 8, 15, 16))  # 8 x 8 outputs of a 15 x 16 input
+    dilated = expand_mask(masks, 2, (15, 16))
+    dc, mc = 3, 5
+    sampled = ((dilated.sum((1, 2, 3)) * dc + masks.sum((1, 2, 3)) * mc) / (15 * 16 * dc + 64 * mc)).mean().item()
+    expected = expected_fraction(kind, 0.2, 8, 8, dc, mc, 2, (15, 16))
+    assert sampled == pytest.approx(expected, abs=0.01 if kind == "random" else 1e-6)
+    d = density_for_fraction(kind, expected, 8, 8, dc, mc, 2, (15, 16))
+    assert expected_fraction(kind, d, 8, 8, dc, mc, 2, (15, 16)) == pytest.approx(expected, abs=1e-3)

@@ -42,6 +42,7 @@ from pipeline.methods.base import Method, MethodParams, SearchSpace, Variant, di
 from pipeline.models.cifar_mobilenetv2 import InvertedResidual
 from pipeline.models.cifar_resnet import BasicBlock
 from pipeline.models.surgery import replace_module
+from pipeline.ops.gated_resnet import GATED_TORCHVISION
 from pipeline.ops.fixed_masks import RandomMask, UniformMask, density_for_fraction
 from pipeline.ops.sparse_exec import to_sparse_execution
 from pipeline.ops.spatial_gate import BudgetLoss, GatedBasicBlock, GatedInvertedResidual, gated_blocks, set_gumbel
@@ -178,6 +179,8 @@ class DynConv(Method):
                 gated = GatedBasicBlock.from_block(block, open_bias=p.open_bias)
             elif type(block) is InvertedResidual and block.use_res:
                 gated = GatedInvertedResidual.from_block(block, open_bias=p.open_bias)
+            elif type(block) in GATED_TORCHVISION:  # torchvision ResNets: every block, strided ones too
+                gated = GATED_TORCHVISION[type(block)].from_block(block, open_bias=p.open_bias)
             else:
                 continue
             gated.dilated_mask_grad, gated.mask_conv2_input = p.dilated_mask_grad, p.mask_conv2_input
@@ -185,7 +188,7 @@ class DynConv(Method):
             names.append(name)
         if not names:
             raise ConfigError(f"convert.{self.name}: the backbone has no residual block to gate "
-                              "(use cifar_resnet or cifar_mobilenetv2)")
+                              "(use cifar_resnet, cifar_mobilenetv2, resnet18, resnet50 or resnet101)")
         set_gumbel(model, temperature=p.gumbel_temperature, noise=True)
         return names
 
@@ -331,9 +334,11 @@ class MaskControl(Method):
             model.eval()(x[:2])  # the blocks' map sizes
         model.train(was)
         for name, block in named_blocks(model):
-            mask = block.last_mask
+            mask, dilated = block.last_mask, block.last_dilated
+            on_input = dilated.shape[-2:] != mask.shape[-2:]  # the first conv on the input grid (a bottleneck)
             block.gate.density.fill_(density_for_fraction(
-                self.kind, fractions[name], mask.shape[-2], mask.shape[-1], block.dilated_cost, block.masked_cost))
+                self.kind, fractions[name], mask.shape[-2], mask.shape[-1], block.dilated_cost, block.masked_cost,
+                block.gate.stride, tuple(dilated.shape[-2:]) if on_input else None))
 
     def hooks(self, model, p, *, teacher=None, val_x=None):
         return Hooks(extra_loss=lambda _m, inputs, logits, targets, progress: distill_term(p.distill, teacher, inputs,

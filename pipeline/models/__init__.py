@@ -1,8 +1,9 @@
 """Model registry: ``model.arch`` in params.yaml -> an ``nn.Module``.
 
 CIFAR nets (``cifar_resnet``, ``cifar_mobilenetv2``) suit small images such as
-the embedded digits and CIFAR; torchvision's ``resnet18``, ``mobilenet_v2`` and
-``shufflenet_v2`` (x1.0) suit ImageNet-style ImageFolder data. torchvision nets
+the embedded digits and CIFAR; torchvision's ``resnet18``, ``resnet50``,
+``resnet101``, ``mobilenet_v2`` and ``shufflenet_v2`` (x1.0) suit
+ImageNet-style ImageFolder data. torchvision nets
 start from random init or from a local state-dict file (``model.weights``);
 nothing is downloaded.
 """
@@ -28,7 +29,7 @@ CIFAR_ARCHS = ("cifar_resnet", "cifar_mobilenetv2")
 def _torchvision(arch: str, in_channels: int, num_classes: int, weights: str | None) -> nn.Module:
     import torchvision.models as tvm
 
-    builder = {"resnet18": tvm.resnet18, "mobilenet_v2": tvm.mobilenet_v2, "shufflenet_v2": tvm.shufflenet_v2_x1_0}[arch]
+    builder = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50, "resnet101": tvm.resnet101, "mobilenet_v2": tvm.mobilenet_v2, "shufflenet_v2": tvm.shufflenet_v2_x1_0}[arch]
     model = builder(weights=None, num_classes=1000 if weights else num_classes)
     if weights:
         path = Path(weights).expanduser()

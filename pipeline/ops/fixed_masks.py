@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from pipeline.ops.spatial_gate import expand_mask
+
 # Bayer's 8 x 8 ordered-dither matrix: thresholding it at d marks a fraction d of the cells, evenly spread.
 _BAYER2 = torch.tensor([[0, 2], [3, 1]], dtype=torch.float64)
 
@@ -67,9 +69,14 @@ class UniformMask(_FixedMask):
         return pattern.to(device=x.device, dtype=x.dtype).expand(x.shape[0], 1, h, w)
 
 
-def expected_fraction(kind: str, density: float, h: int, w: int, dilated_cost: int, masked_cost: int) -> float:
+def expected_fraction(kind: str, density: float, h: int, w: int, dilated_cost: int, masked_cost: int,
+                      stride: int = 1, in_size: tuple[int, int] | None = None) -> float:
     """The executed fraction of a block's cost at ``density``: (|dilate(m)| dilated_cost + |m| masked_cost) /
-    (positions (dilated_cost + masked_cost)); expected over random masks, exact for the pattern."""
+    (positions (dilated_cost + masked_cost)); expected over random masks, exact for the pattern. With
+    ``in_size`` the first conv runs on the input grid of a block of ``stride`` (a torchvision bottleneck:
+    ``expand_mask``), and the positions of each grid count for their own cost."""
+    if in_size is not None:
+        return _expected_fraction_on_input_grid(kind, density, h, w, dilated_cost, masked_cost, stride, in_size)
     if kind == "uniform":
         m = (bayer().repeat(math.ceil(h / 8), math.ceil(w / 8))[:h, :w] < density).double()
         d = torch.nn.functional.max_pool2d(m[None, None], 3, 1, 1)[0, 0]
@@ -82,13 +89,28 @@ def expected_fraction(kind: str, density: float, h: int, w: int, dilated_cost: i
     return (dilated * dilated_cost + mask * masked_cost) / (dilated_cost + masked_cost)
 
 
-def density_for_fraction(kind: str, fraction: float, h: int, w: int, dilated_cost: int, masked_cost: int) -> float:
+def _expected_fraction_on_input_grid(kind: str, density: float, h: int, w: int, dilated_cost: int, masked_cost: int,
+                                     stride: int, in_size: tuple[int, int]) -> float:
+    ih, iw = in_size
+    if kind == "uniform":
+        m = (bayer().repeat(math.ceil(h / 8), math.ceil(w / 8))[:h, :w] < density).double()
+        mask = m.sum().item()
+        dilated = expand_mask(m[None, None], stride, in_size).sum().item()
+    else:  # an input position is read unless every output whose strided 3 x 3 window holds it is off
+        rows = torch.tensor([sum(abs(stride * i - y) <= 1 for i in range(h)) for y in range(ih)], dtype=torch.float64)
+        cols = torch.tensor([sum(abs(stride * j - x) <= 1 for j in range(w)) for x in range(iw)], dtype=torch.float64)
+        mask, dilated = density * h * w, (1 - (1 - density) ** (rows[:, None] * cols[None, :])).sum().item()
+    return (dilated * dilated_cost + mask * masked_cost) / (ih * iw * dilated_cost + h * w * masked_cost)
+
+
+def density_for_fraction(kind: str, fraction: float, h: int, w: int, dilated_cost: int, masked_cost: int,
+                         stride: int = 1, in_size: tuple[int, int] | None = None) -> float:
     """The density (bisection, the fraction grows with it) at which the block executes ``fraction`` of its cost;
     the closest reachable one when the dilation makes ``fraction`` unreachable."""
     lo, hi = 0.0, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        if expected_fraction(kind, mid, h, w, dilated_cost, masked_cost) < fraction:
+        if expected_fraction(kind, mid, h, w, dilated_cost, masked_cost, stride, in_size) < fraction:
             lo = mid
         else:
             hi = mid

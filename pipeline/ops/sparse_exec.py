@@ -50,7 +50,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.ops import native
-from pipeline.ops.spatial_gate import GatedBasicBlock, GatedInvertedResidual, MaskUnit, dilate
+from pipeline.errors import UserError
+from pipeline.ops.spatial_gate import GatedBasicBlock, GatedBlock, GatedInvertedResidual, MaskUnit, dilate
 
 def _fold_bn(weight: Tensor, bn: nn.BatchNorm2d, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``bn(conv(x)) = conv_w'(x) + b'`` in eval mode: scale the output channels, shift the bias (float64 math)."""
@@ -491,6 +492,9 @@ def to_sparse_execution(model: nn.Module) -> nn.Module:
             new: nn.Module = SparseBasicBlock.from_gated(module)
         elif isinstance(module, GatedInvertedResidual):
             new = SparseInvertedResidual.from_gated(module)
+        elif isinstance(module, GatedBlock):
+            raise UserError(f"{name}: no sparse execution of a {type(module).__name__} yet (its dense-masked "
+                            "forward gives the same outputs; time the masked variant)")
         else:
             continue
         if not name:

@@ -155,6 +155,20 @@ def dilate(mask: Tensor, kernel_size: int = 3) -> Tensor:
     return F.max_pool2d(mask, kernel_size, stride=1, padding=kernel_size // 2)
 
 
+def expand_mask(mask: Tensor, stride: int, in_size: tuple[int, int]) -> Tensor:
+    """The input positions a 3x3 conv with padding 1 and ``stride`` reads for the active outputs of
+    ``mask`` ``[B, 1, H', W']``, on an input of spatial size ``in_size``: ``mask[i, j]`` placed at
+    ``(stride i, stride j)`` of the input grid, then dilated 3x3 (the official ``ExpandMask``)."""
+    if stride == 1:
+        return dilate(mask)
+    height, width = in_size
+    if mask.shape[-2] != (height - 1) // stride + 1 or mask.shape[-1] != (width - 1) // stride + 1:
+        raise ValueError(f"a mask of {tuple(mask.shape[-2:])} does not fit a stride-{stride} conv on {in_size}")
+    spread = mask.new_zeros(*mask.shape[:-2], height, width)
+    spread[..., ::stride, ::stride] = mask
+    return dilate(spread)
+
+
 class GatedBlock(nn.Module):
     """Shared bookkeeping of DynConv-gated residual blocks (Verelst & Tuytelaars, CVPR 2020).
 
@@ -209,12 +223,24 @@ class GatedBlock(nn.Module):
         self.gate.to(device=weight.device, dtype=weight.dtype)
         return self.train(block.training)
 
+    def dilate_mask(self, mask: Tensor, in_size: tuple[int, int]) -> Tensor:
+        """The positions the first conv runs at, for mask ``mask`` of an input of spatial size ``in_size``: the
+        3x3 dilation of the mask (at the mask's resolution; a block whose first conv runs at its input's
+        resolution overrides this)."""
+        return dilate(mask)
+
     def _masks(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mask = self.gate(x)
-        dilated = dilate(mask if self.dilated_mask_grad else mask.detach())
-        self.last_mask, self.last_dilated = mask, dilated
         self._in_size = (x.shape[-2], x.shape[-1])
+        dilated = self.dilate_mask(mask if self.dilated_mask_grad else mask.detach(), self._in_size)
+        self.last_mask, self.last_dilated = mask, dilated
         return mask, dilated
+
+    @property
+    def in_size(self) -> tuple[int, int]:
+        """Spatial size of the last forward's input."""
+        self._require_forward()
+        return self._in_size
 
     def _require_forward(self) -> tuple[Tensor, Tensor]:
         if self.last_mask is None or self.last_dilated is None:
@@ -228,8 +254,9 @@ class GatedBlock(nn.Module):
 
     @property
     def dense_cost_per_image(self) -> int:
-        """MACs of the gated convs when every position runs."""
-        return self.num_positions * (self.dilated_cost + self.masked_cost)
+        """MACs of the gated convs when every position runs (the dilated mask's positions at its own resolution)."""
+        _, dilated = self._require_forward()
+        return dilated.shape[-2] * dilated.shape[-1] * self.dilated_cost + self.num_positions * self.masked_cost
 
     def executed_cost(self) -> Tensor:
         """MACs per image ``[B]`` of the gated convs under the last masks (differentiable)."""

@@ -1,0 +1,128 @@
+"""DynConv spatial gating of torchvision's ResNet blocks (Verelst & Tuytelaars, "Dynamic Convolutions:
+Exploiting Spatial Sparsity for Faster Inference", CVPR 2020; the official ImageNet code,
+``classification/models/resnet_util.py`` and ``dynconv/maskunit.py``).
+
+Every block is gated, the strided ones too, each by a mask unit at its output resolution (a 3x3 conv with
+the block's stride plus a linear layer on the pooled input; ``MaskUnit``):
+
+- ``GatedResNetBasicBlock`` (``torchvision.models.resnet.BasicBlock``): conv1 (3x3, the block's stride) runs
+  at the 3x3 dilation of the mask, conv2 (3x3) at the mask;
+  ``out = relu(identity + m * bn2(conv2(relu(bn1(conv1(x))))))``.
+- ``GatedBottleneck`` (``torchvision.models.resnet.Bottleneck``): conv1 (1x1) runs at the input positions
+  that conv2 reads for the mask's positions (the official ``ExpandMask``: the mask spread onto the input
+  grid at the block's stride, then dilated 3x3), conv2 (3x3, the block's stride) and conv3 (1x1) at the
+  mask; ``out = relu(identity + m * bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))))``.
+
+The shortcut (identity or the 1x1 projection ``downsample``) runs everywhere. Blocks run dense-masked, which
+gives the numbers a sparse execution gives; the MAC counter counts the executed positions
+(``GatedBlock.macs_per_image``). Submodule names match torchvision's, so a dense block's state dict loads
+with only ``gate.*`` missing.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
+from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
+
+from pipeline.ops.spatial_gate import GatedBlock, MaskUnit, expand_mask
+
+
+def _conv_cost(conv: nn.Conv2d) -> int:
+    """MACs per output position."""
+    return conv.in_channels * conv.out_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+
+
+def _projection_cost(downsample: nn.Module | None) -> int:
+    """MACs per output position of a shortcut projection (0 for the identity)."""
+    if downsample is None:
+        return 0
+    return sum(_conv_cost(m) for m in downsample.modules() if isinstance(m, nn.Conv2d))
+
+
+class GatedResNetBasicBlock(GatedBlock):
+    """torchvision's ResNet basic block with DynConv spatial gating (see the module docstring)."""
+
+    def __init__(self, block: TorchvisionBasicBlock):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = block.conv1, block.bn1, block.relu
+        self.conv2, self.bn2, self.downsample = block.conv2, block.bn2, block.downsample
+        self.stride = block.conv1.stride[0]
+        self.gate = MaskUnit(block.conv1.in_channels, self.stride)
+
+    @classmethod
+    def from_block(cls, block: TorchvisionBasicBlock, open_bias: float = 3.0) -> GatedResNetBasicBlock:
+        """Gated copy of a dense block with the gate open (every position runs)."""
+        if not isinstance(block, TorchvisionBasicBlock):
+            raise ValueError(f"from_block expects a torchvision BasicBlock, got {type(block).__name__}")
+        gated = cls(block)
+        return gated._adopt(block, ("conv1", "bn1", "relu", "conv2", "bn2", "downsample"), open_bias)
+
+    @property
+    def dilated_cost(self) -> int:
+        return _conv_cost(self.conv1)
+
+    @property
+    def masked_cost(self) -> int:
+        return _conv_cost(self.conv2)
+
+    @property
+    def shortcut_cost(self) -> int:
+        return _projection_cost(self.downsample)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask, dilated = self._masks(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        h = self.relu(self.bn1(self.conv1(x)))
+        if self.mask_conv2_input:
+            h = h * dilated
+        return self.relu(identity + self.bn2(self.conv2(h)) * mask)
+
+
+class GatedBottleneck(GatedBlock):
+    """torchvision's ResNet bottleneck with DynConv spatial gating (see the module docstring)."""
+
+    def __init__(self, block: TorchvisionBottleneck):
+        super().__init__()
+        self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
+        self.conv3, self.bn3, self.relu, self.downsample = block.conv3, block.bn3, block.relu, block.downsample
+        self.stride = block.conv2.stride[0]
+        self.gate = MaskUnit(block.conv1.in_channels, self.stride)
+
+    @classmethod
+    def from_block(cls, block: TorchvisionBottleneck, open_bias: float = 3.0) -> GatedBottleneck:
+        """Gated copy of a dense block with the gate open (every position runs)."""
+        if not isinstance(block, TorchvisionBottleneck):
+            raise ValueError(f"from_block expects a torchvision Bottleneck, got {type(block).__name__}")
+        gated = cls(block)
+        return gated._adopt(block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"),
+                            open_bias)
+
+    def dilate_mask(self, mask: Tensor, in_size: tuple[int, int]) -> Tensor:
+        return expand_mask(mask, self.stride, in_size)
+
+    @property
+    def dilated_cost(self) -> int:
+        return _conv_cost(self.conv1)  # per input position
+
+    @property
+    def masked_cost(self) -> int:
+        return _conv_cost(self.conv2) + _conv_cost(self.conv3)
+
+    @property
+    def shortcut_cost(self) -> int:
+        return _projection_cost(self.downsample)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask, dilated = self._masks(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        h = self.relu(self.bn1(self.conv1(x)))
+        if self.mask_conv2_input:
+            h = h * dilated
+        h = self.relu(self.bn2(self.conv2(h)))
+        if self.mask_conv2_input:
+            h = h * mask
+        return self.relu(identity + self.bn3(self.conv3(h)) * mask)
+
+
+GATED_TORCHVISION = {TorchvisionBasicBlock: GatedResNetBasicBlock, TorchvisionBottleneck: GatedBottleneck}

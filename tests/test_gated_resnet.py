@@ -1,0 +1,180 @@
+"""DynConv's gating of torchvision's ResNet blocks (pipeline/ops/gated_resnet.py) against dense-masked
+computations written out here, and its MAC count against the per-conv formula."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from pipeline import methods
+from pipeline.complexity import count_macs
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.models import build_model, model_cfg
+from pipeline.ops.gated_resnet import GatedBottleneck, GatedResNetBasicBlock, expand_mask
+from pipeline.ops.sparse_exec import to_sparse_execution
+from pipeline.ops.spatial_gate import gated_blocks
+from pipeline.paths import repo_root
+
+
+def reads(mask: torch.Tensor, stride: int, in_size: tuple[int, int]) -> torch.Tensor:
+    """Per-position loop: the input positions a 3x3, padding-1 conv with ``stride`` reads for the active
+    outputs of ``mask``."""
+    out = torch.zeros(*mask.shape[:-2], *in_size, dtype=torch.bool)
+    for n in range(mask.shape[0]):
+        for i in range(mask.shape[-2]):
+            for j in range(mask.shape[-1]):
+                if mask[n, 0, i, j]:
+                    for y in range(stride * i - 1, stride * i + 2):
+                        for x in range(stride * j - 1, stride * j + 2):
+                            if 0 <= y < in_size[0] and 0 <= x < in_size[1]:
+                                out[n, 0, y, x] = True
+    return out
+
+
+@pytest.mark.parametrize(("stride", "size"), [(1, (7, 9)), (2, (8, 8)), (2, (7, 10)), (2, (1, 3))])
+def test_expand_mask_marks_exactly_the_inputs_a_strided_conv_reads(stride, size):
+    gen = torch.Generator().manual_seed(stride * 31 + size[0])
+    out = ((size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1)
+    mask = (torch.rand(3, 1, *out, generator=gen) < 0.3).float()
+    assert torch.equal(expand_mask(mask, stride, size) > 0, reads(mask, stride, size))
+
+
+def test_expand_mask_refuses_a_mask_of_another_size():
+    with pytest.raises(ValueError, match="does not fit"):
+        expand_mask(torch.ones(1, 1, 5, 5), 2, (8, 8))
+
+
+def random_gate(block, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        block.gate.conv.weight.normal_(0.0, 0.5, generator=gen)
+        block.gate.conv.bias.fill_(-0.2)
+        block.gate.fc.weight.normal_(0.0, 0.2, generator=gen)
+
+
+def randomize_bn(module: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.weight.uniform_(0.5, 1.0, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+
+
+def downsample(cin: int, cout: int, stride: int) -> nn.Sequential | None:
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def dense_masked(block, x: torch.Tensor) -> torch.Tensor:
+    """relu(shortcut + mask * residual branch), every conv over the whole map, from the dense modules."""
+    mask = block.gate.decide(x).float()
+    identity = x if block.downsample is None else block.downsample(x)
+    h = torch.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, GatedBottleneck):
+        h = torch.relu(block.bn2(block.conv2(h)))
+        return torch.relu(identity + mask * block.bn3(block.conv3(h)))
+    return torch.relu(identity + mask * block.bn2(block.conv2(h)))
+
+
+CASES = [("basic", 16, 16, 1), ("basic", 16, 32, 2), ("bottleneck", 64, 4, 1), ("bottleneck", 32, 8, 2)]
+
+
+def make(kind: str, cin: int, planes: int, stride: int, gen: torch.Generator):
+    if kind == "basic":
+        dense = BasicBlock(cin, planes, stride, downsample(cin, planes, stride))
+        gated = GatedResNetBasicBlock.from_block(dense)
+    else:
+        dense = Bottleneck(cin, planes, stride, downsample(cin, planes * 4, stride))
+        gated = GatedBottleneck.from_block(dense)
+    randomize_bn(gated, gen)
+    random_gate(gated, gen)
+    return gated.eval()
+
+
+@pytest.mark.parametrize(("kind", "cin", "planes", "stride"), CASES)
+@pytest.mark.parametrize("size", [(8, 8), (9, 7)])
+def test_gated_blocks_match_the_dense_masked_computation(kind, cin, planes, stride, size):
+    gen = torch.Generator().manual_seed(cin + planes + stride)
+    block = make(kind, cin, planes, stride, gen)
+    x = torch.randn(3, cin, *size, generator=gen)
+    with torch.no_grad():
+        out = block(x)
+        expected = dense_masked(block, x)
+        mask = block.last_mask
+        assert 0.05 < mask.mean() < 0.95  # a partial mask: some positions skip the branch
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        # Masking the convs' inputs with the dilated mask and the mask changes nothing at the outputs: the
+        # dilated mask covers every input position the masked outputs read (a missed one would differ).
+        block.mask_conv2_input = True
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    assert tuple(block.last_dilated.shape[-2:]) == (size if kind == "bottleneck" else tuple(mask.shape[-2:]))
+
+
+def analytic_macs(block, x: torch.Tensor) -> float:
+    """Mean executed MACs per image from the conv shapes: gate everywhere, the shortcut projection at every
+    output position, conv1 at the positions its consumers read, the rest at the mask."""
+    mask = block.gate.decide(x)
+    h, w = x.shape[-2:]
+    s = block.stride
+    ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+    c = block.conv1.in_channels
+    total = c * 9 * ho * wo + c  # the mask unit: 3x3 conv to one channel, linear on the pooled input
+    if block.downsample is not None:
+        total += block.downsample[0].in_channels * block.downsample[0].out_channels * ho * wo
+    m = mask.float().sum((1, 2, 3))
+    if isinstance(block, GatedBottleneck):
+        width, out = block.conv1.out_channels, block.conv3.out_channels
+        d = reads(mask, s, (h, w)).float().sum((1, 2, 3))
+        total = total + d * c * width + m * (width * width * 9 + width * out)
+    else:
+        out = block.conv1.out_channels
+        d = reads(mask, 1, (ho, wo)).float().sum((1, 2, 3))
+        total = total + d * c * out * 9 + m * out * out * 9
+    return float(total.mean())
+
+
+@pytest.mark.parametrize(("kind", "cin", "planes", "stride"), CASES)
+def test_mac_count_is_the_executed_positions(kind, cin, planes, stride):
+    gen = torch.Generator().manual_seed(7 + stride)
+    block = make(kind, cin, planes, stride, gen)
+    x = torch.randn(4, cin, 10, 10, generator=gen)
+    counted = count_macs(block, x)
+    assert counted == pytest.approx(analytic_macs(block, x), rel=1e-9)
+    with torch.no_grad():
+        block(x)
+    assert 0.0 < float(block.executed_fraction().mean()) < 1.0
+
+
+def test_a_dense_blocks_state_dict_loads_with_only_the_gate_missing():
+    dense = Bottleneck(32, 8, 2, downsample(32, 32, 2))
+    gated = GatedBottleneck(Bottleneck(32, 8, 2, downsample(32, 32, 2)))
+    missing, unexpected = gated.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("gate.") for k in missing)
+
+
+@pytest.mark.parametrize(("arch", "blocks", "kind"), [("resnet18", 8, GatedResNetBasicBlock),
+                                                      ("resnet50", 16, GatedBottleneck),
+                                                      ("resnet101", 33, GatedBottleneck)])
+def test_dynconv_gates_every_block_of_the_torchvision_resnets(arch, blocks, kind):
+    """Every block, the strided ones too (the official ImageNet code); open gates compute the dense model."""
+    cfg = load_config(repo_root() / "params.yaml")
+    mcfg = model_cfg({"arch": arch, "weights": None})
+    torch.manual_seed(0)
+    dense = build_model(mcfg, 3, 5).eval()
+    method = methods.get("dynconv")
+    model, names = method.build(mcfg, method.params(cfg), 3, 5, 0, dense=copy.deepcopy(dense))
+    model.eval()
+    gated = gated_blocks(model)
+    assert len(gated) == len(names) == blocks and all(type(b) is kind for b in gated)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+    with pytest.raises(UserError, match=f"no sparse execution of a {kind.__name__}"):
+        to_sparse_execution(model)
