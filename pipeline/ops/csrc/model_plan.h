@@ -180,6 +180,10 @@ class ModelPlan : public SourceWatch {
     // the pads of small planes would be a third to a half of its vectors (kPackedPositions).
     bool packed = false;
     int64_t np = 0;
+    // Threads sharing an image split by output channels pack the input together into one of two shared
+    // buffers after the workspace's maps (packed convs alternate, so one still being read is never packed
+    // over: the next packed conv's barrier lies between), each thread the channels it wrote itself.
+    int64_t slot = 0;
     plan::PackedLayout layout;
   };
   struct Depthwise {
@@ -252,8 +256,8 @@ class ModelPlan : public SourceWatch {
   // by channels.
   static constexpr int64_t kSplitTiles = 1;
   // A 1x1 conv on a map of at most kPackedPositions positions whose packed input takes at most kPackedBytes runs
-  // packed (Conv::packed): each thread copies C_in x positions floats, little beside the conv's C_out x C_in x
-  // positions MACs, and spares the pad columns and the select that zeroes them (at 32 x 32 with 24 input
+  // packed (Conv::packed): C_in x positions floats copied (by the threads sharing an image together, each its
+  // share of the channels), little beside the conv's C_out x C_in x positions MACs, and spares the pad columns and the select that zeroes them (at 32 x 32 with 24 input
   // channels: 165 -> 138 us in the model). A larger copy would push the planes it was read from out of the
   // core's L2 (144 input channels at 32 x 32: 113 -> 210 us in the model); larger maps have few pads anyway.
   static constexpr int64_t kPackedPositions = 1024;
@@ -281,7 +285,7 @@ class ModelPlan : public SourceWatch {
   std::vector<Op> ops_;
   int64_t total_ = 0, head_in_ = -1, classes_ = 0;
   std::vector<int64_t> outputs_;
-  int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_att_ = 1, max_route_ = 0, max_packed_ = 0;
+  int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_att_ = 1, max_route_ = 0, max_packed_ = 0, packed_convs_ = 0;
   std::vector<float> head_w_, head_b_;
   int64_t team_policy_ = 0;
   bool profiling_ = false;

@@ -157,6 +157,7 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
   if (conv.packed) {
     conv.layout = packed_layout(go);
     max_packed_ = std::max(max_packed_, cin * conv.np);
+    conv.slot = packed_convs_++ % 2;
   }
   // Work prefix (entries x channels) for balancing blocks across threads.
   conv.work.assign(1, 0);
@@ -315,6 +316,8 @@ plan::PackedLayout ModelPlan::packed_layout(const Geometry& go) {
     }
     layout.seg_first.push_back(static_cast<int32_t>(layout.seg_shift.size()));
   }
+  if (L == 16 && layout.positions % L == 0)
+    layout.chunk = go.w % L == 0 ? L : go.w == 8 || go.w == 4 ? static_cast<int>(go.w) : 0;
   return layout;
 }
 

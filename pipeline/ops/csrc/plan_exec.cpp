@@ -110,14 +110,6 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
   float* packed = mixed_bias + round_up(max_cout_, L);  // a packed conv's input, [C_in][np]
   const auto [a, spatial, channel, filter] =
       dynamic ? attend(c.routing, base, att, routing, nt) : Attention{att, nullptr, nullptr, nullptr};
-  if (c.packed) {  // each thread packs the whole input (C_in x h x w floats: little beside the conv's MACs)
-    for (int64_t ci = 0; ci < gi.c; ++ci) {
-      float* dst = packed + ci * c.np;
-      for (int64_t y = 0; y < gi.h; ++y) std::memcpy(dst + y * gi.w, in + ci * gi.plane + (y + 1) * gi.wp + 1, gi.w * 4);
-      std::fill(dst + gi.h * gi.w, dst + c.np, 0.f);
-    }
-    in = packed;
-  }
   // This thread's share. A large map by positions: a contiguous range of its vectors for every output
   // channel (the rows a thread writes are mostly those it reads next, in its core's caches). A small one (and
   // a packed conv) by output channels (blocks balanced by entry count): split by positions, its few vectors
@@ -125,6 +117,19 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
   const int64_t first = c.packed ? 0 : go.wp + 1, nvec = c.packed ? c.np / L : vectors(go);
   const bool by_positions = nt > 1 && !c.packed &&
                             nvec >= nt * kSplitTiles * (c.blocks.empty() ? 1 : tile_height(static_cast<int>(c.blocks[0].cob)));
+  if (c.packed) {  // C_in x h x w floats: little beside the conv's MACs
+    const int64_t c0 = gi.c * t / nt, c1 = gi.c * (t + 1) / nt;
+    if (nt > 1) packed = base + total_ + L + c.slot * round_up(max_packed_, L);
+    for (int64_t ci = c0; ci < c1; ++ci) {
+      float* dst = packed + ci * c.np;
+      for (int64_t y = 0; y < gi.h; ++y) plan::copy_floats(dst + y * gi.w, in + ci * gi.plane + (y + 1) * gi.wp + 1, gi.w);
+      std::fill(dst + gi.h * gi.w, dst + c.np, 0.f);
+    }
+    if (nt > 1) {
+#pragma omp barrier
+    }
+    in = packed;
+  }
   int64_t v0 = 0, v1 = nvec, b0 = 0, b1 = static_cast<int64_t>(c.blocks.size());
   if (by_positions) {
     v0 = nvec * t / nt;
@@ -405,7 +410,7 @@ void ModelPlan::run_batch(const at::Tensor& input, const Sinks& sinks) {
   while (static_cast<int64_t>(work_.size()) < nt) work_.push_back(std::make_unique<Workspace>());
   while (static_cast<int64_t>(scratch_.size()) < nt) scratch_.push_back(std::make_unique<Workspace>());
   for (int i = 0; i < nt; ++i) {
-    work_[i]->get(total_ + L);
+    work_[i]->get(total_ + L + 2 * round_up(max_packed_, L));  // the maps, then the shared packed inputs
     scratch_[i]->get(scratch_size);
   }
   auto run = [&](int team) {  // the batch, `team` threads sharing each image

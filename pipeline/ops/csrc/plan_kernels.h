@@ -64,7 +64,41 @@ struct Epilogue {
     *reinterpret_cast<U*>(out[c] + p) = v;
     sums[c] += v;
   }
+
+  // A whole tile: each position's pad mask loaded and compared once for the block's channels.
+  template <int P>
+  [[gnu::always_inline]] void store_tile(V (&acc)[COB][P], const int64_t* pos) {
+    const V zero = V{};
+    for (int j = 0; j < P; ++j) {
+      const int64_t p = pos[j];
+      const auto keep = *reinterpret_cast<const U*>(pad + p) > zero;
+      for (int c = 0; c < COB; ++c) {
+        V v = acc[c][j];
+        if (res != nullptr) v += *reinterpret_cast<const U*>(res[c] + p);
+        v = activated(v, act);
+        v = keep ? v : zero;  // a select: NaN-proof
+        *reinterpret_cast<U*>(out[c] + p) = v;
+        sums[c] += v;
+      }
+    }
+  }
 };
+
+// dst[0 .. n) = src[0 .. n) in the widest plain loads and stores that fit (a packed conv's rows are often 4 or
+// 8 floats: a memcpy call each cost more than the copy).
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + L <= n; i += L) *reinterpret_cast<U*>(dst + i) = *reinterpret_cast<const U*>(src + i);
+  if (L > 8 && i + 8 <= n) {
+    _mm256_storeu_ps(dst + i, _mm256_loadu_ps(src + i));
+    i += 8;
+  }
+  if (i + 4 <= n) {
+    _mm_storeu_ps(dst + i, _mm_loadu_ps(src + i));
+    i += 4;
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
 
 // A packed 1x1 conv's output (PackedLayout): vector j of the packed positions p = j * L .. holds the map's
 // positions in row-major order without pads; its lanes go to the padded planes row by row.
@@ -74,7 +108,21 @@ struct PackedLayout {
   std::vector<int32_t> seg_first;  // per vector j: its row segments seg_first[j] .. seg_first[j + 1]
   std::vector<int32_t> seg_shift;  // per segment: padded position of lane 0 if the row went on (lane i -> shift + i)
   std::vector<uint32_t> seg_lanes; // per segment: the lanes of its row (bit i = lane i)
+  // Every vector split alike into whole chunks of this many lanes, each a piece of one row (16: a vector
+  // within a row; 8 or 4: two or four rows of a map that narrow); 0: segments as they come (masked stores).
+  int chunk = 0;
 };
+
+#if defined(__AVX512F__)
+// Lanes 8i .. 8i + 7 of v, and a vector from two such halves (AVX-512F only: no DQ needed).
+template <int I>
+[[gnu::always_inline]] inline __m256 half(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), I));
+}
+[[gnu::always_inline]] inline __m512 halves(__m256 lo, __m256 hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+}
+#endif
 
 template <int COB>
 struct PackedEpilogue {
@@ -116,7 +164,61 @@ struct PackedEpilogue {
     sums[c] += kept;
 #endif
   }
+
+  // A whole tile: where each vector's chunks go is looked up once for the block's channels, and whole chunks
+  // are written with plain stores (a masked store costs several plain ones on some cores).
+  template <int P>
+  [[gnu::always_inline]] void store_tile(V (&acc)[COB][P], const int64_t* pos) {
+#if defined(__AVX512F__)
+    const int chunk = layout->chunk;
+    if (chunk != 0) {
+      const int32_t* first = layout->seg_first.data();
+      const int32_t* shift = layout->seg_shift.data();
+      for (int j = 0; j < P; ++j) {
+        const int32_t* sh = shift + first[pos[j] / L];
+        int64_t q[4];  // padded position of lanes 0, chunk, 2 chunk, ...
+        for (int k = 0; k < L / chunk; ++k) q[k] = sh[k] + k * chunk;
+        for (int c = 0; c < COB; ++c) {
+          __m512 x = reinterpret_cast<const __m512&>(acc[c][j]);
+          const float* r = res != nullptr ? res[c] : nullptr;
+          float* o = out[c];
+          if (chunk == 16) {
+            if (r != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(r + q[0]));
+            const V a = activated(reinterpret_cast<const V&>(x), act);
+            _mm512_storeu_ps(o + q[0], reinterpret_cast<const __m512&>(a));
+            sums[c] += a;
+          } else if (chunk == 8) {
+            if (r != nullptr) x = _mm512_add_ps(x, halves(_mm256_loadu_ps(r + q[0]), _mm256_loadu_ps(r + q[1])));
+            const V a = activated(reinterpret_cast<const V&>(x), act);
+            const __m512 y = reinterpret_cast<const __m512&>(a);
+            _mm256_storeu_ps(o + q[0], half<0>(y));
+            _mm256_storeu_ps(o + q[1], half<1>(y));
+            sums[c] += a;
+          } else {
+            if (r != nullptr) {
+              __m512 y = _mm512_castps128_ps512(_mm_loadu_ps(r + q[0]));
+              y = _mm512_insertf32x4(y, _mm_loadu_ps(r + q[1]), 1);
+              y = _mm512_insertf32x4(y, _mm_loadu_ps(r + q[2]), 2);
+              x = _mm512_add_ps(x, _mm512_insertf32x4(y, _mm_loadu_ps(r + q[3]), 3));
+            }
+            const V a = activated(reinterpret_cast<const V&>(x), act);
+            const __m512 y = reinterpret_cast<const __m512&>(a);
+            _mm_storeu_ps(o + q[0], _mm512_castps512_ps128(y));
+            _mm_storeu_ps(o + q[1], _mm512_extractf32x4_ps(y, 1));
+            _mm_storeu_ps(o + q[2], _mm512_extractf32x4_ps(y, 2));
+            _mm_storeu_ps(o + q[3], _mm512_extractf32x4_ps(y, 3));
+            sums[c] += a;
+          }
+        }
+      }
+      return;
+    }
+#endif
+    for (int c = 0; c < COB; ++c)
+      for (int j = 0; j < P; ++j) store(c, pos[j], acc[c][j]);
+  }
 };
+
 
 // Add the entries [e0, e1) to a tile's accumulators: P loads per entry, one FMA per vector for each output
 // channel c of the block with bit c set in M (the channels whose weight for these entries is nonzero).
@@ -163,8 +265,7 @@ inline void conv_tile(const float* in, const int32_t* off, const float* w, const
   } else {
     accumulate<COB, P, (1 << COB) - 1>(in, off, w, seg[0], seg[1], acc, pos);
   }
-  for (int c = 0; c < COB; ++c)
-    for (int j = 0; j < P; ++j) ep.store(c, pos[j], acc[c][j]);
+  ep.template store_tile<P>(acc, pos);
 }
 
 // A tile of r < PMAX vectors: P = r, chosen at run time.
