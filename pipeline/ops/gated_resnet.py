@@ -40,89 +40,80 @@ def _projection_cost(downsample: nn.Module | None) -> int:
     return sum(_conv_cost(m) for m in downsample.modules() if isinstance(m, nn.Conv2d))
 
 
-class GatedResNetBasicBlock(GatedBlock):
-    """torchvision's ResNet basic block with DynConv spatial gating (see the module docstring)."""
+class _GatedTorchvisionBlock(GatedBlock):
+    """What the two gated torchvision blocks share: the dense block's submodules under their own names, a
+    mask unit with the block's stride, conv1's cost at the dilated mask, the shortcut projection's cost."""
 
-    def __init__(self, block: TorchvisionBasicBlock):
+    dense_type: type[nn.Module]
+    names: tuple[str, ...]
+
+    def __init__(self, block: nn.Module):
         super().__init__()
-        self.conv1, self.bn1, self.relu = block.conv1, block.bn1, block.relu
-        self.conv2, self.bn2, self.downsample = block.conv2, block.bn2, block.downsample
-        self.stride = block.conv1.stride[0]
+        for name in self.names:
+            setattr(self, name, getattr(block, name))
+        self.stride = block.stride
         self.gate = MaskUnit(block.conv1.in_channels, self.stride)
 
     @classmethod
-    def from_block(cls, block: TorchvisionBasicBlock, open_bias: float = 3.0) -> GatedResNetBasicBlock:
+    def from_block(cls, block: nn.Module, open_bias: float = 3.0) -> _GatedTorchvisionBlock:
         """Gated copy of a dense block with the gate open (every position runs)."""
-        if not isinstance(block, TorchvisionBasicBlock):
-            raise ValueError(f"from_block expects a torchvision BasicBlock, got {type(block).__name__}")
-        gated = cls(block)
-        return gated._adopt(block, ("conv1", "bn1", "relu", "conv2", "bn2", "downsample"), open_bias)
+        if not isinstance(block, cls.dense_type):
+            raise ValueError(f"from_block expects a torchvision {cls.dense_type.__name__}, got {type(block).__name__}")
+        return cls(block)._adopt(block, cls.names, open_bias)
 
     @property
     def dilated_cost(self) -> int:
         return _conv_cost(self.conv1)
 
     @property
-    def masked_cost(self) -> int:
-        return _conv_cost(self.conv2)
-
-    @property
     def shortcut_cost(self) -> int:
         return _projection_cost(self.downsample)
 
+    def _identity(self, x: Tensor) -> Tensor:
+        return x if self.downsample is None else self.downsample(x)
+
+
+class GatedResNetBasicBlock(_GatedTorchvisionBlock):
+    """torchvision's ResNet basic block with DynConv spatial gating (see the module docstring)."""
+
+    dense_type = TorchvisionBasicBlock
+    names = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
+
+    @property
+    def masked_cost(self) -> int:
+        return _conv_cost(self.conv2)
+
     def forward(self, x: Tensor) -> Tensor:
         mask, dilated = self._masks(x)
-        identity = x if self.downsample is None else self.downsample(x)
         h = self.relu(self.bn1(self.conv1(x)))
         if self.mask_conv2_input:
             h = h * dilated
-        return self.relu(identity + self.bn2(self.conv2(h)) * mask)
+        return self.relu(self._identity(x) + self.bn2(self.conv2(h)) * mask)
 
 
-class GatedBottleneck(GatedBlock):
-    """torchvision's ResNet bottleneck with DynConv spatial gating (see the module docstring)."""
+class GatedBottleneck(_GatedTorchvisionBlock):
+    """torchvision's ResNet bottleneck with DynConv spatial gating (see the module docstring); conv1 runs at
+    the input's resolution (its cost is per input position)."""
 
-    def __init__(self, block: TorchvisionBottleneck):
-        super().__init__()
-        self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
-        self.conv3, self.bn3, self.relu, self.downsample = block.conv3, block.bn3, block.relu, block.downsample
-        self.stride = block.conv2.stride[0]
-        self.gate = MaskUnit(block.conv1.in_channels, self.stride)
-
-    @classmethod
-    def from_block(cls, block: TorchvisionBottleneck, open_bias: float = 3.0) -> GatedBottleneck:
-        """Gated copy of a dense block with the gate open (every position runs)."""
-        if not isinstance(block, TorchvisionBottleneck):
-            raise ValueError(f"from_block expects a torchvision Bottleneck, got {type(block).__name__}")
-        gated = cls(block)
-        return gated._adopt(block, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample"),
-                            open_bias)
+    dense_type = TorchvisionBottleneck
+    names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample")
 
     def dilate_mask(self, mask: Tensor, in_size: tuple[int, int]) -> Tensor:
         return expand_mask(mask, self.stride, in_size)
 
     @property
-    def dilated_cost(self) -> int:
-        return _conv_cost(self.conv1)  # per input position
-
-    @property
     def masked_cost(self) -> int:
         return _conv_cost(self.conv2) + _conv_cost(self.conv3)
 
-    @property
-    def shortcut_cost(self) -> int:
-        return _projection_cost(self.downsample)
-
     def forward(self, x: Tensor) -> Tensor:
         mask, dilated = self._masks(x)
-        identity = x if self.downsample is None else self.downsample(x)
         h = self.relu(self.bn1(self.conv1(x)))
         if self.mask_conv2_input:
             h = h * dilated
         h = self.relu(self.bn2(self.conv2(h)))
         if self.mask_conv2_input:
             h = h * mask
-        return self.relu(identity + self.bn3(self.conv3(h)) * mask)
+        return self.relu(self._identity(x) + self.bn3(self.conv3(h)) * mask)
 
 
 GATED_TORCHVISION = {TorchvisionBasicBlock: GatedResNetBasicBlock, TorchvisionBottleneck: GatedBottleneck}
