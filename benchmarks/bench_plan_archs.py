@@ -93,7 +93,11 @@ def _threshold_for(block: GatedBlock, logits: torch.Tensor, budget: float) -> fl
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if fraction(mid) > budget else (lo, mid)
-    return hi
+    # Midway between the logits on either side (the same masks on these images): a threshold on a logit would
+    # leave that position's decision to the last bit, which the compiled plan and PyTorch may round apart.
+    values = logits.flatten().unique()
+    below, above = values[values < hi], values[values >= hi]
+    return float((below.max() + above.min()) / 2) if len(below) and len(above) else hi
 
 
 def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator, budget: float) -> list[float]:
