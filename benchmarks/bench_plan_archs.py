@@ -100,11 +100,10 @@ def _threshold_for(block: GatedBlock, logits: torch.Tensor, budget: float) -> fl
     return float((below.max() + above.min()) / 2) if len(below) and len(above) else hi
 
 
-def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator, budget: float) -> list[float]:
+def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator, budget: float) -> None:
     """Random mask-unit weights, each gated block's bias set so that it executes ``budget`` of its dense MACs
     on ``images`` (the sparsity criterion's cost: conv1 at the dilated mask, the rest at the mask), in
-    spatially coherent regions since the logits come from a 3x3 conv of the features. Returns each block's
-    executed fraction."""
+    spatially coherent regions since the logits come from a 3x3 conv of the features."""
     blocks = gated_blocks(model)
     with torch.no_grad():
         for b in blocks:
@@ -116,9 +115,6 @@ def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator, bud
         for b in blocks:  # in order: each threshold sees the masks of the blocks before it
             model(images)
             b.gate.conv.bias.sub_(_threshold_for(b, b.gate.last_logits, budget))
-        model(images)
-        fractions = [float(b.executed_fraction().mean()) for b in blocks]
-    return fractions
 
 
 def build(arch: str, variant: str, sparsity: float) -> tuple[nn.Module, nn.Module]:
