@@ -14,9 +14,9 @@ the block's stride plus a linear layer on the pooled input; ``MaskUnit``):
   mask; ``out = relu(identity + m * bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))))``.
 
 The shortcut (identity or the 1x1 projection ``downsample``) runs everywhere. Blocks run dense-masked, which
-gives the numbers a sparse execution gives; the MAC counter counts the executed positions
-(``GatedBlock.macs_per_image``). Submodule names match torchvision's, so a dense block's state dict loads
-with only ``gate.*`` missing.
+gives the numbers a sparse execution gives (``pipeline/ops/sparse_exec.py`` runs them sparsely at inference);
+the MAC counter counts the executed positions (``GatedBlock.macs_per_image``). Submodule names match
+torchvision's, so a dense block's state dict loads with only ``gate.*`` missing.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ from torch import Tensor, nn
 
 from pipeline.ops import native
 from pipeline.errors import UserError
-from pipeline.ops.spatial_gate import GatedBasicBlock, GatedBlock, GatedInvertedResidual, MaskUnit, dilate
+from pipeline.ops.gated_resnet import GatedBottleneck, GatedResNetBasicBlock
+from pipeline.ops.spatial_gate import GatedBasicBlock, GatedBlock, GatedInvertedResidual, MaskUnit, dilate, expand_mask
 
 def _fold_bn(weight: Tensor, bn: nn.BatchNorm2d, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``bn(conv(x)) = conv_w'(x) + b'`` in eval mode: scale the output channels, shift the bias (float64 math)."""
@@ -65,6 +66,17 @@ def _fold_bn(weight: Tensor, bn: nn.BatchNorm2d, bias: Tensor | None = None) -> 
     folded_w = w * scale.view(-1, *([1] * (w.dim() - 1)))
     folded_b = (base - bn.running_mean.double()) * scale + shift
     return folded_w.to(weight.dtype), folded_b.to(weight.dtype)
+
+
+def _projection(shortcut: nn.Module | None, stride: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
+    """The folded (weight, bias) of a block's 1x1 projection shortcut (``nn.Sequential(conv, bn)``), or
+    ``(None, None)`` for the identity (``nn.Identity`` in the CIFAR block, ``None`` in torchvision's)."""
+    if shortcut is None or isinstance(shortcut, nn.Identity):
+        return None, None
+    conv, bn = shortcut[0], shortcut[1]
+    if conv.kernel_size != (1, 1) or conv.stride != (stride, stride) or conv.padding != (0, 0) or conv.groups != 1:
+        raise ValueError("the projection shortcut must be a 1x1 conv with the block's stride")
+    return _fold_bn(conv.weight, bn, conv.bias)
 
 
 def _window_table(batch: int, in_h: int, in_w: int, out_h: int, out_w: int, stride: int,
@@ -98,6 +110,16 @@ def _check_input(x: Tensor, channels: int, name: str) -> None:
 def _as_nchw(rows: Tensor, b: int, h: int, w: int) -> Tensor:
     """``[B*H*W, C]`` channels-last rows as a ``[B, C, H, W]`` tensor (channels_last memory format, no copy)."""
     return rows.view(b, h, w, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _shortcut(rows: Tensor, size: tuple[int, int, int], stride: int, ws: Tensor | None, bs: Tensor | None) -> Tensor:
+    """The shortcut as fresh ``[B*H'*W', C_out]`` rows: a copy of the input rows ``[B*H*W, C]`` (identity), or
+    the folded 1x1 projection at ``stride``."""
+    if ws is None:
+        return rows.clone(memory_format=torch.contiguous_format)
+    b, h, w = size
+    strided = rows.view(b, h, w, rows.shape[1])[:, ::stride, ::stride].reshape(-1, rows.shape[1])
+    return torch.addmm(bs, strided, ws.view(ws.shape[0], -1).t())
 
 
 def _with_zero_row(n: int, width: int, like: Tensor) -> Tensor:
@@ -397,9 +419,10 @@ class SparseBasicBlock(_SparseBlock):
         self.register_buffer("bs", bs)
 
     @classmethod
-    def from_gated(cls, block: GatedBasicBlock) -> SparseBasicBlock:
-        """Sparse copy of an eval-mode gated block: BNs folded once, the mask unit copied as is."""
-        if not isinstance(block, GatedBasicBlock):
+    def from_gated(cls, block: GatedBasicBlock | GatedResNetBasicBlock) -> SparseBasicBlock:
+        """Sparse copy of an eval-mode gated block (the CIFAR one or torchvision's): BNs folded once, the mask
+        unit copied as is."""
+        if not isinstance(block, (GatedBasicBlock, GatedResNetBasicBlock)):
             raise ValueError(f"from_gated expects a GatedBasicBlock, got {type(block).__name__}")
         if block.training:
             raise ValueError("from_gated needs an eval-mode block (BN running statistics are folded): call .eval()")
@@ -413,13 +436,9 @@ class SparseBasicBlock(_SparseBlock):
             raise ValueError(f"expected ReLU activations, got {type(block.relu).__name__}")
         w1, b1 = _fold_bn(block.conv1.weight, block.bn1, block.conv1.bias)
         w2, b2 = _fold_bn(block.conv2.weight, block.bn2, block.conv2.bias)
-        ws = bs = None
-        if not isinstance(block.shortcut, nn.Identity):
-            conv, bn = block.shortcut[0], block.shortcut[1]
-            if conv.kernel_size != (1, 1) or conv.stride != (stride, stride) or conv.padding != (0, 0):
-                raise ValueError("the projection shortcut must be a 1x1 conv with the block's stride")
-            ws, bs = _fold_bn(conv.weight, bn, conv.bias)
-        elif stride != 1 or block.conv1.in_channels != block.conv1.out_channels:
+        shortcut = block.downsample if isinstance(block, GatedResNetBasicBlock) else block.shortcut
+        ws, bs = _projection(shortcut, stride)
+        if ws is None and (stride != 1 or block.conv1.in_channels != block.conv1.out_channels):
             raise ValueError("an identity shortcut needs stride 1 and equal widths")
         sparse = cls(copy.deepcopy(block.gate), stride, w1, b1, w2, b2, ws, bs)
         sparse._copy_costs(block)
@@ -461,11 +480,7 @@ class SparseBasicBlock(_SparseBlock):
         p = self._buffers
         masks = self._masks(x, mask, b, ho, wo)
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels_last input, else a copy
-        if p["ws"] is None:
-            out = rows.clone(memory_format=torch.contiguous_format)
-        else:  # the folded 1x1 projection at stride s
-            strided = rows.view(b, h, w, c)[:, ::s, ::s].reshape(-1, c)
-            out = torch.addmm(p["bs"], strided, p["ws"].view(co, c).t())
+        out = _shortcut(rows, (b, h, w), s, p["ws"], p["bs"])
         if masks is not None:
             source = torch.cat([rows.new_zeros(1, c), rows])  # row 0: what the conv padding reads
             window_in = self._table(b, h, w, ho, wo, s, x.device)
@@ -478,20 +493,130 @@ class SparseBasicBlock(_SparseBlock):
         return _as_nchw(out.relu_(), b, ho, wo)
 
 
+class SparseBottleneck(_SparseBlock):
+    """Gather / scatter inference of torchvision's gated bottleneck, ``GatedBottleneck`` (Verelst &
+    Tuytelaars, CVPR 2020; the official ImageNet code's masks).
+
+    ``out = relu(shortcut(x) + m * bn3(conv3(relu(bn2(conv2(e * relu(bn1(conv1(x)))))))))``: conv1 (1x1) runs
+    at the input positions ``e`` that conv2 reads for the mask (``expand_mask``: the mask spread onto the
+    input grid at the block's stride, dilated 3x3), conv2 (3x3, stride s) at the mask positions ``m`` on
+    gathered neighbourhoods of those features (zero outside ``e``), conv3 (1x1) at ``m``; the result is added
+    into the shortcut (identity, or the folded 1x1 projection, computed everywhere), then ReLU. Buffers
+    ``w1, b1, w2, b2, w3, b3`` (and ``ws, bs`` for a projection) are the BN-folded conv weights and biases.
+
+    ``last_dilated`` is ``e``, at the input's resolution (the resolution conv1 runs at).
+    """
+
+    def __init__(self, gate: MaskUnit, stride: int, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+                 b3: Tensor, ws: Tensor | None, bs: Tensor | None):
+        super().__init__()
+        self.gate = gate
+        self.stride = stride
+        self.width, self.in_channels = w1.shape[:2]
+        self.out_channels = w3.shape[0]
+        self.register_buffer("w1", w1.contiguous())  # [width, C_in, 1, 1]
+        self.register_buffer("b1", b1)
+        self.register_buffer("w2", w2.contiguous(memory_format=torch.channels_last))  # [width, width, 3, 3]
+        self.register_buffer("b2", b2)
+        self.register_buffer("w3", w3.contiguous())  # [C_out, width, 1, 1]
+        self.register_buffer("b3", b3)
+        self.register_buffer("ws", None if ws is None else ws.contiguous())  # [C_out, C_in, 1, 1]
+        self.register_buffer("bs", bs)
+
+    @classmethod
+    def from_gated(cls, block: GatedBottleneck) -> SparseBottleneck:
+        """Sparse copy of an eval-mode gated bottleneck: BNs folded once, the mask unit copied as is."""
+        if not isinstance(block, GatedBottleneck):
+            raise ValueError(f"from_gated expects a GatedBottleneck, got {type(block).__name__}")
+        if block.training:
+            raise ValueError("from_gated needs an eval-mode block (BN running statistics are folded): call .eval()")
+        stride = block.conv2.stride[0]
+        c1, c2, c3 = block.conv1, block.conv2, block.conv3
+        if (c1.kernel_size != (1, 1) or c3.kernel_size != (1, 1) or c1.stride != (1, 1) or c3.stride != (1, 1)
+                or c2.kernel_size != (3, 3) or c2.padding != (1, 1) or c2.dilation != (1, 1)
+                or any(c.groups != 1 for c in (c1, c2, c3)) or c2.stride != (stride, stride)
+                or block.gate.stride != stride):
+            raise ValueError("expected 1x1 - 3x3 (padding 1, the mask unit's stride) - 1x1 ungrouped convs")
+        if not isinstance(block.relu, nn.ReLU):
+            raise ValueError(f"expected ReLU activations, got {type(block.relu).__name__}")
+        ws, bs = _projection(block.downsample, stride)
+        if ws is None and (stride != 1 or c1.in_channels != c3.out_channels):
+            raise ValueError("an identity shortcut needs stride 1 and equal widths")
+        folded = [_fold_bn(conv.weight, bn, conv.bias) for conv, bn in ((c1, block.bn1), (c2, block.bn2),
+                                                                           (c3, block.bn3))]  # fmt: skip
+        sparse = cls(copy.deepcopy(block.gate), stride, *(t for pair in folded for t in pair), ws, bs)
+        sparse._copy_costs(block)
+        return sparse.eval()
+
+    def plan_into(self, b, name: str, x: int) -> int:
+        """The block in the compiled engine (``pipeline/ops/plan``), on rows, at stride 1: mask unit, shortcut
+        at every position, conv1 at the dilated mask, conv2 and conv3 at the mask (added to the shortcut, which
+        passes alone elsewhere), ReLU after the sum. A strided bottleneck's conv1 runs at the input's
+        resolution, which the rows gate does not map: it runs in PyTorch."""
+        if self.stride != 1:
+            raise b.Unsupported(f"{name}: a strided bottleneck's expanded mask is not compiled")
+        p = self._buffers
+        x = b.as_rows(x)
+        gate = self.gate.plan_into(b, f"{name}.gate", x, 1)
+        b.watch(*[t for t in p.values() if t is not None])
+        res = x if p["ws"] is None else b.rows_conv(x, p["ws"], p["bs"], 1)
+        t = b.rows_conv(x, p["w1"], p["b1"], 1, b.ACT_RELU, gate=gate, which=0)
+        t = b.rows_conv(t, p["w2"], p["b2"], 1, b.ACT_RELU, gate=gate, which=1)
+        return b.rows_conv(t, p["w3"], p["b3"], 1, b.ACT_RELU, res=res, gate=gate, which=1)
+
+    def _check(self, x: Tensor) -> None:
+        _check_input(x, self.in_channels, type(self).__name__)
+
+    def _out_size(self, x: Tensor) -> tuple[int, int]:
+        s = self.stride
+        return (x.shape[2] - 1) // s + 1, (x.shape[3] - 1) // s + 1
+
+    def _run(self, x: Tensor, mask: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        ho, wo = self._out_size(x)
+        s, width = self.stride, self.width
+        p = self._buffers
+        expanded = expand_mask(mask.to(x.dtype), s, (h, w)) > 0
+        self._set_masks(x, mask, expanded, "pytorch")
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view for channels_last input, else a copy
+        out = _shortcut(rows, (b, h, w), s, p["ws"], p["bs"])
+        idx_m = mask.reshape(-1).nonzero().view(-1)
+        if idx_m.numel() > 0:
+            idx_e = expanded.reshape(-1).nonzero().view(-1)
+            hidden = _with_zero_row(idx_e.numel(), width, x)  # zero row: what conv2 reads outside e
+            torch.addmm(p["b1"], rows.index_select(0, idx_e), p["w1"].view(width, c).t(), out=hidden[1:])
+            hidden.relu_()
+            # Entry 1 + p: the row of input position p in `hidden` when p is in e (the windows of the mask's
+            # positions read no other); entry 0, the padding, the zero row.
+            ranks = torch.cumsum(torch.cat([expanded.new_zeros(1), expanded.reshape(-1)]), 0)
+            window = self._table(b, h, w, ho, wo, s, x.device).index_select(0, idx_m)
+            cols = hidden.index_select(0, ranks.index_select(0, window.view(-1))).view(-1, 9 * width)
+            h2 = torch.addmm(p["b2"], cols, SparseBasicBlock._matrix(p["w2"])).relu_()
+            out.index_add_(0, idx_m, torch.addmm(p["b3"], h2, p["w3"].view(self.out_channels, width).t()))
+        return _as_nchw(out.relu_(), b, ho, wo)
+
+
+_SPARSE: dict[type[GatedBlock], type[_SparseBlock]] = {
+    GatedBasicBlock: SparseBasicBlock,
+    GatedResNetBasicBlock: SparseBasicBlock,
+    GatedInvertedResidual: SparseInvertedResidual,
+    GatedBottleneck: SparseBottleneck,
+}
+
+
 def to_sparse_execution(model: nn.Module) -> nn.Module:
-    """Deep copy of an eval-mode ``model`` with every ``GatedBasicBlock`` / ``GatedInvertedResidual``
-    replaced by its gather / scatter counterpart under the same module name (DynConv, Verelst &
-    Tuytelaars, CVPR 2020), for inference."""
+    """Deep copy of an eval-mode ``model`` with every DynConv gated block (the CIFAR basic block, the inverted
+    residual, torchvision's basic block and bottleneck) replaced by its gather / scatter counterpart under the
+    same module name (DynConv, Verelst & Tuytelaars, CVPR 2020), for inference."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"to_sparse_execution expects an nn.Module, got {type(model).__name__}")
     if model.training:
         raise ValueError("to_sparse_execution needs an eval-mode model (BN statistics are folded): call .eval()")
     sparse = copy.deepcopy(model)
     for name, module in list(sparse.named_modules()):
-        if isinstance(module, GatedBasicBlock):
-            new: nn.Module = SparseBasicBlock.from_gated(module)
-        elif isinstance(module, GatedInvertedResidual):
-            new = SparseInvertedResidual.from_gated(module)
+        sparse_type = _SPARSE.get(type(module))
+        if sparse_type is not None:
+            new: nn.Module = sparse_type.from_gated(module)
         elif isinstance(module, GatedBlock):
             raise UserError(f"{name}: no sparse execution of a {type(module).__name__} yet (its dense-masked "
                             "forward gives the same outputs; time the masked variant)")

@@ -348,7 +348,9 @@ void ModelPlan::run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t
   };
   if (r1 > r0)
     direct::row_gemm_columns(r1 - r0, taps, cin, c.matrix.data(), cout, c.bias.data(), 0, cout, rows_of, store);
-  // conv2's inactive positions: the shortcut passes (through the activation).
+  // The inactive positions of a conv at the mask with a residual: the residual passes (through the activation).
+  // Without one they stay unwritten: only ops at the same mask read this output.
+  if (res == nullptr) return;
   for (int64_t i = n_idle * t / nt; i < n_idle * (t + 1) / nt; ++i) {
     const int64_t p = idle[i];
     float* dst = out + p * cout;
