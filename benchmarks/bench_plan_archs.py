@@ -46,7 +46,7 @@ from pipeline.complexity import count_macs
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.fold import fold_batchnorm
-from pipeline.models import build_model
+from pipeline.models import build_model, model_cfg
 from pipeline.ops.odconv import ODConv2d
 from pipeline.ops.plan import PlannedModel, plan_or_reason
 from pipeline.ops.sd_conv import SDConv2d
@@ -73,8 +73,17 @@ def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
                 m.bias.normal_(0.0, 0.1, generator=gen)
 
 
-def _images(n: int = 64) -> torch.Tensor:
-    return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(SEED + 1))
+def _images(n: int = 64, shape: tuple[int, int, int] = SHAPE) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(SEED + 1))
+
+
+def backbone_cfg(cfg, arch: str):
+    """params.yaml's model settings for backbone ``arch`` (a torchvision arch from random init)."""
+    if arch == cfg.model.arch:
+        return cfg.model
+    if arch.startswith("cifar_"):
+        return cfg.model.model_copy(update={"arch": arch})
+    return model_cfg({"arch": arch, "weights": None})
 
 
 def _threshold_for(block: GatedBlock, logits: torch.Tensor, budget: float) -> float:
@@ -117,20 +126,25 @@ def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator, bud
             b.gate.conv.bias.sub_(_threshold_for(b, b.gate.last_logits, budget))
 
 
-def build(arch: str, variant: str, sparsity: float) -> tuple[nn.Module, nn.Module]:
+def build(arch: str, variant: str, sparsity: float, shape: tuple[int, int, int] = SHAPE, classes: int = CLASSES,
+          overrides: dict | None = None) -> tuple[nn.Module, nn.Module]:  # fmt: skip
     """(the timed model, the model the MAC counter reads) of ``variant`` (``dense`` or a method of
-    ``convert``) on backbone ``arch``, SD-Conv with ``sparsity`` of its weights zero; deterministic."""
+    ``convert``) on backbone ``arch`` for inputs [B, *shape], SD-Conv with ``sparsity`` of its weights zero and
+    ``overrides`` replacing the method's params (e.g. ``{"width": 1.0}``); deterministic."""
     cfg = load_config(repo_root() / "params.yaml")
-    model_cfg = cfg.model.model_copy(update={"arch": arch})
+    mcfg = backbone_cfg(cfg, arch)
     gen = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
-    dense = build_model(model_cfg, SHAPE[0], CLASSES)
+    dense = build_model(mcfg, shape[0], classes)
     _randomize_bn(dense, gen)
     if variant == "dense":
         dense.eval()
         return fold_batchnorm(dense)[0], dense
     method = methods.get(variant)
-    model, _ = method.build(model_cfg, method.params(cfg), SHAPE[0], CLASSES, SEED, dense=dense)
+    params = method.params(cfg)
+    if overrides:
+        params = params.model_copy(update=overrides)
+    model, _ = method.build(mcfg, params, shape[0], classes, SEED, dense=dense)
     _randomize_bn(model, gen)
     model.eval()
     with torch.no_grad():
@@ -142,10 +156,10 @@ def build(arch: str, variant: str, sparsity: float) -> tuple[nn.Module, nn.Modul
                 m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= sparsity)
                 m.threshold.zero_()
     if gated_blocks(model):
-        budget = getattr(method.params(cfg), "budget", None)
+        budget = getattr(params, "budget", None)
         if budget is None:
             raise UserError(f"{variant}: gated blocks but no `budget` param to set their masks at")
-        _set_masks(model, _images(8), gen, budget)
+        _set_masks(model, _images(8, shape), gen, budget)
         source = model
         model = to_sparse_execution(model)
     else:

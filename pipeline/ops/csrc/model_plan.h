@@ -66,7 +66,8 @@
 namespace native {
 
 // A whole network as one compiled call: buffers of zero-padded planes (or rows), then ops in order (convs
-// with optional residual and activation, depthwise convs, stride-2 tap gathers, DynConv's rows ops), then
+// with optional residual and activation, depthwise convs, stride-2 tap gathers, k x k window gathers, max
+// pooling, DynConv's rows ops), then
 // global average pooling and a linear head. Buffer 0 is the input. Built op by op from Python
 // (pipeline/ops/plan/builder.py).
 class ModelPlan : public SourceWatch {
@@ -91,6 +92,11 @@ class ModelPlan : public SourceWatch {
   int64_t buffer(int64_t channels, int64_t height, int64_t width);
   // The nine taps of a 3x3, stride-2, padding-1 window of every channel of `in`, as planes (tap, c) of `out`.
   int64_t gather(int64_t in, int64_t out);
+  // The k x k taps (stride, zero padding pad) of every channel of `in`, as planes (tap, c) of `out`: a conv the
+  // plane kernels do not run directly (the 7 x 7, stride-2 stem of ImageNet ResNets) is then a 1x1 conv on them.
+  int64_t gather_window(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad);
+  // out = the maximum of each channel over its k x k windows (stride, padding pad: padded positions never win).
+  int64_t max_pool(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad);
   // out = act(conv(in) + bias [+ res]); weight [C_out, C_in, kh, kw]; act a plan::kAct* code.
   int64_t fixed_conv(int64_t in, int64_t out, int64_t res, int64_t act, int64_t mode, const at::Tensor& weight,
                      const c10::optional<at::Tensor>& bias);
@@ -195,6 +201,9 @@ class ModelPlan : public SourceWatch {
   struct Gather {
     int64_t in, out;
   };
+  struct Window {  // gather_window and max_pool
+    int64_t in, out, k, stride, pad;
+  };
   struct RowsGate {
     int64_t in = -1, mask = -1, dilated = -1, stride = 1, positions = 0, lists = 0, across = 0;
     std::vector<float> w, fc;
@@ -218,6 +227,8 @@ class ModelPlan : public SourceWatch {
   static constexpr int64_t kRowsGate = 4;
   static constexpr int64_t kRowsConv = 5;
   static constexpr int64_t kToPlanes = 6;
+  static constexpr int64_t kWindow = 7;
+  static constexpr int64_t kMaxPool = 8;
 
   const Geometry& geometry(int64_t id) const;
   int64_t add_buffer(int64_t channels, int64_t height, int64_t width, bool rows);
@@ -240,6 +251,8 @@ class ModelPlan : public SourceWatch {
   void run_conv(const Conv& c, float* base, float* scratch, int64_t t, int64_t nt) const;
   void run_depthwise(const Depthwise& d, float* base, float* scratch, int64_t t, int64_t nt) const;
   void run_gather(const Gather& op, float* base, int64_t t, int64_t nt) const;
+  void run_window(const Window& op, float* base, int64_t t, int64_t nt) const;
+  void run_max_pool(const Window& op, float* base, int64_t t, int64_t nt) const;
   void run_to_rows(const Gather& op, float* base, int64_t t, int64_t nt) const;
   void rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_t nt) const;
   void rows_gate_lists(const RowsGate& g, float* base) const;
@@ -280,6 +293,7 @@ class ModelPlan : public SourceWatch {
   std::vector<Conv> convs_;
   std::vector<Depthwise> depthwise_;
   std::vector<Gather> gathers_;
+  std::vector<Window> windows_;
   std::vector<RowsGate> rows_gates_;
   std::vector<RowsConv> rows_convs_;
   std::vector<Op> ops_;

@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<int64_t, int64_t, int64_t>())
       .def("buffer", &native::ModelPlan::buffer)
       .def("gather", &native::ModelPlan::gather)
+      .def("gather_window", &native::ModelPlan::gather_window)
+      .def("max_pool", &native::ModelPlan::max_pool)
       .def("fixed_conv", &native::ModelPlan::fixed_conv)
       .def("dynamic_conv", &native::ModelPlan::dynamic_conv)
       .def("depthwise_conv", &native::ModelPlan::depthwise_conv)

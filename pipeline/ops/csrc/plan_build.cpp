@@ -62,6 +62,28 @@ int64_t ModelPlan::gather(int64_t in, int64_t out) {
   return push_op(kGather, gathers_.size());
 }
 
+int64_t ModelPlan::gather_window(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad) {
+  const auto& gi = geometry(in);
+  const auto& go = geometry(out);
+  TORCH_CHECK(k >= 1 && stride >= 1 && pad >= 0 && pad < k, "gather window: k >= 1, stride >= 1, 0 <= pad < k");
+  TORCH_CHECK(!gi.rows && !go.rows && go.c == k * k * gi.c && go.h == (gi.h + 2 * pad - k) / stride + 1 &&
+                  go.w == (gi.w + 2 * pad - k) / stride + 1 && gi.h + 2 * pad >= k && gi.w + 2 * pad >= k,
+              "gather window: the output buffer must hold the k x k taps of every input channel at the stride");
+  windows_.push_back({in, out, k, stride, pad});
+  return push_op(kWindow, windows_.size());
+}
+
+int64_t ModelPlan::max_pool(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t pad) {
+  const auto& gi = geometry(in);
+  const auto& go = geometry(out);
+  TORCH_CHECK(k >= 1 && stride >= 1 && pad >= 0 && 2 * pad <= k, "max pool: k >= 1, stride >= 1, 0 <= pad <= k / 2");
+  TORCH_CHECK(!gi.rows && !go.rows && go.c == gi.c && go.h == (gi.h + 2 * pad - k) / stride + 1 &&
+                  go.w == (gi.w + 2 * pad - k) / stride + 1 && gi.h + 2 * pad >= k && gi.w + 2 * pad >= k,
+              "max pool: the output must be the input map pooled at the stride");
+  windows_.push_back({in, out, k, stride, pad});
+  return push_op(kMaxPool, windows_.size());
+}
+
 // Multiplications per output vector a block executes: each entry times the channels using it.
 int64_t ModelPlan::products(const Block& b) {
   if (b.cob == 1) return b.seg[1] - b.seg[0];

@@ -234,6 +234,65 @@ void ModelPlan::run_gather(const Gather& op, float* base, int64_t t, int64_t nt)
   }
 }
 
+// This thread's output rows of every (tap, channel) plane; taps outside the input are zero.
+void ModelPlan::run_window(const Window& op, float* base, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[op.in];
+  const auto& go = geometry_[op.out];
+  const float* in = base + gi.offset;
+  float* out = base + go.offset;
+  const int64_t cin = gi.c, k = op.k, s = op.stride, pad = op.pad;
+  for (int64_t q = 0; q < go.c; ++q) {
+    const int64_t tap = q / cin, ci = q % cin, ky = tap / k, kx = tap % k;
+    // Output columns ox0 .. ox1 - 1 read inside the input row: 0 <= ox * s + kx - pad < w.
+    const int64_t ox0 = std::min<int64_t>(go.w, std::max<int64_t>(0, (pad - kx + s - 1) / s));
+    const int64_t ox1 = std::max<int64_t>(ox0, std::min<int64_t>(go.w, (gi.w - 1 + pad - kx) / s + 1));
+    for (int64_t oy = go.h * t / nt; oy < go.h * (t + 1) / nt; ++oy) {
+      float* o = out + q * go.plane + (oy + 1) * go.wp + 1;
+      const int64_t iy = oy * s + ky - pad;
+      if (iy < 0 || iy >= gi.h) {
+        std::fill_n(o, go.w, 0.f);
+        continue;
+      }
+      const float* row = in + ci * gi.plane + (iy + 1) * gi.wp + 1 + kx - pad;
+      std::fill_n(o, ox0, 0.f);
+      for (int64_t ox = ox0; ox < ox1; ++ox) o[ox] = row[ox * s];
+      std::fill_n(o + ox1, go.w - ox1, 0.f);
+    }
+  }
+}
+
+// This thread's output rows of every channel, with their per-channel sums (pooling and routing read them).
+void ModelPlan::run_max_pool(const Window& op, float* base, int64_t t, int64_t nt) const {
+  const auto& gi = geometry_[op.in];
+  const auto& go = geometry_[op.out];
+  const int64_t k = op.k, s = op.stride, pad = op.pad;
+  const int64_t y0 = go.h * t / nt, y1 = go.h * (t + 1) / nt;
+  std::vector<float> row_max(gi.w);
+  for (int64_t c = 0; c < go.c; ++c) {
+    const float* src = base + gi.offset + c * gi.plane;
+    float* dst = base + go.offset + c * go.plane;
+    float part = 0.f;
+    for (int64_t oy = y0; oy < y1; ++oy) {
+      // The column-wise maximum over the window's input rows, then the maximum over each window's columns.
+      const int64_t iy0 = std::max<int64_t>(0, oy * s - pad), iy1 = std::min<int64_t>(gi.h, oy * s - pad + k);
+      const float* r = src + (iy0 + 1) * gi.wp + 1;
+      std::copy_n(r, gi.w, row_max.data());
+      for (int64_t iy = iy0 + 1; iy < iy1; ++iy) {
+        r = src + (iy + 1) * gi.wp + 1;
+        for (int64_t x = 0; x < gi.w; ++x) row_max[x] = std::max(row_max[x], r[x]);
+      }
+      float* o = dst + (oy + 1) * go.wp + 1;
+      for (int64_t ox = 0; ox < go.w; ++ox) {
+        const int64_t ix0 = std::max<int64_t>(0, ox * s - pad), ix1 = std::min<int64_t>(gi.w, ox * s - pad + k);
+        float m = row_max[ix0];
+        for (int64_t ix = ix0 + 1; ix < ix1; ++ix) m = std::max(m, row_max[ix]);
+        o[ox] = m;
+        part += m;
+      }
+    }
+    base[go.sums + t * go.c + c] = part;
+  }
+}
 
 // Depthwise 3x3: each thread a share of the channels (whole planes), its weights mixed and scaled per sample
 // where the op is routed (DyNet: sum_k a_k W_k; ODConv: times a_s per tap and a_c per channel).
@@ -309,6 +368,10 @@ void ModelPlan::run_sample(const float* x, const Sinks& sinks, int64_t n, float*
       run_depthwise(depthwise_[op.index], base, scratch, t, nt);
     } else if (op.kind == kGather) {
       run_gather(gathers_[op.index], base, t, nt);
+    } else if (op.kind == kWindow) {
+      run_window(windows_[op.index], base, t, nt);
+    } else if (op.kind == kMaxPool) {
+      run_max_pool(windows_[op.index], base, t, nt);
     } else if (op.kind == kToRows) {
       run_to_rows(gathers_[op.index], base, t, nt);
     } else if (op.kind == kToPlanes) {

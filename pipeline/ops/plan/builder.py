@@ -10,16 +10,20 @@ model joins it through a small protocol beside ``counted_macs`` and
 - a conv: ``plan_into(builder, name, x, res=-1, act=ACT_NONE) -> buffer``, the
   conv of buffer ``x`` [+ residual buffer ``res``] through activation ``act``.
 
-A plain ``nn.Conv2d`` (ungrouped or depthwise 3x3, 1x1) needs no hook: the
-builder knows it. Anything else without ``plan_into`` stops the build with
-:class:`Unsupported` naming the layer, and the model runs as PyTorch modules.
+A plain ``nn.Conv2d`` (ungrouped of any square size, or depthwise 3x3) and
+``nn.MaxPool2d`` need no hook: the builder knows them. Modules of other
+libraries, which cannot carry a hook, describe themselves through planners
+registered for their type (:func:`planner`; torchvision's ResNets and
+MobileNetV2 in :mod:`pipeline.ops.plan.torchvision`). Anything else without
+``plan_into`` stops the build with :class:`Unsupported` naming the layer, and
+the model runs as PyTorch modules.
 The builder's primitives (static, mixed and depthwise convs, rows convs, the
 mask unit, the head) check every shape in C++ too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -38,6 +42,32 @@ LINEAR, SIGMOID, SOFTMAX = 0, 1, 2
 
 class Unsupported(ValueError):
     """The model has a part the compiled plan does not implement (it then runs as PyTorch modules)."""
+
+
+_PLANNERS: dict[type, Callable] = {}
+
+
+def planner(*types: type) -> Callable[[Callable], Callable]:
+    """Register a function as the ``plan_into`` of modules of exactly these types (modules of other libraries):
+    ``f(module, builder)`` for a model, ``f(module, builder, name, x) -> buffer`` for a block."""
+
+    def register(f: Callable) -> Callable:
+        for t in types:
+            _PLANNERS[t] = f
+        return f
+
+    return register
+
+
+def plan_hook(module: nn.Module) -> Callable | None:
+    """The module's ``plan_into``, or the planner registered for its type, bound to it; None if neither."""
+    hook = getattr(module, "plan_into", None)
+    if hook is not None:
+        return hook
+    from pipeline.ops.plan import torchvision  # noqa: F401  (registers its planners)
+
+    f = _PLANNERS.get(type(module))
+    return None if f is None else (lambda *args, **kwargs: f(module, *args, **kwargs))
 
 
 class Head(NamedTuple):
@@ -75,6 +105,20 @@ def conv_geometry(name: str, kernel_size, stride, padding, dilation=(1, 1), padd
         raise Unsupported(f"{name}: kernel {ks}, stride {st}, padding {pad} is not compiled "
                           "(3x3 padding 1 or 1x1 padding 0, stride 1 or 2)")  # fmt: skip
     return ks[0], st[0]
+
+
+def _window_geometry(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """(stride, padding) of a plain conv the plane kernels do not run directly but the window gather does: a
+    square, undilated, zero-padded kernel other than 3x3 padding 1 / 1x1 padding 0 at stride 1 or 2; None for
+    those (and for what neither runs)."""
+    ks, st, pad = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding)
+    if conv.padding_mode != "zeros" or tuple(conv.dilation) != (1, 1) or isinstance(conv.padding, str):
+        return None
+    if len(set(ks)) != 1 or len(set(st)) != 1 or len(set(pad)) != 1 or pad[0] >= ks[0]:
+        return None
+    if (ks, pad) in (((3, 3), (1, 1)), ((1, 1), (0, 0))) and st in ((1, 1), (2, 2)):
+        return None
+    return st[0], pad[0]
 
 
 class PlanBuilder:
@@ -142,6 +186,9 @@ class PlanBuilder:
     def conv(self, name: str, conv: nn.Module, x: int, res: int = -1, act: int = ACT_NONE) -> int:
         """``act(conv(x) [+ res])``: a plain ``nn.Conv2d`` here, any other conv through its ``plan_into``."""
         if type(conv) is nn.Conv2d:
+            if conv.groups == 1 and _window_geometry(conv) is not None:
+                self.watch(conv.weight, conv.bias)
+                return self.window_conv(name, x, conv.weight, conv.bias, *_window_geometry(conv), res, act)
             ks, stride = conv_geometry(name, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                                        conv.padding_mode)  # fmt: skip
             self.watch(conv.weight, conv.bias)
@@ -156,8 +203,8 @@ class PlanBuilder:
         return hook(self, name, x, res=res, act=act)
 
     def block(self, name: str, block: nn.Module, x: int) -> int:
-        """A block through its ``plan_into``."""
-        hook = getattr(block, "plan_into", None)
+        """A block through its ``plan_into`` (or its type's registered planner)."""
+        hook = plan_hook(block)
         if hook is None:
             raise Unsupported(f"{name}: {type(block).__name__} has no compiled plan")
         return hook(self, name, x)
@@ -178,6 +225,42 @@ class PlanBuilder:
         out = self.buffer(weight.shape[0], ho, wo)
         self.plan.fixed_conv(read, out, res, act, mode, _f(weight), _f(bias))
         self._label(f"{name} static {weight.shape[-1]}x{weight.shape[-1]}", out, x)
+        return out
+
+    def window_conv(self, name: str, x: int, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                    pad: int, res: int = -1, act: int = ACT_NONE) -> int:
+        """A static conv of another size than 3x3 / 1x1 (the 7x7, stride-2 stem of ImageNet ResNets): its k x k
+        taps gathered into planes (tap, c_in), then a 1x1 conv with the kernel's (ky, kx, c_in) columns."""
+        x, res = self.planes(x), self.planes(res)
+        c, h, w = self.shapes[x]
+        k = weight.shape[-1]
+        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        if ho < 1 or wo < 1:
+            raise Unsupported(f"{name}: a {k}x{k} conv does not fit a {h}x{w} map")
+        taps = self.buffer(k * k * c, ho, wo)
+        self.plan.gather_window(x, taps, k, stride, pad)
+        self._label(f"{name} gather {k}x{k} taps", taps, x)
+        matrix = weight.detach().permute(0, 2, 3, 1).reshape(weight.shape[0], -1, 1, 1)
+        out = self.buffer(weight.shape[0], ho, wo)
+        self.plan.fixed_conv(taps, out, res, act, 1, _f(matrix), _f(bias))
+        self._label(f"{name} static {k}x{k} (1x1 on its taps)", out, x)
+        return out
+
+    def max_pool(self, name: str, pool: nn.Module, x: int) -> int:
+        """``nn.MaxPool2d`` (square window, no dilation, floor mode)."""
+        if type(pool) is not nn.MaxPool2d:
+            raise Unsupported(f"{name}: {type(pool).__name__} is not a max pooling the plan runs")
+        k, stride, pad, dilation = (pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+        if any(not isinstance(v, int) for v in (k, stride, pad, dilation)) or dilation != 1 or pool.ceil_mode:
+            raise Unsupported(f"{name}: only square, undilated, floor-mode max pooling is compiled")
+        x = self.planes(x)
+        c, h, w = self.shapes[x]
+        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        if ho < 1 or wo < 1:
+            raise Unsupported(f"{name}: a {k}x{k} pooling does not fit a {h}x{w} map")
+        out = self.buffer(c, ho, wo)
+        self.plan.max_pool(x, out, k, stride, pad)
+        self._label(f"{name} max pool {k}x{k}", out, x)
         return out
 
     def mixture(self, name: str, x: int, kernels: torch.Tensor, bias: torch.Tensor | None, routing: Routing,

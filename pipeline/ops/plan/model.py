@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from pipeline.ops import native
-from pipeline.ops.plan.builder import PlanBuilder, Unsupported
+from pipeline.ops.plan.builder import PlanBuilder, Unsupported, plan_hook
 
 
 def compile_model(model: nn.Module, shape: tuple[int, int, int]) -> tuple[object, list[torch.Tensor]]:
     """The compiled plan of an eval-mode, BN-folded model for inputs [B, *shape], and the tensors it was built
     from. Raises :class:`Unsupported` naming the first part it cannot run."""
-    hook = getattr(model, "plan_into", None)
+    hook = plan_hook(model)
     if hook is None:
         raise Unsupported(f"{type(model).__name__}: the model has no compiled plan")
     if model.training:
@@ -75,9 +75,10 @@ class PlannedModel(nn.Module):
 
 
 def probe_shape(model: nn.Module) -> tuple[int, int, int]:
-    """A small input shape with the model's input channels, to check that the plan compiles (plans for
-    the real input size are built on the first call)."""
-    return getattr(getattr(model, "stem", None), "in_channels", 1), 8, 8
+    """A small input shape with the model's input channels (its first conv's), to check that the plan compiles
+    (plans for the real input size are built on the first call)."""
+    first = next((m for m in model.modules() if isinstance(getattr(m, "in_channels", None), int)), None)
+    return getattr(first, "in_channels", 1), 8, 8
 
 
 def plan_or_reason(model: nn.Module) -> tuple[nn.Module, str | None]:

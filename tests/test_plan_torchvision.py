@@ -1,0 +1,150 @@
+"""torchvision's ResNets and MobileNetV2 in the compiled plan (pipeline/ops/plan/torchvision.py): the window
+gather (a 7x7 stride-2 stem) and max pooling against PyTorch's ops, and whole networks, dense and converted by
+the methods, against their PyTorch forward at odd sizes, 1 and 2 threads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import methods
+from pipeline.config import load_config
+from pipeline.fold import fold_batchnorm
+from pipeline.models import build_model, model_cfg
+from pipeline.ops import native
+from pipeline.ops.odconv import ODConv2d
+from pipeline.ops.plan import Unsupported, compile_model, plan_or_reason
+from pipeline.ops.plan.builder import PlanBuilder
+from pipeline.ops.sd_conv import SDConv2d
+from pipeline.ops.sparse_exec import to_sparse_execution
+from pipeline.ops.spatial_gate import gated_blocks
+from pipeline.paths import repo_root
+
+from .test_model_plan import _randomize_bn, assert_matches, reference, run_batches
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    if not native.enabled():
+        pytest.skip("PIPELINE_NATIVE=0")
+    assert native.load() is not None, "the native kernels did not build (see the RuntimeWarning above)"
+
+
+@pytest.fixture
+def num_threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+class ConvPool(nn.Module):
+    """conv (any size) -> max pool -> head, with plan_into: the plan's window gather and max pooling alone."""
+
+    def __init__(self, k: int, stride: int, pad: int, pool: tuple[int, int, int]):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, k, stride, pad)
+        self.pool = nn.MaxPool2d(*pool)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.gap(self.pool(self.conv(x))), 1))
+
+    def plan_into(self, b):
+        b.head("gap/fc", b.max_pool("pool", self.pool, b.conv("conv", self.conv, 0)), self.gap, self.fc)
+
+
+@pytest.mark.parametrize(("k", "stride", "pad", "pool"), [(7, 2, 3, (3, 2, 1)), (5, 1, 2, (2, 2, 0)),
+                                                          (3, 3, 0, (3, 1, 1)), (2, 2, 1, (3, 2, 0))])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_window_conv_and_max_pool_match_pytorch(k, stride, pad, pool, threads, num_threads):
+    """No activation before the pooling: the outputs are negative in places, so a padded position counted as a
+    zero would win windows it must not."""
+    num_threads(threads)
+    torch.manual_seed(k)
+    model = ConvPool(k, stride, pad, pool).eval()
+    with torch.no_grad():
+        model.conv.bias.sub_(0.5)
+    plan, _ = compile_model(model, (3, 23, 18))
+    gen = torch.Generator().manual_seed(1)
+    run_batches(plan, lambda x: model(x).detach(), (3, 23, 18), threads, gen, batches=(1, 3))
+    # The pooled maps themselves, not only their means: the maximum of each window, padding excluded.
+    x = torch.randn(2, 3, 23, 18, generator=gen)
+    b = PlanBuilder((3, 23, 18))
+    out = b.max_pool("pool", model.pool, b.conv("conv", model.conv, 0))
+    b.outputs(out)
+    with torch.no_grad():
+        expected = model.pool(model.conv(x))
+    assert (expected < 0).any()
+    assert_matches(b.plan.forward_maps(x)[0], expected)
+
+
+def test_max_pool_refuses_what_it_does_not_run():
+    b = PlanBuilder((3, 9, 9))
+    with pytest.raises(Unsupported, match="floor-mode"):
+        b.max_pool("p", nn.MaxPool2d(3, 2, 1, ceil_mode=True), 0)
+    with pytest.raises(Unsupported, match="AvgPool2d"):
+        b.max_pool("p", nn.AvgPool2d(3), 0)
+
+
+def network(arch: str, variant: str, seed: int = 0) -> nn.Module:
+    """A folded, eval-mode torchvision network (3 input channels, 10 classes), dense or converted by a method at
+    the dense width, with weights and attentions that vary: SD-Conv half pruned, DynConv's masks partial."""
+    cfg = load_config(repo_root() / "params.yaml")
+    mcfg = model_cfg({"arch": arch, "weights": None})
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model(mcfg, 3, 10)
+    if variant != "dense":
+        method = methods.get(variant)
+        params = method.params(cfg)
+        if "width" in type(params).model_fields:
+            params = params.model_copy(update={"width": 1.0})
+        model, _ = method.build(mcfg, params, 3, 10, seed, dense=model)
+    _randomize_bn(model, gen)
+    model.eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ODConv2d):
+                for head in m.heads.values():
+                    head.weight.normal_(0.0, 0.3, generator=gen)
+            if isinstance(m, SDConv2d):
+                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= 0.5)
+                m.threshold.zero_()
+        for block in gated_blocks(model):
+            block.gate.conv.weight.normal_(0.0, 0.3, generator=gen)
+            block.gate.conv.bias.fill_(-0.1)
+    if gated_blocks(model):
+        model = to_sparse_execution(model)
+    return fold_batchnorm(model)[0]
+
+
+CASES = [("resnet18", "dense"), ("resnet18", "dynet"), ("resnet18", "sdconv"), ("resnet18", "odconv"),
+         ("resnet18", "dynconv"), ("resnet50", "dense"), ("resnet50", "dynet"), ("mobilenet_v2", "dense"),
+         ("mobilenet_v2", "dynet"), ("mobilenet_v2", "odconv")]
+
+
+@pytest.mark.parametrize(("arch", "variant"), CASES)
+def test_torchvision_networks_match_their_forward(arch, variant, num_threads):
+    """2 threads: batch 1 with the threads sharing each layer and with one thread, batch 3 a sample per thread."""
+    threads = 2
+    num_threads(threads)
+    model = network(arch, variant)
+    shape = (3, 37, 29)
+    plan, _ = compile_model(model, shape)
+    gen = torch.Generator().manual_seed(2)
+    run_batches(plan, lambda x: reference(model, x), shape, threads, gen, batches=(1, 3))
+
+
+def test_a_strided_sparse_bottleneck_names_itself():
+    """DynConv's ResNet-50 runs block by block (the strided bottleneck runs in PyTorch): the reason names it."""
+    model = network("resnet50", "dynconv")
+    kept, reason = plan_or_reason(model)
+    assert kept is model and reason is not None and reason.startswith("layer2.0")
+    x = torch.randn(2, 3, 37, 29, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_matches(model(x), reference(copy.deepcopy(model), x))
