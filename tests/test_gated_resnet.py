@@ -199,13 +199,13 @@ def forced(block, mask: torch.Tensor):
 @pytest.mark.parametrize("engine", ["native", "pytorch"])
 def test_sparse_execution_matches_the_gated_block(kind, cin, planes, stride, engine):
     """Own masks and explicit ones (none, some, all positions), at odd sizes, equal the dense-masked block;
-    the executed MACs equal the gated block's count. The compiled one-block plan takes every block but a
-    strided bottleneck (its conv1 runs at the input's resolution), which runs in PyTorch."""
+    the executed MACs equal the gated block's count. A strided bottleneck's conv1 runs at the expanded mask on
+    the input grid (the compiled gate's third position list)."""
     gen = torch.Generator().manual_seed(7 * cin + planes + stride)
     block = make(kind, cin, planes, stride, gen)
     sparse = to_sparse_execution(block)
     sparse.use_native = engine == "native"
-    expected_path = "pytorch" if engine == "pytorch" or (kind == "bottleneck" and stride == 2) else "native"
+    expected_path = engine
     for size in [(8, 8), (9, 7)]:
         x = torch.randn(2, cin, *size, generator=gen)
         with torch.no_grad():

@@ -29,7 +29,8 @@ CIFAR_ARCHS = ("cifar_resnet", "cifar_mobilenetv2")
 def _torchvision(arch: str, in_channels: int, num_classes: int, weights: str | None) -> nn.Module:
     import torchvision.models as tvm
 
-    builder = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50, "resnet101": tvm.resnet101, "mobilenet_v2": tvm.mobilenet_v2, "shufflenet_v2": tvm.shufflenet_v2_x1_0}[arch]
+    builder = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50, "resnet101": tvm.resnet101,
+               "mobilenet_v2": tvm.mobilenet_v2, "shufflenet_v2": tvm.shufflenet_v2_x1_0}[arch]
     model = builder(weights=None, num_classes=1000 if weights else num_classes)
     if weights:
         path = Path(weights).expanduser()

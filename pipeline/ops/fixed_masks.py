@@ -36,6 +36,11 @@ def bayer(n: int = 8) -> Tensor:
     return (m + 0.5) / m.numel()
 
 
+def dither(h: int, w: int, density: float | Tensor) -> Tensor:
+    """The ``h`` x ``w`` ordered-dither pattern (bool) marking a fraction ``density`` of the positions."""
+    return bayer().repeat(math.ceil(h / 8), math.ceil(w / 8))[:h, :w] < density
+
+
 class _FixedMask(nn.Module):
     """Shared parts: the block's stride and output size, ``density`` as a buffer, no MACs."""
 
@@ -65,8 +70,7 @@ class UniformMask(_FixedMask):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = self.output_size(*x.shape[-2:])
-        pattern = bayer().repeat(math.ceil(h / 8), math.ceil(w / 8))[:h, :w] < self.density
-        return pattern.to(device=x.device, dtype=x.dtype).expand(x.shape[0], 1, h, w)
+        return dither(h, w, self.density).to(device=x.device, dtype=x.dtype).expand(x.shape[0], 1, h, w)
 
 
 def expected_fraction(kind: str, density: float, h: int, w: int, dilated_cost: int, masked_cost: int,
@@ -78,7 +82,7 @@ def expected_fraction(kind: str, density: float, h: int, w: int, dilated_cost: i
     if in_size is not None:
         return _expected_fraction_on_input_grid(kind, density, h, w, dilated_cost, masked_cost, stride, in_size)
     if kind == "uniform":
-        m = (bayer().repeat(math.ceil(h / 8), math.ceil(w / 8))[:h, :w] < density).double()
+        m = dither(h, w, density).double()
         d = torch.nn.functional.max_pool2d(m[None, None], 3, 1, 1)[0, 0]
         mask, dilated = m.mean().item(), d.mean().item()
     else:  # a position is in the dilated mask unless its whole (clipped) 3 x 3 neighbourhood is off
@@ -93,7 +97,7 @@ def _expected_fraction_on_input_grid(kind: str, density: float, h: int, w: int, 
                                      stride: int, in_size: tuple[int, int]) -> float:
     ih, iw = in_size
     if kind == "uniform":
-        m = (bayer().repeat(math.ceil(h / 8), math.ceil(w / 8))[:h, :w] < density).double()
+        m = dither(h, w, density).double()
         mask = m.sum().item()
         dilated = expand_mask(m[None, None], stride, in_size).sum().item()
     else:  # an input position is read unless every output whose strided 3 x 3 window holds it is off

@@ -549,19 +549,16 @@ class SparseBottleneck(_SparseBlock):
         return sparse.eval()
 
     def plan_into(self, b, name: str, x: int) -> int:
-        """The block in the compiled engine (``pipeline/ops/plan``), on rows, at stride 1: mask unit, shortcut
-        at every position, conv1 at the dilated mask, conv2 and conv3 at the mask (added to the shortcut, which
-        passes alone elsewhere), ReLU after the sum. A strided bottleneck's conv1 runs at the input's
-        resolution, which the rows gate does not map: it runs in PyTorch."""
-        if self.stride != 1:
-            raise b.Unsupported(f"{name}: a strided bottleneck's expanded mask is not compiled")
-        p = self._buffers
+        """The block in the compiled engine (``pipeline/ops/plan``), on rows: mask unit, shortcut at every
+        position, conv1 at the dilated mask (a strided block: at the expanded mask on the input grid), conv2
+        and conv3 at the mask (added to the shortcut, which passes alone elsewhere), ReLU after the sum."""
+        p, s = self._buffers, self.stride
         x = b.as_rows(x)
-        gate = self.gate.plan_into(b, f"{name}.gate", x, 1)
+        gate = self.gate.plan_into(b, f"{name}.gate", x, s, expand=s != 1)
         b.watch(*[t for t in p.values() if t is not None])
-        res = x if p["ws"] is None else b.rows_conv(x, p["ws"], p["bs"], 1)
-        t = b.rows_conv(x, p["w1"], p["b1"], 1, b.ACT_RELU, gate=gate, which=0)
-        t = b.rows_conv(t, p["w2"], p["b2"], 1, b.ACT_RELU, gate=gate, which=1)
+        res = x if p["ws"] is None else b.rows_conv(x, p["ws"], p["bs"], s)
+        t = b.rows_conv(x, p["w1"], p["b1"], 1, b.ACT_RELU, gate=gate, which=0 if s == 1 else 2)
+        t = b.rows_conv(t, p["w2"], p["b2"], s, b.ACT_RELU, gate=gate, which=1)
         return b.rows_conv(t, p["w3"], p["b3"], 1, b.ACT_RELU, res=res, gate=gate, which=1)
 
     def _check(self, x: Tensor) -> None:

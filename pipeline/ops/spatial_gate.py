@@ -109,16 +109,17 @@ class MaskUnit(nn.Module):
         # This order keeps the forward value exactly 0 or 1 (hard - s is exact for s in [0.5, 1]).
         return hard - soft.detach() + soft
 
-    def plan_into(self, b, name: str, x: int, stride: int) -> int:
+    def plan_into(self, b, name: str, x: int, stride: int, expand: bool = False) -> int:
         """The eval-mode mask unit in the compiled whole-model plan (``pipeline/ops/plan``), on the rows of
-        ``x``, for a block of stride ``stride``: the mask, its dilation and the position lists; returns the
-        gate's index for the gated convs."""
+        ``x``, for a block of stride ``stride``: the mask, its dilation and the position lists (with ``expand``
+        also the expanded mask on the input grid, ``expand_mask``); returns the gate's index for the gated
+        convs."""
         from pipeline.ops.plan.builder import Unsupported
 
         if self.training or self.stride != stride or stride not in (1, 2):
             raise Unsupported(f"{name}: only an eval-mode mask unit with the block's stride (1 or 2) is compiled")
         b.watch(self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias)
-        return b.rows_gate(x, stride, self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias)
+        return b.rows_gate(x, stride, self.conv.weight, self.conv.bias, self.fc.weight, self.fc.bias, expand)
 
     @torch.no_grad()
     def init_open(self, bias: float = 3.0) -> None:

@@ -12,7 +12,8 @@
 
 // Whole-model inference plan: a network of 3x3 / 1x1 and depthwise 3x3 convolutions (static, or dynamic kernel
 // mixtures as in DyNet / CondConv / DY-Conv, SD-Conv and ODConv), residual additions, ReLU / ReLU6, global
-// average pooling and a linear head, run as one call with every activation in preallocated buffers and no Python between layers.
+// average pooling and a linear head, run as one call with every activation in preallocated buffers and no Python
+// between layers.
 //
 // Code: plan_kernels.h (SIMD kernels, no ATen), plan_build.cpp (building the ops), plan_rows.cpp (DynConv's
 // rows ops), plan_exec.cpp (executor, threads).
@@ -49,7 +50,9 @@
 // over the list of active positions only: conv1 at the dilated mask, conv2 at the mask (its output added to
 // the shortcut, relu(shortcut) passed at the other positions), the shortcut and the mask unit everywhere; in
 // the gated inverted residual the 1x1 expansion at the dilated mask, the depthwise 3x3 (per channel, a vector
-// of channels at a time) and the 1x1 projection at the mask, the input passing elsewhere.
+// of channels at a time) and the 1x1 projection at the mask, the input passing elsewhere; in the gated
+// bottleneck conv1 at the dilated mask (strided: at the input positions conv2's windows read, the gate's
+// expanded mask on the input grid), conv2 and conv3 at the mask.
 //
 // Threads. With at least as many samples per call as threads each thread runs whole samples in its own
 // workspace. With fewer, the threads share each layer (a large map by positions: a contiguous range of its
@@ -124,12 +127,15 @@ class ModelPlan : public SourceWatch {
   int64_t rows_buffer(int64_t channels, int64_t height, int64_t width);
   int64_t to_rows(int64_t in, int64_t out);
   // The mask unit on a rows buffer (logits of a 3x3 conv with `stride` + fc(GAP) + biases, mask = logits >= 0,
-  // its 3x3 dilation) and the lists of active positions of each and of the inactive ones of the mask.
-  int64_t rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t stride, const at::Tensor& conv_weight,
-                    const at::Tensor& conv_bias, const at::Tensor& fc_weight, const at::Tensor& fc_bias);
+  // its 3x3 dilation) and the lists of active positions of each and of the inactive ones of the mask; with an
+  // `expanded` plane of the input's size (>= 0), also the input positions a 3x3 conv with `stride` reads for the
+  // mask (DynConv's ExpandMask: where a strided bottleneck's conv1 runs) and their list.
+  int64_t rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t expanded, int64_t stride,
+                    const at::Tensor& conv_weight, const at::Tensor& conv_bias, const at::Tensor& fc_weight,
+                    const at::Tensor& fc_bias);
   // out = act(conv(in) + bias [+ res]) on rows buffers (3x3 padding 1 or 1x1, stride 1 or 2) at every
-  // position, or (gate >= 0) at the positions of the gate's dilated mask (which 0) or of its mask with
-  // act(res) at its other positions (which 1).
+  // position, or (gate >= 0) at the positions of the gate's dilated mask (which 0), of its mask with act(res)
+  // at its other positions (which 1), or of its expanded mask on the input grid (which 2).
   int64_t rows_conv(int64_t in, int64_t out, int64_t res, int64_t act, int64_t stride, const at::Tensor& weight,
                     const c10::optional<at::Tensor>& bias, int64_t gate, int64_t which);
   // out = act(depthwise3x3(in) + bias) on rows (stride 1, padding 1), weight [C, 1, 3, 3], at every position
@@ -191,6 +197,13 @@ class ModelPlan : public SourceWatch {
     // over: the next packed conv's barrier lies between), each thread the channels it wrote itself.
     int64_t slot = 0;
     plan::PackedLayout layout;
+    // A 1x1 or gathered-tap conv on a map larger than kPackedPositions (or whose input planes take more than
+    // kChunkInputBytes) runs its share in chunks of `chunk`
+    // vectors, each packed first into the thread's scratch ([input plane][chunk * L], pads included) and run by
+    // every output block before the next: the input of a tile is one stream, not one per input plane, and is
+    // read from L1 / L2 by every block; `off` then holds plane * chunk * L.
+    int64_t chunk = 0;
+    int64_t plane0 = 0, planes = 0;  // the input planes a chunk packs (a centre-tap conv: only the centre's)
   };
   struct Depthwise {
     int64_t in = -1, out = -1, res = -1, act = 0, stride = 1, c = 0, k = 1;
@@ -205,7 +218,7 @@ class ModelPlan : public SourceWatch {
     int64_t in, out, k, stride, pad;
   };
   struct RowsGate {
-    int64_t in = -1, mask = -1, dilated = -1, stride = 1, positions = 0, lists = 0, across = 0;
+    int64_t in = -1, mask = -1, dilated = -1, expanded = -1, stride = 1, positions = 0, lists = 0, across = 0;
     std::vector<float> w, fc;
     float bias = 0.f;
   };
@@ -256,6 +269,7 @@ class ModelPlan : public SourceWatch {
   void run_to_rows(const Gather& op, float* base, int64_t t, int64_t nt) const;
   void rows_gate_mask(const RowsGate& g, float* base, int64_t t, int64_t nt) const;
   void rows_gate_lists(const RowsGate& g, float* base) const;
+  void rows_gate_expand(const RowsGate& g, float* base) const;
   void run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t nt) const;
   void run_rows_depthwise(const RowsConv& c, float* base, int64_t t, int64_t nt) const;
   void run_to_planes(const Gather& op, float* base, int64_t t, int64_t nt) const;
@@ -270,10 +284,13 @@ class ModelPlan : public SourceWatch {
   static constexpr int64_t kSplitTiles = 1;
   // A 1x1 conv on a map of at most kPackedPositions positions whose packed input takes at most kPackedBytes runs
   // packed (Conv::packed): C_in x positions floats copied (by the threads sharing an image together, each its
-  // share of the channels), little beside the conv's C_out x C_in x positions MACs, and spares the pad columns and the select that zeroes them (at 32 x 32 with 24 input
-  // channels: 165 -> 138 us in the model). A larger copy would push the planes it was read from out of the
-  // core's L2 (144 input channels at 32 x 32: 113 -> 210 us in the model); larger maps have few pads anyway.
+  // share of the channels), little beside the conv's C_out x C_in x positions MACs, and spares the pad columns
+  // and the select that zeroes them (at 32 x 32 with 24 input channels: 165 -> 138 us in the model). A larger
+  // copy would push the planes it was read from out of the core's L2 (144 input channels at 32 x 32: 113 -> 210
+  // us in the model); larger maps have few pads anyway.
   static constexpr int64_t kPackedPositions = 1024;
+  static constexpr int64_t kChunkBytes = 160 << 10;  // a chunk's packed input (at least one register tile)
+  static constexpr int64_t kChunkInputBytes = 1 << 20;  // ... for a smaller map with more input than this
   static constexpr int64_t kPackedBytes = 256 << 10;
   static int64_t vectors(const Geometry& g);
   static int64_t products(const Block& b);
@@ -299,7 +316,8 @@ class ModelPlan : public SourceWatch {
   std::vector<Op> ops_;
   int64_t total_ = 0, head_in_ = -1, classes_ = 0;
   std::vector<int64_t> outputs_;
-  int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_att_ = 1, max_route_ = 0, max_packed_ = 0, packed_convs_ = 0;
+  int64_t max_ew_ = 0, max_cout_ = 0, max_hidden_ = 0, max_att_ = 1, max_route_ = 0, max_packed_ = 0, packed_convs_ = 0,
+          max_chunk_ = 0;
   std::vector<float> head_w_, head_b_;
   int64_t team_policy_ = 0;
   bool profiling_ = false;

@@ -111,16 +111,35 @@ void ModelPlan::add_conv(Conv conv, const at::Tensor& weight, int64_t mode) {
     TORCH_CHECK(kh == 1 && kw == 1 && gi.c == cin && gi.h == go.h && gi.w == go.w, "conv1x1: shape mismatch");
     conv.np = round_up(go.h * go.w, L);
     conv.packed = go.h * go.w <= kPackedPositions && cin * conv.np * 4 <= kPackedBytes;
-    for (int64_t ci = 0; ci < cin; ++ci) entry_off.push_back(ci * (conv.packed ? conv.np : gi.plane));
   } else if (mode == kTaps3x3) {
     TORCH_CHECK(kh == 3 && kw == 3 && gi.c == 9 * cin && gi.h == go.h && gi.w == go.w, "taps3x3: shape mismatch");
-    for (int64_t ci = 0; ci < cin; ++ci)
-      for (int64_t t = 0; t < 9; ++t) entry_off.push_back((t * cin + ci) * gi.plane);
   } else if (mode == kTapsCentre) {
     TORCH_CHECK(kh == 1 && kw == 1 && gi.c == 9 * cin && gi.h == go.h && gi.w == go.w, "taps centre: shape mismatch");
-    for (int64_t ci = 0; ci < cin; ++ci) entry_off.push_back((4 * cin + ci) * gi.plane);
   } else {
     TORCH_CHECK(false, "conv: unknown mode ", mode);
+  }
+  if (mode != kConv3x3) {  // every entry reads one input plane at the output position
+    const int64_t cob = cout % 4 != 0 ? 1 : 4;
+    // The input planes it reads: every one, or the centre tap's.
+    conv.plane0 = mode == kTapsCentre ? 4 * cin : 0;
+    conv.planes = mode == kTapsCentre ? cin : gi.c;
+    if (!conv.packed && (go.h * go.w > kPackedPositions || conv.planes * gi.plane * 4 > kChunkInputBytes)) {
+      const int64_t tile = tile_height(static_cast<int>(cob));
+      conv.chunk = std::max<int64_t>(1, kChunkBytes / (conv.planes * L * 4 * tile)) * tile;
+      if (conv.chunk >= vectors(go)) conv.chunk = 0;  // one chunk: the copy would buy nothing
+      max_chunk_ = std::max(max_chunk_, conv.planes * conv.chunk * L);
+    }
+    const int64_t stride = conv.packed ? conv.np : conv.chunk > 0 ? conv.chunk * L : gi.plane;
+    const int64_t centre = conv.chunk > 0 ? 0 : 4 * cin;  // a chunk packs the centre planes alone
+    for (int64_t ci = 0; ci < cin; ++ci) {
+      if (mode == kConv1x1) {
+        entry_off.push_back(ci * stride);
+      } else if (mode == kTapsCentre) {
+        entry_off.push_back((centre + ci) * stride);
+      } else {
+        for (int64_t t = 0; t < 9; ++t) entry_off.push_back((t * cin + ci) * stride);
+      }
+    }
   }
   const int64_t taps = kh * kw, ne = cin * taps;
   TORCH_CHECK(static_cast<int64_t>(entry_off.size()) == ne, "conv: entry count");

@@ -141,37 +141,38 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
     b0 = std::min(b0, b1);
   }
   float* sums = base + go.sums;
-  for (int64_t bi = b0; bi < b1; ++bi) {
-    const Block& b = c.blocks[bi];
-    const float* w;
-    const float* bias;
-    if (dynamic) {
-      mix(a, c.k, c.w.data() + b.w0, c.ew, b.ne * b.cob, mixed);
-      if (spatial != nullptr || channel != nullptr || filter != nullptr) {  // ODConv: a_s a_c per entry, a_f per channel
-        const int32_t* entry = c.entry.data() + b.e0;
-        float fs[16];
-        for (int64_t co = 0; co < b.cob; ++co) fs[co] = filter != nullptr ? filter[b.co0 + co] : 1.f;
-        for (int64_t i = 0; i < b.ne; ++i) {
-          const int64_t e = entry[i];
-          const float s = (spatial != nullptr ? spatial[e % c.taps] : 1.f) * (channel != nullptr ? channel[e / c.taps] : 1.f);
-          for (int64_t co = 0; co < b.cob; ++co) mixed[i * b.cob + co] *= s * fs[co];
-        }
+  // Block b's weights and bias for this sample: as built, or (a dynamic conv) mixed and scaled into `mixed`
+  // (at the block's own offset if `own`, else at its start: the block runs before the next is mixed).
+  auto weights = [&](const Block& b, bool own) -> std::pair<const float*, const float*> {
+    if (!dynamic) return {c.w.data() + b.w0, c.bias.data() + b.co0};
+    float* wb = mixed + (own ? b.w0 : 0);
+    float* bb = mixed_bias + (own ? b.co0 : 0);
+    mix(a, c.k, c.w.data() + b.w0, c.ew, b.ne * b.cob, wb);
+    if (spatial != nullptr || channel != nullptr || filter != nullptr) {  // ODConv: a_s a_c per entry, a_f per channel
+      const int32_t* entry = c.entry.data() + b.e0;
+      float fs[16];
+      for (int64_t co = 0; co < b.cob; ++co) fs[co] = filter != nullptr ? filter[b.co0 + co] : 1.f;
+      for (int64_t i = 0; i < b.ne; ++i) {
+        const int64_t e = entry[i];
+        const float s = (spatial != nullptr ? spatial[e % c.taps] : 1.f) * (channel != nullptr ? channel[e / c.taps] : 1.f);
+        for (int64_t co = 0; co < b.cob; ++co) wb[i * b.cob + co] *= s * fs[co];
       }
-      for (int64_t co = 0; co < b.cob; ++co) {
-        float acc = 0.f;
-        if (c.bias_mixed) {
-          for (int64_t j = 0; j < c.k; ++j) acc += a[j] * c.bias[j * c.cout + b.co0 + co];
-        } else {
-          acc = c.bias[b.co0 + co];
-        }
-        mixed_bias[co] = acc;
-      }
-      w = mixed;
-      bias = mixed_bias;
-    } else {
-      w = c.w.data() + b.w0;
-      bias = c.bias.data() + b.co0;
     }
+    for (int64_t co = 0; co < b.cob; ++co) {
+      float acc = 0.f;
+      if (c.bias_mixed) {
+        for (int64_t j = 0; j < c.k; ++j) acc += a[j] * c.bias[j * c.cout + b.co0 + co];
+      } else {
+        acc = c.bias[b.co0 + co];
+      }
+      bb[co] = acc;
+    }
+    return {wb, bb};
+  };
+  // Block b over vectors [va, vb) of the map, reading `src` at entry offsets; parts[co] gets the sums of what it
+  // stored.
+  auto run = [&](const Block& b, const float* src, const float* w, const float* bias, int64_t va, int64_t vb,
+                 float* parts) {
     float* outs[16];
     const float* ress[16];
     for (int64_t co = 0; co < b.cob; ++co) {
@@ -180,15 +181,16 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
     }
     const int32_t* off = c.off.data() + b.e0;
     const float* const* r = res != nullptr ? ress : nullptr;
-    float parts[16] = {};
-    if (v1 > v0) {
-      const int64_t p0 = first + v0 * L, n = v1 - v0;
+    if (vb > va) {
+      const int64_t p0 = first + va * L, n = vb - va;
       if (c.packed) {
-        run_block<PackedEpilogue>(b.cob, in, off, w, b.seg, bias, outs, r, c.act, &c.layout, p0, n, parts);
+        run_block<PackedEpilogue>(b.cob, src, off, w, b.seg, bias, outs, r, c.act, &c.layout, p0, n, parts);
       } else {
-        run_block<Epilogue>(b.cob, in, off, w, b.seg, bias, outs, r, c.act, c.pad.data(), p0, n, parts);
+        run_block<Epilogue>(b.cob, src, off, w, b.seg, bias, outs, r, c.act, c.pad.data(), p0, n, parts);
       }
     }
+  };
+  auto store_sums = [&](const Block& b, const float* parts) {
     for (int64_t co = 0; co < b.cob; ++co) {
       const float part = parts[co];
       if (by_positions) {
@@ -197,7 +199,35 @@ void ModelPlan::run_conv(const Conv& c, float* base, float* scratch, int64_t t, 
         for (int64_t j = 0; j < nt; ++j) sums[j * go.c + b.co0 + co] = j == 0 ? part : 0.f;
       }
     }
+  };
+  if (c.chunk == 0) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Block& b = c.blocks[bi];
+      const auto [w, bias] = weights(b, false);
+      float parts[16] = {};
+      run(b, in, w, bias, v0, v1, parts);
+      store_sums(b, parts);
+    }
+    return;
   }
+  // Chunked (Conv::chunk): pack the chunk's vectors of every input plane, then run every block over them. `src`
+  // is placed so that src + off[e] + p reads position p of the chunk.
+  std::vector<std::pair<const float*, const float*>> wb;
+  for (int64_t bi = b0; bi < b1; ++bi) wb.push_back(weights(c.blocks[bi], true));
+  std::vector<float> totals(16 * (b1 - b0), 0.f);
+  const int64_t width = c.chunk * L;
+  for (int64_t va = v0; va < v1; va += c.chunk) {
+    const int64_t vb = std::min(v1, va + c.chunk), p0 = first + va * L;
+    for (int64_t q = 0; q < c.planes; ++q)
+      plan::copy_floats(packed + q * width, in + (c.plane0 + q) * gi.plane + p0, (vb - va) * L);
+    const float* src = packed - p0;
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      float parts[16] = {};
+      run(c.blocks[bi], src, wb[bi - b0].first, wb[bi - b0].second, va, vb, parts);
+      for (int j = 0; j < 16; ++j) totals[16 * (bi - b0) + j] += parts[j];
+    }
+  }
+  for (int64_t bi = b0; bi < b1; ++bi) store_sums(c.blocks[bi], totals.data() + 16 * (bi - b0));
 }
 
 int64_t ModelPlan::vectors(const Geometry& g) {
@@ -467,7 +497,8 @@ void ModelPlan::run_batch(const at::Tensor& input, const Sinks& sinks) {
   const int64_t per_image = g0.c * g0.h * g0.w;
   const int64_t pooled = head_in_ >= 0 ? geometry_[head_in_].c : 0;
   const int64_t scratch_size = round_up(max_att_, L) + round_up(max_route_ + max_hidden_, L) + round_up(max_ew_, L) +
-                               round_up(max_cout_, L) + std::max(round_up(pooled, L), round_up(max_packed_, L)) + L;
+                               round_up(max_cout_, L) +
+                               std::max({round_up(pooled, L), round_up(max_packed_, L), round_up(max_chunk_, L)}) + L;
   const int nt = std::max(1, at::get_num_threads());
   std::lock_guard<std::mutex> guard(mutex_);  // the workspaces are the plan's
   while (static_cast<int64_t>(work_.size()) < nt) work_.push_back(std::make_unique<Workspace>());

@@ -33,13 +33,18 @@ void ModelPlan::run_to_rows(const Gather& op, float* base, int64_t t, int64_t nt
     }
 }
 
-int64_t ModelPlan::rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t stride, const at::Tensor& conv_weight,
-                             const at::Tensor& conv_bias, const at::Tensor& fc_weight, const at::Tensor& fc_bias) {
+int64_t ModelPlan::rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t expanded, int64_t stride,
+                             const at::Tensor& conv_weight, const at::Tensor& conv_bias, const at::Tensor& fc_weight,
+                             const at::Tensor& fc_bias) {
   const auto& gi = geometry(in);
   const auto& gm = geometry(mask);
   const auto& gd = geometry(dilated);
   TORCH_CHECK(gi.rows && !gm.rows && !gd.rows && gm.c == 1 && gd.c == 1 && gd.h == gm.h && gd.w == gm.w,
               "rows gate: rows input, one-channel mask planes");
+  if (expanded >= 0) {
+    const auto& ge = geometry(expanded);
+    TORCH_CHECK(!ge.rows && ge.c == 1 && ge.h == gi.h && ge.w == gi.w, "rows gate: an expanded plane of the input's size");
+  }
   TORCH_CHECK(stride == 1 || stride == 2, "rows gate: stride 1 or 2");
   TORCH_CHECK(gm.h == (gi.h - 1) / stride + 1 && gm.w == (gi.w - 1) / stride + 1, "rows gate: mask size");
   check_float_cpu(conv_weight, "gate conv weight");
@@ -51,13 +56,14 @@ int64_t ModelPlan::rows_gate(int64_t in, int64_t mask, int64_t dilated, int64_t 
   g.in = in;
   g.mask = mask;
   g.dilated = dilated;
+  g.expanded = expanded;
   g.stride = stride;
   g.w = floats(conv_weight.permute({0, 2, 3, 1}), "gate conv weight");  // [(ky, kx), C]
   g.bias = floats(conv_bias, "gate conv bias")[0] + floats(fc_bias, "gate fc bias")[0];
   g.fc = floats(fc_weight, "gate fc weight");
   g.positions = gm.h * gm.w;
   g.lists = total_;
-  total_ += round_up(16 + 3 * g.positions, L);
+  total_ += round_up(16 + 3 * g.positions + (expanded >= 0 ? gi.h * gi.w : 0), L);
   g.across = total_;
   total_ += round_up((gm.h + 2) * gm.wp + 2 * L, L);
   rows_gates_.push_back(std::move(g));
@@ -165,6 +171,33 @@ void ModelPlan::rows_gate_lists(const RowsGate& g, float* base) const {
   lists[0] = nd;
   lists[1] = nm;
   lists[2] = ni;
+  if (g.expanded >= 0) rows_gate_expand(g, base);
+}
+
+// The expanded mask: input position (iy, ix) is read by the 3x3, stride-s window of output (oy, ox) when
+// |s oy - iy| <= 1 and |s ox - ix| <= 1; its plane and list (after the mask's lists).
+void ModelPlan::rows_gate_expand(const RowsGate& g, float* base) const {
+  const auto& gm = geometry_[g.mask];
+  const auto& ge = geometry_[g.expanded];
+  const float* m = base + gm.offset;
+  float* e = base + ge.offset;
+  int32_t* lists = reinterpret_cast<int32_t*>(base + g.lists);
+  int32_t* on_e = lists + 16 + 3 * g.positions;
+  int32_t ne = 0;
+  const int64_t s = g.stride;
+  for (int64_t iy = 0; iy < ge.h; ++iy)
+    for (int64_t ix = 0; ix < ge.w; ++ix) {
+      float v = 0.f;
+      for (int64_t y = iy - 1; y <= iy + 1; ++y) {
+        if (y < 0 || y % s != 0 || y / s >= gm.h) continue;
+        for (int64_t x = ix - 1; x <= ix + 1; ++x)
+          if (x >= 0 && x % s == 0 && x / s < gm.w) v = std::max(v, m[(y / s + 1) * gm.wp + x / s + 1]);
+      }
+      const int64_t p = (iy + 1) * ge.wp + ix + 1;
+      e[p] = v;
+      if (v > 0.f) on_e[ne++] = static_cast<int32_t>(p);
+    }
+  lists[3] = ne;
 }
 
 int64_t ModelPlan::rows_conv(int64_t in, int64_t out, int64_t res, int64_t act, int64_t stride, const at::Tensor& weight,
@@ -190,9 +223,16 @@ int64_t ModelPlan::rows_conv(int64_t in, int64_t out, int64_t res, int64_t act, 
   c.bias = (bias.has_value() && bias->defined()) ? floats(*bias, "bias") : std::vector<float>(go.c, 0.f);
   TORCH_CHECK(static_cast<int64_t>(c.bias.size()) == go.c, "rows conv: bias must be [C_out]");
   if (gate >= 0) {
-    TORCH_CHECK(gate < static_cast<int64_t>(rows_gates_.size()) && (which == 0 || which == 1), "rows conv: gate");
-    const auto& gm = geometry_[rows_gates_[gate].mask];
-    TORCH_CHECK(gm.h == go.h && gm.w == go.w, "rows conv: the mask and the output differ in size");
+    TORCH_CHECK(gate < static_cast<int64_t>(rows_gates_.size()) && which >= 0 && which <= 2, "rows conv: gate");
+    const RowsGate& g = rows_gates_[gate];
+    if (which == 2) {
+      TORCH_CHECK(g.expanded >= 0, "rows conv: the gate has no expanded mask");
+      const auto& ge = geometry_[g.expanded];
+      TORCH_CHECK(ge.h == go.h && ge.w == go.w, "rows conv: the expanded mask and the output differ in size");
+    } else {
+      const auto& gm = geometry_[g.mask];
+      TORCH_CHECK(gm.h == go.h && gm.w == go.w, "rows conv: the mask and the output differ in size");
+    }
   }
   c.gate = gate;
   c.which = which;
@@ -315,6 +355,9 @@ void ModelPlan::run_rows_conv(const RowsConv& c, float* base, int64_t t, int64_t
     if (c.which == 0) {
       n = lists[0];
       list = lists + 16;
+    } else if (c.which == 2) {
+      n = lists[3];
+      list = lists + 16 + 3 * g.positions;
     } else {
       n = lists[1];
       list = lists + 16 + g.positions;

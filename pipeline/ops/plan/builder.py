@@ -319,13 +319,14 @@ class PlanBuilder:
     def rows_conv(self, x: int, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, act: int = ACT_NONE,
                   res: int = -1, gate: int = -1, which: int = 0) -> int:
         """``act(conv(x) + bias [+ res])`` on rows (3x3 padding 1 or 1x1), at every position, or with ``gate``
-        at its dilated mask (``which`` 0) or at its mask with ``act(res)`` elsewhere (``which`` 1)."""
+        at its dilated mask (``which`` 0), at its mask with ``act(res)`` elsewhere (``which`` 1), or at its
+        expanded mask on the gate's input grid (``which`` 2)."""
         x, res = self.as_rows(x), self.as_rows(res)
         _, h, w = self.shapes[x]
         out = self.buffer(weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1, rows=True)
         self.plan.rows_conv(x, out, res, act, stride, _f(weight), _f(bias), gate, which)
-        self._label(f"rows {weight.shape[-1]}x{weight.shape[-1]}" + ("" if gate < 0 else " at mask" if which else
-                                                                       " at dilated mask"), out, x)
+        where = "" if gate < 0 else (" at dilated mask", " at mask", " at expanded mask")[which]
+        self._label(f"rows {weight.shape[-1]}x{weight.shape[-1]}{where}", out, x)
         return out
 
     def rows_depthwise(self, x: int, weight: torch.Tensor, bias: torch.Tensor, act: int = ACT_NONE, gate: int = -1,
@@ -339,16 +340,19 @@ class PlanBuilder:
         return out
 
     def rows_gate(self, x: int, stride: int, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
-                  fc_weight: torch.Tensor, fc_bias: torch.Tensor) -> int:
+                  fc_weight: torch.Tensor, fc_bias: torch.Tensor, expand: bool = False) -> int:
         """DynConv's mask unit on rows ``x``: mask ``logits >= 0`` at stride ``stride``, its 3x3 dilation and
-        the position lists the gated convs run over; returns the gate's index."""
+        the position lists the gated convs run over (with ``expand``, also the input positions a 3x3 conv with
+        ``stride`` reads for the mask: ``rows_conv(..., which=2)``); returns the gate's index. ``gate_maps``
+        records its mask and the map its first conv runs at (the expanded one with ``expand``)."""
         x = self.as_rows(x)
         _, h, w = self.shapes[x]
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
         mask, dilated = self.buffer(1, ho, wo), self.buffer(1, ho, wo)
-        self.gate_maps.append((mask, dilated))
-        gate = self.plan.rows_gate(x, mask, dilated, stride, _f(conv_weight), _f(conv_bias), _f(fc_weight),
-                                   _f(fc_bias))  # fmt: skip
+        expanded = self.buffer(1, h, w) if expand else -1
+        self.gate_maps.append((mask, expanded if expand else dilated))
+        gate = self.plan.rows_gate(x, mask, dilated, expanded, stride, _f(conv_weight), _f(conv_bias),
+                                   _f(fc_weight), _f(fc_bias))  # fmt: skip
         self._label("rows mask unit", mask, x)
         return gate
 
