@@ -59,14 +59,12 @@ from torch import nn
 from torchvision.models._utils import _make_divisible
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from benchmarks.bench_plan_archs import SEED, _randomize_bn, _set_masks
+from benchmarks.bench_plan_archs import SEED, _randomize_bn, _set_masks, set_untrained
 from pipeline import methods, stats
 from pipeline.complexity import count_macs
 from pipeline.config import load_config
 from pipeline.fold import fold_batchnorm
-from pipeline.ops.odconv import ODConv2d
 from pipeline.ops.plan import PlannedModel, plan_or_reason
-from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import to_sparse_execution
 from pipeline.ops.spatial_gate import gated_blocks
 from pipeline.paths import repo_root
@@ -130,16 +128,7 @@ def build(job: dict, size: int, sparsity: float) -> tuple[nn.Module, nn.Module]:
     params = method.params(cfg).model_copy(update=update)
     model = copy.deepcopy(dense)
     method.convert(model, params, SEED)
-    _randomize_bn(model, gen)
-    model.eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, ODConv2d):  # attentions that vary with the input
-                for head in m.heads.values():
-                    head.weight.normal_(0.0, 0.3, generator=gen)
-            if isinstance(m, SDConv2d):  # exactly the pruned weights are zero, the thresholds keep |W| > 0
-                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= sparsity)
-                m.threshold.zero_()
+    set_untrained(model, gen, sparsity)
     if gated_blocks(model):
         _set_masks(model, images(4, size), gen, params.budget)
         return fold_batchnorm(to_sparse_execution(model))[0], model

@@ -126,6 +126,21 @@ def _set_masks(model: nn.Module, images: torch.Tensor, gen: torch.Generator, bud
             b.gate.conv.bias.sub_(_threshold_for(b, b.gate.last_logits, budget))
 
 
+def set_untrained(model: nn.Module, gen: torch.Generator, sparsity: float) -> None:
+    """What training would set, set by hand (eval mode after): BatchNorm statistics, ODConv attentions that vary
+    with the input, SD-Conv's pruned weights (``sparsity`` of them zero, the thresholds keeping the others)."""
+    _randomize_bn(model, gen)
+    model.eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ODConv2d):
+                for head in m.heads.values():
+                    head.weight.normal_(0.0, 0.3, generator=gen)
+            if isinstance(m, SDConv2d):
+                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= sparsity)
+                m.threshold.zero_()
+
+
 def build(arch: str, variant: str, sparsity: float, shape: tuple[int, int, int] = SHAPE, classes: int = CLASSES,
           overrides: dict | None = None) -> tuple[nn.Module, nn.Module]:  # fmt: skip
     """(the timed model, the model the MAC counter reads) of ``variant`` (``dense`` or a method of
@@ -145,16 +160,7 @@ def build(arch: str, variant: str, sparsity: float, shape: tuple[int, int, int] 
     if overrides:
         params = params.model_copy(update=overrides)
     model, _ = method.build(mcfg, params, shape[0], classes, SEED, dense=dense)
-    _randomize_bn(model, gen)
-    model.eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, ODConv2d):  # attentions that vary with the input
-                for head in m.heads.values():
-                    head.weight.normal_(0.0, 0.3, generator=gen)
-            if isinstance(m, SDConv2d):  # exactly the pruned weights are zero, the thresholds keep |W| > 0
-                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= sparsity)
-                m.threshold.zero_()
+    set_untrained(model, gen, sparsity)
     if gated_blocks(model):
         budget = getattr(params, "budget", None)
         if budget is None:
