@@ -9,21 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.bench_plan_archs import set_untrained
 from pipeline import methods
 from pipeline.config import load_config
 from pipeline.fold import fold_batchnorm
 from pipeline.models import build_model, model_cfg
 from pipeline.ops import native
 from pipeline.ops.dynamic_conv import DynamicConv2d
-from pipeline.ops.odconv import ODConv2d
 from pipeline.ops.plan import Unsupported, compile_model
 from pipeline.ops.plan.builder import PlanBuilder
-from pipeline.ops.sd_conv import SDConv2d
 from pipeline.ops.sparse_exec import to_sparse_execution
 from pipeline.ops.spatial_gate import gated_blocks
 from pipeline.paths import repo_root
 
-from .test_model_plan import _randomize_bn, assert_matches, reference, run_batches
+from .test_model_plan import assert_matches, reference, run_batches
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,16 +146,8 @@ def network(arch: str, variant: str, seed: int = 0) -> nn.Module:
         if "width" in type(params).model_fields:
             params = params.model_copy(update={"width": 1.0})
         model, _ = method.build(mcfg, params, 3, 10, seed, dense=model)
-    _randomize_bn(model, gen)
-    model.eval()
+    set_untrained(model, gen, sparsity=0.5)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, ODConv2d):
-                for head in m.heads.values():
-                    head.weight.normal_(0.0, 0.3, generator=gen)
-            if isinstance(m, SDConv2d):
-                m.weight.mul_(torch.rand(m.weight.shape, generator=gen) >= 0.5)
-                m.threshold.zero_()
         for block in gated_blocks(model):
             block.gate.conv.weight.normal_(0.0, 0.3, generator=gen)
             block.gate.conv.bias.fill_(-0.1)
