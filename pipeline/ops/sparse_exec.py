@@ -167,6 +167,14 @@ class _SparseBlock(nn.Module):
         self._tables: dict[tuple, Tensor] = {}
         self._cache: dict[str, tuple] = {}  # plans derived from parameters or buffers
 
+    @staticmethod
+    def _require_eval_gated(block: nn.Module, kinds: tuple[type, ...]) -> None:
+        """The checks every ``from_gated`` starts with: a gated block of one of ``kinds``, in eval mode."""
+        if not isinstance(block, kinds):
+            raise ValueError(f"from_gated expects a {kinds[0].__name__}, got {type(block).__name__}")
+        if block.training:
+            raise ValueError("from_gated needs an eval-mode block (BN running statistics are folded): call .eval()")
+
     def _copy_costs(self, block: GatedBasicBlock | GatedInvertedResidual) -> None:
         self.dilated_cost, self.masked_cost, self.shortcut_cost = (
             block.dilated_cost, block.masked_cost, block.shortcut_cost)
@@ -341,10 +349,7 @@ class SparseInvertedResidual(_SparseBlock):
     @classmethod
     def from_gated(cls, block: GatedInvertedResidual) -> SparseInvertedResidual:
         """Sparse copy of an eval-mode gated block: BNs folded once, the mask unit copied as is."""
-        if not isinstance(block, GatedInvertedResidual):
-            raise ValueError(f"from_gated expects a GatedInvertedResidual, got {type(block).__name__}")
-        if block.training:
-            raise ValueError("from_gated needs an eval-mode block (BN running statistics are folded): call .eval()")
+        cls._require_eval_gated(block, (GatedInvertedResidual,))
         if not isinstance(block.act, nn.ReLU6):
             raise ValueError(f"expected ReLU6 activations, got {type(block.act).__name__}")
         hidden = block.conv2.out_channels
@@ -422,10 +427,7 @@ class SparseBasicBlock(_SparseBlock):
     def from_gated(cls, block: GatedBasicBlock | GatedResNetBasicBlock) -> SparseBasicBlock:
         """Sparse copy of an eval-mode gated block (the CIFAR one or torchvision's): BNs folded once, the mask
         unit copied as is."""
-        if not isinstance(block, (GatedBasicBlock, GatedResNetBasicBlock)):
-            raise ValueError(f"from_gated expects a GatedBasicBlock, got {type(block).__name__}")
-        if block.training:
-            raise ValueError("from_gated needs an eval-mode block (BN running statistics are folded): call .eval()")
+        cls._require_eval_gated(block, (GatedBasicBlock, GatedResNetBasicBlock))
         for conv in (block.conv1, block.conv2):
             if conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.groups != 1 or conv.dilation != (1, 1):
                 raise ValueError("conv1 and conv2 must be plain 3x3 convs with padding 1")
@@ -526,10 +528,7 @@ class SparseBottleneck(_SparseBlock):
     @classmethod
     def from_gated(cls, block: GatedBottleneck) -> SparseBottleneck:
         """Sparse copy of an eval-mode gated bottleneck: BNs folded once, the mask unit copied as is."""
-        if not isinstance(block, GatedBottleneck):
-            raise ValueError(f"from_gated expects a GatedBottleneck, got {type(block).__name__}")
-        if block.training:
-            raise ValueError("from_gated needs an eval-mode block (BN running statistics are folded): call .eval()")
+        cls._require_eval_gated(block, (GatedBottleneck,))
         stride = block.conv2.stride[0]
         c1, c2, c3 = block.conv1, block.conv2, block.conv3
         if (c1.kernel_size != (1, 1) or c3.kernel_size != (1, 1) or c1.stride != (1, 1) or c3.stride != (1, 1)

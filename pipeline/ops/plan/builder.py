@@ -186,9 +186,10 @@ class PlanBuilder:
     def conv(self, name: str, conv: nn.Module, x: int, res: int = -1, act: int = ACT_NONE) -> int:
         """``act(conv(x) [+ res])``: a plain ``nn.Conv2d`` here, any other conv through its ``plan_into``."""
         if type(conv) is nn.Conv2d:
-            if conv.groups == 1 and _window_geometry(conv) is not None:
+            window = _window_geometry(conv) if conv.groups == 1 else None
+            if window is not None:
                 self.watch(conv.weight, conv.bias)
-                return self.window_conv(name, x, conv.weight, conv.bias, *_window_geometry(conv), res, act)
+                return self.window_conv(name, x, conv.weight, conv.bias, *window, res, act)
             ks, stride = conv_geometry(name, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                                        conv.padding_mode)  # fmt: skip
             self.watch(conv.weight, conv.bias)
@@ -232,11 +233,9 @@ class PlanBuilder:
         """A static conv of another size than 3x3 / 1x1 (the 7x7, stride-2 stem of ImageNet ResNets): its k x k
         taps gathered into planes (tap, c_in), then a 1x1 conv with the kernel's (ky, kx, c_in) columns."""
         x, res = self.planes(x), self.planes(res)
-        c, h, w = self.shapes[x]
+        c = self.shapes[x][0]
         k = weight.shape[-1]
-        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-        if ho < 1 or wo < 1:
-            raise Unsupported(f"{name}: a {k}x{k} conv does not fit a {h}x{w} map")
+        ho, wo = self._window_output(name, x, k, stride, pad)
         taps = self.buffer(k * k * c, ho, wo)
         self.plan.gather_window(x, taps, k, stride, pad)
         self._label(f"{name} gather {k}x{k} taps", taps, x)
@@ -246,6 +245,14 @@ class PlanBuilder:
         self._label(f"{name} static {k}x{k} (1x1 on its taps)", out, x)
         return out
 
+    def _window_output(self, name: str, x: int, k: int, stride: int, pad: int) -> tuple[int, int]:
+        """Output size of k x k windows at ``stride`` with padding ``pad`` on buffer ``x``."""
+        _, h, w = self.shapes[x]
+        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        if ho < 1 or wo < 1:
+            raise Unsupported(f"{name}: a {k}x{k} window does not fit a {h}x{w} map")
+        return ho, wo
+
     def max_pool(self, name: str, pool: nn.Module, x: int) -> int:
         """``nn.MaxPool2d`` (square window, no dilation, floor mode)."""
         if type(pool) is not nn.MaxPool2d:
@@ -254,11 +261,7 @@ class PlanBuilder:
         if any(not isinstance(v, int) for v in (k, stride, pad, dilation)) or dilation != 1 or pool.ceil_mode:
             raise Unsupported(f"{name}: only square, undilated, floor-mode max pooling is compiled")
         x = self.planes(x)
-        c, h, w = self.shapes[x]
-        ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-        if ho < 1 or wo < 1:
-            raise Unsupported(f"{name}: a {k}x{k} pooling does not fit a {h}x{w} map")
-        out = self.buffer(c, ho, wo)
+        out = self.buffer(self.shapes[x][0], *self._window_output(name, x, k, stride, pad))
         self.plan.max_pool(x, out, k, stride, pad)
         self._label(f"{name} max pool {k}x{k}", out, x)
         return out
