@@ -56,12 +56,11 @@ from pathlib import Path
 import torch
 import torchvision.models as tvm
 from torch import nn
-from torchvision.models._utils import _make_divisible
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from benchmarks.bench_plan_archs import SEED, _randomize_bn, _set_masks, set_untrained
 from pipeline import methods, stats
 from pipeline.complexity import count_macs
+from pipeline.models import narrow_resnet
 from pipeline.config import load_config
 from pipeline.fold import fold_batchnorm
 from pipeline.ops.plan import PlannedModel, plan_or_reason
@@ -75,7 +74,7 @@ CLASSES = 1000
 # DyNet's FLOPs cut per backbone, OpenReview version (the version that reports the CPU speed-ups).
 DYNET_FLOPS_CUT = {"mobilenet_v2": 0.567, "resnet18": 0.682, "resnet50": 0.724}
 DYNET_SPEEDUP = {"mobilenet_v2": 1.87, "resnet18": 1.32, "resnet50": 1.48}
-RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
+RESNETS = ("resnet18", "resnet50")
 DENSE_RUNTIMES = ("pytorch", "native", "onnxruntime", "openvino")
 
 
@@ -85,22 +84,7 @@ def backbone(arch: str, width: float) -> nn.Module:
         return tvm.mobilenet_v2(num_classes=CLASSES, width_mult=width)
     if arch not in RESNETS:
         raise SystemExit(f"--arch: unknown backbone {arch!r}; known: {', '.join(['mobilenet_v2', *RESNETS])}")
-    block, layers = RESNETS[arch]
-    model = ResNet(block, layers, num_classes=CLASSES)
-    if width == 1.0:
-        return model
-    w = [_make_divisible(c * width, 8) for c in (64, 128, 256, 512)]
-    model.inplanes = w[0]
-    model.conv1 = nn.Conv2d(3, w[0], 7, 2, 3, bias=False)
-    model.bn1 = nn.BatchNorm2d(w[0])
-    model.layer1 = model._make_layer(block, w[0], layers[0])
-    for s in (2, 3, 4):
-        setattr(model, f"layer{s}", model._make_layer(block, w[s - 1], layers[s - 1], stride=2))
-    model.fc = nn.Linear(w[3] * block.expansion, CLASSES)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return model
+    return narrow_resnet(arch, width, CLASSES)
 
 
 def images(n: int, size: int) -> torch.Tensor:

@@ -83,7 +83,7 @@ def backbone_cfg(cfg, arch: str):
         return cfg.model
     if arch.startswith("cifar_"):
         return cfg.model.model_copy(update={"arch": arch})
-    return model_cfg({"arch": arch, "weights": None})
+    return model_cfg({"arch": arch, "width": 1.0, "weights": None})
 
 
 def _threshold_for(block: GatedBlock, logits: torch.Tensor, budget: float) -> float:

@@ -128,12 +128,34 @@ class CifarData(Section):
     max_train: PosInt | None
 
 
+class SplitFolders(Section):
+    """The folder under ``root`` each split is read from (ImageNet: test from ``val``, validation carved from
+    train). A val or test folder that is null or absent is carved from train (seeded, stratified); without a
+    train folder the whole tree (``root/<class>/*``) is train."""
+
+    train: Annotated[Str, Field(min_length=1)]
+    val: Annotated[Str, Field(min_length=1)] | None
+    test: Annotated[Str, Field(min_length=1)] | None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "SplitFolders":
+        named = [f for f in (self.train, self.val, self.test) if f is not None]
+        if len(set(named)) < len(named):
+            raise ValueError(f"two splits read the same folder: {named}")
+        return self
+
+
 class ImageFolderData(Section):
     """``<class>/*.jpg`` or ``train|val|test/<class>/*`` trees, resized and centre-cropped to ``image_size``."""
 
     source: Literal["imagefolder"]
     root: Annotated[Str, Field(min_length=1)]
     image_size: Annotated[Int, Field(ge=8, le=512)]
+    crop_ratio: Annotated[Float, Field(gt=0.0, le=1.0)]  # shorter side resized to image_size / crop_ratio, centre crop
+    stream: Bool  # false: decoded once into arrays by prepare; true: listed by prepare, decoded per batch
+    decode_threads: Annotated[Int, Field(ge=1, le=256)]  # threads decoding a batch
+    stats_images: PosInt  # normalisation mean/std measured on at most this many train images (seeded sample)
+    folders: SplitFolders
     val_fraction: Annotated[Float, Field(gt=0.0, lt=0.5)]
     test_fraction: Annotated[Float, Field(gt=0.0, lt=0.5)]
     max_train: PosInt | None
@@ -191,11 +213,20 @@ class TorchvisionCfg(Section):
     """torchvision's ImageNet nets, from random init or a local state-dict file (nothing is downloaded)."""
 
     arch: Literal["resnet18", "resnet50", "resnet101", "mobilenet_v2", "shufflenet_v2"]
+    width: Annotated[Float, Field(gt=0.0, le=8.0)]  # channel multiplier (ResNets: every stage, divisible by 8; MobileNetV2: width_mult)
     weights: Str | None
+
+    @model_validator(mode="after")
+    def _width(self) -> "TorchvisionCfg":
+        if self.width != 1.0 and self.arch == "shufflenet_v2":
+            raise ValueError("width: shufflenet_v2 is built at width 1 only (x1.0)")
+        if self.width != 1.0 and self.weights:
+            raise ValueError(f"width: {self.width:g} does not fit the weights file, which holds the width-1 net")
+        return self
 
 
 ModelCfg = _tagged(CifarResNetCfg, CifarMobileNetV2Cfg, TorchvisionCfg, tag="arch")
-NARROWABLE = (CifarResNetCfg, CifarMobileNetV2Cfg)  # backbones with a channel multiplier
+NARROWABLE = (CifarResNetCfg, CifarMobileNetV2Cfg, TorchvisionCfg)  # backbones with a channel multiplier
 
 
 # ------------------------------------------------------------------------- training
@@ -238,7 +269,24 @@ class StepSchedule(Section):
 ScheduleCfg = _tagged(CosineSchedule, ConstantSchedule, StepSchedule, tag="name")
 
 
+class ResizedCropCfg(Section):
+    """Random-resized crop (Szegedy et al. 2015; torchvision's RandomResizedCrop): a crop of ``scale`` of the
+    image's area at aspect ``ratio`` (log-uniform), resized back to the image's size."""
+
+    scale: tuple[Annotated[Float, Field(gt=0.0, le=1.0)], Annotated[Float, Field(gt=0.0, le=1.0)]]
+    ratio: tuple[PosFloat, PosFloat]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ResizedCropCfg":
+        for name in ("scale", "ratio"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: expected [min, max] with min <= max, got [{lo}, {hi}]")
+        return self
+
+
 class AugmentCfg(Section):
+    resized_crop: ResizedCropCfg | None  # ImageNet training's crop (before padding and flip); null: none
     crop_padding: Annotated[Int, Field(ge=0, le=16)]
     hflip: Bool
 
@@ -441,6 +489,23 @@ class TrackingCfg(Section):
     retry_seconds: Annotated[Float, Field(ge=0.0, le=86400.0)]
 
 
+class ReferenceRow(Section):
+    """One number a paper (or its official code) reports, set beside this run's value of the same quantity."""
+
+    model: Annotated[Str, Field(min_length=1)]  # dense, or a method or control of this run
+    metric: Literal["test_acc", "acc_vs_dense", "macs_per_image", "mac_ratio", "params", "nonzero_params"]
+    value: Float
+    source: Annotated[Str, Field(min_length=1)]  # where it is reported (paper, table, official README)
+
+
+class ReferenceCfg(Section):
+    """A paper profile's reported numbers (profiles/*.yaml; the report's "Paper's numbers" section)."""
+
+    profile: Annotated[Str, Field(min_length=1)] | None  # the profile applied (python -m stages.profile), null: none
+    setting: Str | None  # the paper's setting in words, and how this run differs from it
+    rows: list[ReferenceRow]
+
+
 MethodGroups = dict[Str, dict[Str, Any]]
 
 
@@ -460,6 +525,16 @@ class Config(Section):
     claims: dict[Str, dict[Str, Float]]  # claims.<method>.<claim>: the claim's margin (checked by its type)
     verdicts: VerdictsCfg
     tracking: TrackingCfg
+    reference: ReferenceCfg
+
+    @model_validator(mode="after")
+    def _reference_models(self) -> "Config":
+        known = {"dense", *self.convert, *self.controls}
+        for i, row in enumerate(self.reference.rows):
+            if row.model not in known:
+                raise ValueError(f"reference.rows[{i}].model: '{row.model}' is not a model of this run "
+                                 f"({', '.join(sorted(known))})")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

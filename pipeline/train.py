@@ -39,8 +39,9 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.checkpoint import load_resume, resume_fingerprint, save_resume
-from pipeline.config import TrainCfg
+from pipeline.config import ResizedCropCfg, TrainCfg
 from pipeline.data import TensorTask
+from pipeline.data.streamed import FileImages, MappedImages, is_streamed
 from pipeline.errors import ConfigError
 
 # Extra loss terms a method adds to the task loss:
@@ -135,7 +136,10 @@ class Normalizer:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).clamp_min(1e-6).view(1, -1, 1, 1)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | FileImages | MappedImages) -> torch.Tensor | MappedImages:
+        """A normalised batch; of a streamed split, its lazily normalised view (decoded batch by batch)."""
+        if is_streamed(x):
+            return MappedImages(x, self)
         return (x.float().div_(255.0) - self.mean) / self.std
 
 
@@ -144,8 +148,44 @@ def normalized(data: TensorTask, split: str) -> torch.Tensor:
     return Normalizer(data.mean, data.std)(data.splits[split][0])
 
 
-def augment(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random pad-and-crop (zero padding) and horizontal flip on a uint8 batch."""
+def resized_crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       gen: torch.Generator) -> list[tuple[int, int, int, int]]:
+    """(top, left, height, width) of ``n`` random-resized crops: torchvision's RandomResizedCrop.get_params
+    (area fraction uniform in ``scale``, aspect log-uniform in ``ratio``, 10 tries, then the centre crop at
+    the nearest allowed aspect), drawn from ``gen``."""
+    area, log_lo, log_hi = h * w, math.log(ratio[0]), math.log(ratio[1])
+    boxes = []
+    for _ in range(n):
+        draws = torch.rand(10, 4, generator=gen, dtype=torch.float64).tolist()
+        for u_area, u_ratio, u_top, u_left in draws:
+            target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+            aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+            cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                boxes.append((int(u_top * (h - ch + 1)), int(u_left * (w - cw + 1)), ch, cw))
+                break
+        else:
+            aspect = w / h
+            if aspect < ratio[0]:
+                cw, ch = w, round(w / ratio[0])
+            elif aspect > ratio[1]:
+                ch, cw = h, round(h * ratio[1])
+            else:
+                cw, ch = w, h
+            boxes.append(((h - ch) // 2, (w - cw) // 2, ch, cw))
+    return boxes
+
+
+def augment(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator,
+            resized_crop: ResizedCropCfg | None = None) -> torch.Tensor:
+    """Random-resized crop (bilinear, back to the batch's size), pad-and-crop (zero padding) and horizontal
+    flip on a uint8 batch, in that order, each when asked for."""
+    if resized_crop is not None:
+        n, _, h, w = x.shape
+        boxes = resized_crop_boxes(n, h, w, tuple(resized_crop.scale), tuple(resized_crop.ratio), gen)
+        x = torch.cat([F.interpolate(x[i : i + 1, :, t : t + ch, l : l + cw].float(), size=(h, w), mode="bilinear",
+                                     align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+                       for i, (t, l, ch, cw) in enumerate(boxes)])
     if padding:
         n, _, h, w = x.shape
         padded = F.pad(x, (padding,) * 4)
@@ -253,7 +293,7 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb = augment(x_train[idx], cfg.augment.crop_padding, cfg.augment.hflip, gen)
+            xb = augment(x_train[idx], cfg.augment.crop_padding, cfg.augment.hflip, gen, cfg.augment.resized_crop)
             yb = y_train[idx]
             if ranks > 1:
                 xb, yb = xb[me::ranks], yb[me::ranks]

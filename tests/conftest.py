@@ -65,7 +65,8 @@ def model_cfg(**fields) -> ModelCfg:
     if fields.get("arch", raw["arch"]) != raw["arch"]:
         raw = {}
     defaults = {"cifar_resnet": {"depth": 14, "width": 1.0, "base_width": 16}, "cifar_mobilenetv2": {"width": 1.0},
-                "resnet18": {"weights": None}, "mobilenet_v2": {"weights": None}, "shufflenet_v2": {"weights": None}}
+                **{a: {"width": 1.0, "weights": None} for a in ("resnet18", "resnet50", "resnet101", "mobilenet_v2",
+                                                                  "shufflenet_v2")}}
     arch = fields.get("arch", raw.get("arch"))
     return TypeAdapter(ModelCfg).validate_python({"arch": arch, **defaults[arch], **raw, **fields})
 

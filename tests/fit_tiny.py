@@ -32,7 +32,7 @@ def tiny_cfg(epochs: int = 4) -> TrainCfg:
         "epochs": epochs, "batch_size": 32, "eval_batch_size": 500, "threads": 1, "label_smoothing": 0.0,
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
         "schedule": {"name": "cosine", "warmup_epochs": 1 if epochs > 1 else 0},
-        "augment": {"crop_padding": 2, "hflip": False},
+        "augment": {"resized_crop": None, "crop_padding": 2, "hflip": False},
     })
 
 

@@ -84,10 +84,14 @@ def test_load_task_detects_a_modified_array(tiny_cfg, tmp_path):
         load_task("upstream", tmp_path / "missing")
 
 
+IMAGEFOLDER = {"image_size": 32, "crop_ratio": 1.0, "stream": False, "decode_threads": 1, "stats_images": 10000,
+               "folders": {"train": "train", "val": "val", "test": "test"}, "test_fraction": 0.2}
+
+
 def _real_data(tmp_path, source: str, root: str, **keys):
     """params.yaml with the upstream task read from a local folder (every key its source asks for)."""
     group = {"source": source, "root": root, "val_fraction": 0.1, "max_train": None}
-    group.update({"download": False} if source.startswith("cifar") else {"image_size": 32, "test_fraction": 0.2})
+    group.update({"download": False} if source.startswith("cifar") else IMAGEFOLDER)
     raw = params()
     raw["data"]["upstream"] = {**group, **keys}
     return parse_config(raw)

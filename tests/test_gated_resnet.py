@@ -164,7 +164,7 @@ def test_a_dense_blocks_state_dict_loads_with_only_the_gate_missing():
 def test_dynconv_gates_every_block_of_the_torchvision_resnets(arch, blocks, kind):
     """Every block, the strided ones too (the official ImageNet code); open gates compute the dense model."""
     cfg = load_config(repo_root() / "params.yaml")
-    mcfg = model_cfg({"arch": arch, "weights": None})
+    mcfg = model_cfg({"arch": arch, "width": 1.0, "weights": None})
     torch.manual_seed(0)
     dense = build_model(mcfg, 3, 5).eval()
     method = methods.get("dynconv")
@@ -227,7 +227,7 @@ def test_sparse_execution_matches_the_gated_block(kind, cin, planes, stride, eng
 def test_sparse_execution_of_a_gated_torchvision_resnet(arch):
     """Every gated block of a whole network replaced; outputs equal the dense-masked network's."""
     cfg = load_config(repo_root() / "params.yaml")
-    mcfg = model_cfg({"arch": arch, "weights": None})
+    mcfg = model_cfg({"arch": arch, "width": 1.0, "weights": None})
     torch.manual_seed(0)
     method = methods.get("dynconv")
     model, _ = method.build(mcfg, method.params(cfg), 3, 5, 0, dense=build_model(mcfg, 3, 5))

@@ -136,7 +136,7 @@ def network(arch: str, variant: str, seed: int = 0) -> nn.Module:
     """A folded, eval-mode torchvision network (3 input channels, 10 classes), dense or converted by a method at
     the dense width, with weights and attentions that vary: SD-Conv half pruned, DynConv's masks partial."""
     cfg = load_config(repo_root() / "params.yaml")
-    mcfg = model_cfg({"arch": arch, "weights": None})
+    mcfg = model_cfg({"arch": arch, "width": 1.0, "weights": None})
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = build_model(mcfg, 3, 10)

@@ -26,12 +26,45 @@ from pipeline.models.cifar_resnet import CifarResNet
 CIFAR_ARCHS = ("cifar_resnet", "cifar_mobilenetv2")
 
 
-def _torchvision(arch: str, in_channels: int, num_classes: int, weights: str | None) -> nn.Module:
+RESNET_LAYERS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3)),
+                 "resnet101": ("bottleneck", (3, 4, 23, 3))}
+
+
+def narrow_resnet(arch: str, width: float, num_classes: int) -> nn.Module:
+    """torchvision's ResNet ``arch`` with every stage's channels scaled by ``width`` (divisible by 8, as
+    torchvision's MobileNetV2 rounds), random init as torchvision's (Kaiming fan-out convs)."""
+    from torchvision.models._utils import _make_divisible
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    kind, layers = RESNET_LAYERS[arch]
+    block = BasicBlock if kind == "basic" else Bottleneck
+    model = ResNet(block, list(layers), num_classes=num_classes)
+    if width == 1.0:
+        return model
+    w = [_make_divisible(c * width, 8) for c in (64, 128, 256, 512)]
+    model.inplanes = w[0]
+    model.conv1 = nn.Conv2d(3, w[0], 7, 2, 3, bias=False)
+    model.bn1 = nn.BatchNorm2d(w[0])
+    model.layer1 = model._make_layer(block, w[0], layers[0])
+    for s in (2, 3, 4):
+        setattr(model, f"layer{s}", model._make_layer(block, w[s - 1], layers[s - 1], stride=2))
+    model.fc = nn.Linear(w[3] * block.expansion, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def _torchvision(arch: str, width: float, in_channels: int, num_classes: int, weights: str | None) -> nn.Module:
     import torchvision.models as tvm
 
-    builder = {"resnet18": tvm.resnet18, "resnet50": tvm.resnet50, "resnet101": tvm.resnet101,
-               "mobilenet_v2": tvm.mobilenet_v2, "shufflenet_v2": tvm.shufflenet_v2_x1_0}[arch]
-    model = builder(weights=None, num_classes=1000 if weights else num_classes)
+    classes = 1000 if weights else num_classes
+    if arch in RESNET_LAYERS:
+        model = narrow_resnet(arch, width, classes)
+    elif arch == "mobilenet_v2":
+        model = tvm.mobilenet_v2(weights=None, num_classes=classes, width_mult=width)
+    else:
+        model = tvm.shufflenet_v2_x1_0(weights=None, num_classes=classes)
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -80,7 +113,7 @@ def build_model(cfg: ModelCfg, in_channels: int, num_classes: int) -> nn.Module:
         return CifarResNet(cfg.depth, cfg.width, cfg.base_width, in_channels, num_classes)
     if cfg.arch == "cifar_mobilenetv2":
         return CifarMobileNetV2(cfg.width, in_channels, num_classes)
-    return _torchvision(cfg.arch, in_channels, num_classes, cfg.weights)
+    return _torchvision(cfg.arch, cfg.width, in_channels, num_classes, cfg.weights)
 
 
 def save_model(path: Path, model: nn.Module, cfg: ModelCfg, in_channels: int, num_classes: int, **meta) -> None:

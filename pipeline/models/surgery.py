@@ -39,8 +39,12 @@ def narrowed(model_cfg, width: float, key: str):
     """
     if width == 1.0:
         return model_cfg
-    if not isinstance(model_cfg, NARROWABLE):
-        raise ConfigError(f"{key}: narrowing is implemented for the CIFAR backbones, not {model_cfg.arch}")
+    if not isinstance(model_cfg, NARROWABLE) or model_cfg.arch == "shufflenet_v2":
+        raise ConfigError(f"{key}: narrowing is implemented for the CIFAR backbones, the torchvision ResNets and "
+                          f"MobileNetV2, not {model_cfg.arch}")
+    if getattr(model_cfg, "weights", None):
+        raise ConfigError(f"{key}: a narrowed net cannot start from model.weights (the width-1 net's); set "
+                          f"{key}: 1.0 or model.weights: null")
     return model_cfg.model_copy(update={"width": model_cfg.width * width})
 
 

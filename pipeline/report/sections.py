@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipeline import methods
 from pipeline.config import Config
-from pipeline.data import SPLITS, TASKS, read_card
+from pipeline.data import SPLITS, TASKS, first_images, read_card
 from pipeline.paths import PREPARED
 from pipeline.report import figures
 from pipeline.report.collect import Evidence
@@ -90,14 +90,9 @@ def data_section(ctx: Context) -> Section | None:
             **{f"{s} images": tc["counts"][s] for s in SPLITS},
             **({f"{s} source digits": tc["source_digits"][s] for s in SPLITS} if "source_digits" in tc else {}),
         })
-        x = np.load(PREPARED / name / "train_x.npy", mmap_mode="r")[: ctx.cfg.report.samples_per_dataset]
-        y = np.load(PREPARED / name / "train_y.npy")[: ctx.cfg.report.samples_per_dataset]
-        images[name] = (np.asarray(x), y, tc["classes"])
+        x, y = first_images(name, "train", ctx.cfg.report.samples_per_dataset)
+        images[name] = (x, y, tc["classes"])
     grid = figures.sample_grid(images, ctx.cfg.report.samples_per_dataset, ctx.figures / "samples.png")
-    per_class = pd.DataFrame(
-        {f"{name} {s}": card["tasks"][name]["counts_per_class"][s] for name in TASKS for s in SPLITS},
-        index=card["tasks"]["upstream"]["classes"] if len(card["tasks"]["upstream"]["classes"]) <= 20 else None,
-    )
     blocks = [
         Text(
             "Upstream: the pretraining task. Downstream: the transfer task, a shifted distribution with few "
@@ -108,8 +103,15 @@ def data_section(ctx: Context) -> Section | None:
         Table(pd.DataFrame(rows), "Data card (counts are images; source digits are distinct handwritten digits)."),
         Figure(grid, "First training images of each task, with labels."),
     ]
-    if per_class.shape[0] <= 20:
-        blocks.append(Table(per_class.reset_index(names="class"), "Images per class.", "{:.0f}"))
+    # One table for tasks with the same classes (the digits), else one per task; none beyond 20 classes.
+    groups: dict[tuple, list[str]] = {}
+    for name in TASKS:
+        groups.setdefault(tuple(card["tasks"][name]["classes"]), []).append(name)
+    for classes, names in groups.items():
+        if len(classes) <= 20:
+            per_class = pd.DataFrame({f"{name} {s}": card["tasks"][name]["counts_per_class"][s]
+                                      for name in names for s in SPLITS}, index=list(classes))
+            blocks.append(Table(per_class.reset_index(names="class"), "Images per class.", "{:.0f}"))
     return Section("Data", blocks)
 
 
@@ -237,12 +239,11 @@ def mask_heatmaps(ctx: Context, method) -> Figure | None:
     from pipeline.methods.files import load_any_model
     from pipeline.train import Normalizer
 
-    if not method.model_file.is_file() or not (PREPARED / "upstream" / "test_x.npy").is_file():
+    if not method.model_file.is_file() or not (PREPARED / "upstream" / "test_y.npy").is_file():
         return None
     model, record, _ = load_any_model(method.model_file)
     model.eval()
-    n = min(6, ctx.cfg.report.samples_per_dataset)
-    x = np.array(np.load(PREPARED / "upstream" / "test_x.npy", mmap_mode="r")[:n])
+    x, _ = first_images("upstream", "test", min(6, ctx.cfg.report.samples_per_dataset))
     meta = record["meta"]
     with torch.no_grad():
         model(Normalizer(meta["mean"], meta["std"])(torch.from_numpy(x)))
