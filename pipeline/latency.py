@@ -69,8 +69,11 @@ INTERVAL_LEVEL = 0.95  # of the per-row speed-up intervals shown in the latency 
 
 
 def variants(cfg: Config) -> list[Variant]:
-    """What the methods time: the baseline first, then every method's variants in params order."""
-    return [v for method in methods.in_pipeline(cfg) for v in method.latency_variants()]
+    """What the methods time: the baseline first, then every method's variants in params order; a variant of a
+    stage this pipeline does not run (a search that ``search`` leaves out) is not timed."""
+    searched = {f"search@{m.name}" for m in methods.searched(cfg)}
+    return [v for method in methods.in_pipeline(cfg) for v in method.latency_variants()
+            if not v.stage.startswith("search@") or v.stage in searched]
 
 
 def job_names(cfg: Config) -> list[str]:

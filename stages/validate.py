@@ -22,6 +22,9 @@ MARKER = RESULTS / "validate" / "params-ok"
 def main(cfg: Config) -> None:
     methods.validate(cfg)
     write_text(MARKER, "params.yaml is valid\n")
+    # The report depends on the search stages' folder; with no search (`search: {}`, e.g. a paper profile)
+    # nothing else creates it, and DVC refuses a missing dependency.
+    (RESULTS / "search").mkdir(parents=True, exist_ok=True)
 
 
 if __name__ == "__main__":

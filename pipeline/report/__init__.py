@@ -11,7 +11,7 @@ from pipeline.paths import REPORTS
 from pipeline.report.collect import collect
 from pipeline.report.document import to_html, to_markdown
 from pipeline.report.sections import SECTIONS, Context
-from pipeline.report import latency_section, search_sections  # noqa: F401  (register their sections)
+from pipeline.report import latency_section, reference_section, search_sections  # noqa: F401  (register their sections)
 
 TITLE = "Dynamic convolution ablation report"
 
