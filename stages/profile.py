@@ -30,7 +30,8 @@ def _list() -> None:
 
 
 def _show(name: str) -> None:
-    print((profiles.PROFILES / f"{name}.yaml").read_text() if name in profiles.names() else profiles.load_profile(name))
+    profiles.load_profile(name)  # an unknown or malformed profile stops here, naming the known ones
+    print((profiles.PROFILES / f"{name}.yaml").read_text())
 
 
 def _apply(name: str, params: Path, sets: list[str]) -> None:
