@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from .e2e_project import _sh, copy_project, tracking_server
+from .e2e_project import _sh, copy_project
 
 pytestmark = pytest.mark.e2e
-__all__ = ["tracking_server"]  # fixture, used by name
 METHODS = ("dynet",)
 
 
@@ -26,8 +25,9 @@ def mobilenetv2(params: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def latency(tmp_path_factory, tracking_server):
-    root, env = copy_project(tmp_path_factory.mktemp("e2e-mobilenetv2") / "project", tracking_server, mobilenetv2)
+def latency(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e-mobilenetv2")  # MLflow in a SQLite file: tests/test_e2e.py runs the server
+    root, env = copy_project(base / "project", f"sqlite:///{base / 'mlflow.db'}", mobilenetv2)
     _sh(["dvc", "repro", "latency"], root, env)
     return json.loads((root / "results/latency.json").read_text())
 

@@ -42,7 +42,7 @@ from pipeline.methods.base import Method, MethodParams, SearchSpace, Variant, di
 from pipeline.models.cifar_mobilenetv2 import InvertedResidual
 from pipeline.models.cifar_resnet import BasicBlock
 from pipeline.models.surgery import replace_module
-from pipeline.ops.gated_resnet import GATED_TORCHVISION
+from pipeline.ops.gated_resnet import gated_type
 from pipeline.ops.fixed_masks import RandomMask, UniformMask, density_for_fraction
 from pipeline.ops.sparse_exec import to_sparse_execution
 from pipeline.ops.spatial_gate import BudgetLoss, GatedBasicBlock, GatedInvertedResidual, gated_blocks, set_gumbel
@@ -179,8 +179,8 @@ class DynConv(Method):
                 gated = GatedBasicBlock.from_block(block, open_bias=p.open_bias)
             elif type(block) is InvertedResidual and block.use_res:
                 gated = GatedInvertedResidual.from_block(block, open_bias=p.open_bias)
-            elif type(block) in GATED_TORCHVISION:  # torchvision ResNets: every block, strided ones too
-                gated = GATED_TORCHVISION[type(block)].from_block(block, open_bias=p.open_bias)
+            elif gated_type(block) is not None:  # torchvision ResNets: every block, strided ones too
+                gated = gated_type(block).from_block(block, open_bias=p.open_bias)
             else:
                 continue
             gated.dilated_mask_grad, gated.mask_conv2_input = p.dilated_mask_grad, p.mask_conv2_input

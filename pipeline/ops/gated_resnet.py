@@ -22,8 +22,6 @@ torchvision's, so a dense block's state dict loads with only ``gate.*`` missing.
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock as TorchvisionBasicBlock
-from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 
 from pipeline.ops.spatial_gate import GatedBlock, MaskUnit, expand_mask
 
@@ -44,7 +42,7 @@ class _GatedTorchvisionBlock(GatedBlock):
     """What the two gated torchvision blocks share: the dense block's submodules under their own names, a
     mask unit with the block's stride, conv1's cost at the dilated mask, the shortcut projection's cost."""
 
-    dense_type: type[nn.Module]
+    dense_name: str  # the torchvision block's class name in torchvision.models.resnet
     names: tuple[str, ...]
 
     def __init__(self, block: nn.Module):
@@ -57,8 +55,8 @@ class _GatedTorchvisionBlock(GatedBlock):
     @classmethod
     def from_block(cls, block: nn.Module, open_bias: float = 3.0) -> _GatedTorchvisionBlock:
         """Gated copy of a dense block with the gate open (every position runs)."""
-        if not isinstance(block, cls.dense_type):
-            raise ValueError(f"from_block expects a torchvision {cls.dense_type.__name__}, got {type(block).__name__}")
+        if gated_type(block) is not cls:
+            raise ValueError(f"from_block expects a torchvision {cls.dense_name}, got {type(block).__name__}")
         return cls(block)._adopt(block, cls.names, open_bias)
 
     @property
@@ -76,7 +74,7 @@ class _GatedTorchvisionBlock(GatedBlock):
 class GatedResNetBasicBlock(_GatedTorchvisionBlock):
     """torchvision's ResNet basic block with DynConv spatial gating (see the module docstring)."""
 
-    dense_type = TorchvisionBasicBlock
+    dense_name = "BasicBlock"
     names = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
 
     @property
@@ -95,7 +93,7 @@ class GatedBottleneck(_GatedTorchvisionBlock):
     """torchvision's ResNet bottleneck with DynConv spatial gating (see the module docstring); conv1 runs at
     the input's resolution (its cost is per input position)."""
 
-    dense_type = TorchvisionBottleneck
+    dense_name = "Bottleneck"
     names = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu", "downsample")
 
     def dilate_mask(self, mask: Tensor, in_size: tuple[int, int]) -> Tensor:
@@ -116,4 +114,14 @@ class GatedBottleneck(_GatedTorchvisionBlock):
         return self.relu(self._identity(x) + self.bn3(self.conv3(h)) * mask)
 
 
-GATED_TORCHVISION = {TorchvisionBasicBlock: GatedResNetBasicBlock, TorchvisionBottleneck: GatedBottleneck}
+def gated_type(block: nn.Module) -> type[_GatedTorchvisionBlock] | None:
+    """The gated class of a torchvision ResNet block (``BasicBlock`` or ``Bottleneck`` exactly), None for any
+    other module. torchvision is imported only for a module of its own, which means it is loaded already: a
+    process that never builds a torchvision network does not pay its import (over a second, most of it
+    ``torch._dynamo``, which ``torchvision.ops`` pulls in)."""
+    if not type(block).__module__.startswith("torchvision."):
+        return None
+    from torchvision.models import resnet
+
+    gated = {getattr(resnet, cls.dense_name): cls for cls in (GatedResNetBasicBlock, GatedBottleneck)}
+    return gated.get(type(block))

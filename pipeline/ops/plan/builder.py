@@ -64,7 +64,8 @@ def plan_hook(module: nn.Module) -> Callable | None:
     hook = getattr(module, "plan_into", None)
     if hook is not None:
         return hook
-    from pipeline.ops.plan import torchvision  # noqa: F401  (registers its planners)
+    if type(module).__module__.startswith("torchvision."):  # its planners: registered on first use
+        from pipeline.ops.plan import torchvision  # noqa: F401
 
     f = _PLANNERS.get(type(module))
     return None if f is None else (lambda *args, **kwargs: f(module, *args, **kwargs))
