@@ -4,6 +4,8 @@ computations written out here, and its MAC count against the per-conv formula.""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -175,6 +177,32 @@ def test_dynconv_gates_every_block_of_the_torchvision_resnets(arch, blocks, kind
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+
+
+def test_a_cifar_dynconv_model_never_loads_torchvision():
+    """Importing torchvision costs a process over a second (``torchvision.ops`` imports ``torch._dynamo``): DynConv
+    on the CIFAR ResNet, its sparse execution and its compiled plan run in a fresh process without loading it."""
+    code = """
+import sys, torch
+from pipeline import methods
+from pipeline.config import load_config
+from pipeline.fold import fold_batchnorm
+from pipeline.models import build_model, model_cfg
+from pipeline.ops.plan import plan_or_reason
+from pipeline.ops.sparse_exec import to_sparse_execution
+from pipeline.paths import repo_root
+cfg = load_config(repo_root() / "params.yaml")
+mcfg = model_cfg({"arch": "cifar_resnet", "depth": 8, "width": 0.5, "base_width": 16})
+method = methods.get("dynconv")
+model, names = method.build(mcfg, method.params(cfg), 3, 5, 0, dense=build_model(mcfg, 3, 5).eval())
+planned, why = plan_or_reason(fold_batchnorm(to_sparse_execution(model.eval()))[0])
+with torch.no_grad():
+    planned(torch.randn(2, 3, 16, 16))
+print(len(names), why, "torchvision" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-3:] == ["3", "None", "False"], proc.stdout
 
 
 # ---------------------------------------------------------------------------
